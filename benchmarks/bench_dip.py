@@ -10,7 +10,9 @@ Every case runs in its own process (``--case NAME``) so that its peak resident m
 start from the true local field of the simulated head (160 mm field of view at every size, so
 the voxel size is 160/size mm); metrics are qsm-ci's (NRMSE %, HFEN %, XSIM) against the true
 chi in the brain mask.  Variants: ``-oblique`` (B0 tilted ~26 degrees, simulated with the
-continuous kernel, see RESULTS_dip.md) and ``-aniso`` (voxels 1 x 1 x 2 relative).
+voxel-integrated kernel; every method inverts it with ``kernel="integral"`` except the
+``-continuous`` row, see RESULTS_dip.md) and ``-aniso`` (voxels 1 x 1 x 2 relative).
+``--jobs 2`` runs two single-threaded cases at a time (the machine has 2 cores).
 Appends a table to ``benchmarks/RESULTS_dip.md`` with ``--write``.
 """
 
@@ -25,6 +27,7 @@ import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +50,14 @@ CASES = {
     "modip-2threads": ("modip", "axial", {"threads": 2}),
     "dip": ("dip", "axial", {}),
     "inr": ("inr", "axial", {}),
-    "tv-oblique": ("tv", "oblique", {}),
-    "modip-oblique": ("modip", "oblique", {}),
+    "tkd-oblique": ("tkd", "oblique", {"kernel": "integral"}),
+    "tv-oblique": ("tv", "oblique", {"kernel": "integral"}),
+    "tv-oblique-continuous": ("tv", "oblique", {}),
+    "rts-oblique": ("rts", "oblique", {"kernel": "integral"}),
+    "modip-oblique": ("modip", "oblique", {"kernel": "integral"}),
+    "tkd-aniso": ("tkd", "aniso", {}),
     "tv-aniso": ("tv", "aniso", {}),
+    "rts-aniso": ("rts", "aniso", {}),
     "modip-aniso": ("modip", "aniso", {}),
 }
 
@@ -58,14 +66,14 @@ def simulate(size: int, variant: str) -> Path:
     from qsmflow.sims.field import simulate_fields
     from qsmflow.sims.phantom import make_head_phantom
 
-    path = OUT / f"dip_head{size}_{variant}.npz"
+    path = OUT / f"dip_head{size}_{variant}_v2.npz"  # v2: oblique simulated with "integral"
     if path.exists():
         return path
     OUT.mkdir(parents=True, exist_ok=True)
     vs = 160.0 / size
     shape, vox, b0, kind = (size,) * 3, (vs,) * 3, (0.0, 0.0, 1.0), "integral"
     if variant == "oblique":
-        b0, kind = OBLIQUE, "continuous"
+        b0 = OBLIQUE
     elif variant == "aniso":
         shape, vox = (size, size, size // 2), (vs, vs, 2 * vs)
     ph = make_head_phantom(shape=shape, voxel_size=vox, seed=0)
@@ -93,7 +101,7 @@ def run_case(name: str, size: int, iters: int, threads: int) -> dict:
         if kw.get("coarse_iter") == -1:
             kw["coarse_iter"] = iters // 2
         kw.setdefault("threads", threads)
-        n_iter = iters * (3 if method == "dip" else 1)
+        n_iter = iters * (2 if method == "dip" else 1)
         r = getattr(mod, f"fit_{method}")(d["local"], mask, voxel_size=vs, b0_dir=b0,
                                           device="cpu", max_iter=n_iter, **kw)
         chi = r.chi
@@ -104,7 +112,7 @@ def run_case(name: str, size: int, iters: int, threads: int) -> dict:
     else:
         from qsmflow.algorithms.inversion import METHODS
 
-        chi = METHODS[method](d["local"], mask, voxel_size=vs, b0_dir=b0)
+        chi = METHODS[method](d["local"], mask, voxel_size=vs, b0_dir=b0, **settings)
     res["seconds"] = time.perf_counter() - t0
     nrmse, _ = qsm_eval.nrmse_challenge(chi, d["chi"], mask)
     res.update(nrmse=nrmse, hfen=qsm_eval.hfen(chi, d["chi"], mask),
@@ -152,14 +160,18 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--jobs", type=int, default=1, help="cases run at the same time")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--write", action="store_true", help="append to benchmarks/RESULTS_dip.md")
     a = ap.parse_args(argv)
     if a.case:
         print(json.dumps(run_case(a.case, a.size, a.iters, a.threads)))
         return
-    rows = []
-    for name in a.cases.split(","):
+    names = a.cases.split(",")
+    for variant in sorted({CASES[n][1] for n in names}):
+        simulate(a.size, variant)  # once, before cases run in parallel
+
+    def one(name):
         p = subprocess.run([sys.executable, __file__, "--case", name, "--size", str(a.size),
                             "--iters", str(a.iters), "--threads", str(a.threads)],
                            capture_output=True, text=True)
@@ -168,7 +180,10 @@ def main(argv=None) -> None:
         except (IndexError, json.JSONDecodeError):
             row = {"case": name, "error": (p.stderr.strip().splitlines() or ["?"])[-1][:120]}
         print(row, flush=True)
-        rows.append(row)
+        return row
+
+    with ThreadPoolExecutor(max_workers=max(a.jobs, 1)) as pool:
+        rows = list(pool.map(one, names))
     if a.write:
         write_results(rows, a.size, a.iters, HERE / "RESULTS_dip.md")
 
