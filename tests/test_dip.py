@@ -140,7 +140,7 @@ def test_modip_kspace_and_coarse_to_fine_modes(head):
     kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=12, plateau_tol=0, **FAST)
     r = modip_mod.fit_modip(head["field"], m, dc_mode="kspace", **kw)
     assert _corr(r.chi, head["chi"], m) > 0.8
-    r = modip_mod.fit_modip(head["field"], m, coarse_iter=6, **kw)
+    r = modip_mod.fit_modip(head["field"], m, schedule="4:3,2:3", **kw)
     assert len(r.history) == 12 and _corr(r.chi, head["chi"], m) > 0.7
 
 
@@ -187,3 +187,28 @@ def test_modip_network_has_the_reference_size():
     n = n_parameters(UNet3D(1, 1, depth=1, base=32, decoder_blocks=1))
     assert 0.30e6 < n < 0.36e6, n
     assert n_parameters(UNet3D(1, 1, depth=1, base=16, decoder_blocks=1)) < n / 3
+
+
+def test_modip_checkpointing_gives_the_same_fit(head):
+    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=3, plateau_tol=0, **FAST)
+    a = modip_mod.fit_modip(head["field"], head["mask"], **kw).chi
+    b = modip_mod.fit_modip(head["field"], head["mask"], checkpoint=True, **kw).chi
+    assert np.abs(a).max() > 0.01
+    np.testing.assert_allclose(b, a, atol=1e-5 * np.abs(a).max())
+
+
+def test_modip_warm_start_from_tv(head):
+    m = head["mask"]
+    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=5, plateau_tol=0, **FAST)
+    err = {}
+    for init in ("none", "tv"):
+        chi = modip_mod.invert_modip(head["field"], m, init=init, **kw)
+        err[init] = qsm_eval.nrmse_challenge(chi, head["chi"], m)[0]
+    assert err["tv"] < 0.8 * err["none"], err
+
+
+@pytest.mark.parametrize("bad", ["2", "3:10", "2:10,4:10", "2:10,2:5", "x:y", "1:10"])
+def test_modip_schedule_is_checked(bad):
+    with pytest.raises(ValueError, match="schedule"):
+        modip_mod.parse_schedule(bad)
+    assert modip_mod.parse_schedule("8:5,4:0,2:10") == [(8, 5), (4, 0), (2, 10)]

@@ -48,30 +48,60 @@ from qsmflow.algorithms.dip.runner import (
     ensemble_seeds,
     fit_ensemble,
 )
+from qsmflow.algorithms.inversion_direct import invert_tkd
+from qsmflow.algorithms.inversion_tv import invert_tv
+
+#: classical warm starts of ``init``: ``none`` or a method returning chi (ppm)
+INITS = {"none": None, "tkd": invert_tkd, "tv": invert_tv}
 
 
 class _Level:
-    """Tensors of one resolution level (the full problem, or a 2x coarser copy of it)."""
+    """Tensors of one resolution level (the full problem, or a coarser copy of it)."""
 
-    def __init__(self, f, m, w, dipole, voxel_size):
+    def __init__(self, f, m, w, dipole, voxel_size, factor: int = 1, init=None):
         self.f, self.m, self.w, self.dipole, self.voxel_size = f, m, w, dipole, voxel_size
+        self.factor, self.init = int(factor), init
         self.n_mask = float(m.sum())
 
     @classmethod
-    def coarse_of(cls, problem: Problem, pad_factor: float):
+    def coarse_of(cls, problem: Problem, factor: int, pad_factor: float, init=None):
+        """The problem averaged over ``factor``^3 blocks (mask kept where >= half covered)."""
         import torch.nn.functional as F
 
         from qsmflow.algorithms.dip._torch_ops import TorchDipole
 
-        mc = F.avg_pool3d(problem.m, 2)
-        fc = F.avg_pool3d(problem.f * problem.m, 2) / mc.clamp_min(1e-6)
-        wc = F.avg_pool3d(problem.w * problem.m, 2) / mc.clamp_min(1e-6)
+        mc = F.avg_pool3d(problem.m, factor)
+        fc = F.avg_pool3d(problem.f * problem.m, factor) / mc.clamp_min(1e-6)
+        wc = F.avg_pool3d(problem.w * problem.m, factor) / mc.clamp_min(1e-6)
         m = (mc >= 0.5).float()
-        vs = tuple(2.0 * v for v in problem.voxel_size)
+        vs = tuple(factor * v for v in problem.voxel_size)
         dip = TorchDipole(tuple(m.shape[-3:]), voxel_size=vs, b0_dir=problem.b0_dir,
                           pad_factor=pad_factor, device=problem.device,
                           kernel=problem.kernel_kind)
-        return cls(fc * m, m, wc * m, dip, vs)
+        if init is not None:
+            init = F.avg_pool3d(init * problem.m, factor) / mc.clamp_min(1e-6) * m
+        return cls(fc * m, m, wc * m, dip, vs, factor, init)
+
+
+def parse_schedule(schedule: str) -> list[tuple[int, int]]:
+    """``"4:150,2:100"`` -> ``[(4, 150), (2, 100)]``: coarse levels (factor : iterations),
+    coarsest first; the factors must be powers of 2 > 1, strictly decreasing."""
+    out = []
+    text = str(schedule or "").strip()
+    if not text:
+        return out
+    for part in text.split(","):
+        try:
+            fac, n = (int(x) for x in part.split(":"))
+        except ValueError:
+            raise ValueError(f"schedule must look like '4:150,2:100', got {schedule!r}") from None
+        if fac < 2 or fac & (fac - 1) or n < 0:
+            raise ValueError(f"schedule {schedule!r}: factors are powers of 2 >= 2, iterations "
+                             ">= 0")
+        if out and fac >= out[-1][0]:
+            raise ValueError(f"schedule {schedule!r}: factors must decrease (coarsest first)")
+        out.append((fac, n))
+    return out
 
 
 def _laplacian(x, voxel_size):
@@ -93,12 +123,13 @@ class MoDIPStepper:
 
     def __init__(self, problem: Problem, *, depth, base, decoder_blocks, lr, weight_decay,
                  lr_step, lr_gamma, dc_steps, dc_step_size, dc_mode, lap_weight, amp,
-                 coarse_iter, pad_factor, compile_net=False):
+                 schedule, pad_factor, init=None, compile_net=False, checkpoint=False):
         torch = import_torch()
         from qsmflow.algorithms.dip.unet import UNet3D
 
         self.p = problem
-        self.net = UNet3D(1, 1, depth=depth, base=base, decoder_blocks=decoder_blocks)
+        self.net = UNet3D(1, 1, depth=depth, base=base, decoder_blocks=decoder_blocks,
+                          checkpoint=checkpoint)
         self.net.to(problem.device)
         self.fwd = torch.compile(self.net) if compile_net else self.net
         self.opt = torch.optim.Adam(self.net.parameters(), lr=lr, betas=(0.5, 0.999), eps=1e-9,
@@ -107,10 +138,21 @@ class MoDIPStepper:
                                                      gamma=lr_gamma)
         self.K, self.a, self.mode = int(dc_steps), float(dc_step_size), dc_mode
         self.lap_weight, self.amp = float(lap_weight), bool(amp)
-        self.coarse_iter = int(coarse_iter)
-        self.fine = _Level(problem.f, problem.m, problem.w, problem.dipole, problem.voxel_size)
-        self.coarse = _Level.coarse_of(problem, pad_factor) if self.coarse_iter > 0 else None
+        self.fine = _Level(problem.f, problem.m, problem.w, problem.dipole, problem.voxel_size,
+                           1, init)
+        # (last iteration + 1, level) for every coarse level, coarsest first
+        self.levels, end = [], 0
+        for fac, n in schedule:
+            end += n
+            if n > 0:
+                self.levels.append((end, _Level.coarse_of(problem, fac, pad_factor, init)))
         self._kspace_cache: dict = {}
+
+    def level(self, it: int) -> _Level:
+        for end, lev in self.levels:
+            if it < end:
+                return lev
+        return self.fine
 
     def _kspace_terms(self, lev: _Level):
         key = id(lev)
@@ -135,12 +177,13 @@ class MoDIPStepper:
 
     def step(self, it: int):
         torch = import_torch()
-        coarse = self.coarse is not None and it < self.coarse_iter
-        lev = self.coarse if coarse else self.fine
+        lev = self.level(it)
         self.opt.zero_grad(set_to_none=True)
         with self.p.autocast(self.amp):
-            chi0 = self.fwd(lev.f)
-        chi = lev.m * self.refine(chi0.float(), lev)
+            chi0 = self.fwd(lev.f).float()
+        if lev.init is not None:  # warm start: the network learns the correction
+            chi0 = chi0 + lev.init
+        chi = lev.m * self.refine(chi0, lev)
         dchi = lev.dipole(chi)
         r = lev.w * (dchi - lev.f) * lev.m
         loss = r.abs().sum() / lev.n_mask
@@ -151,10 +194,11 @@ class MoDIPStepper:
         self.opt.step()
         self.sched.step()
         with torch.no_grad():
-            if coarse:  # report the map on the full grid (trilinear upsampling)
+            if lev is not self.fine:  # report the map on the full grid (trilinear)
                 import torch.nn.functional as F
 
-                chi = self.fine.m * F.interpolate(chi, scale_factor=2, mode="trilinear")
+                chi = self.fine.m * F.interpolate(chi, scale_factor=lev.factor,
+                                                  mode="trilinear")
                 dchi = self.fine.dipole(chi)
             return loss.detach(), chi.detach(), dchi.detach()
 
@@ -187,13 +231,15 @@ def fit_modip(
     tau: float = 1.0,
     window: int = 25,
     plateau_tol: float = 0.01,
-    coarse_iter: int = 0,
+    schedule: str = "",
+    init: str = "none",
     margin: int = 4,
     pad_factor: float = 1.5,
     kernel: str = "continuous",
     threads: int = 0,
     amp: bool = True,
     compile_net: bool = False,
+    checkpoint: bool = False,
     progress: Callable | None = None,
 ) -> DIPResult:
     """MoDIP dipole inversion with the loss curve, seeds and (ensemble) std map.
@@ -220,11 +266,17 @@ def fit_modip(
     lap_weight : float - weight of the Laplacian-of-residual L1 term (0 = off)
     average : float in [0, 1) - EMA weight for late-iterate averaging (0 = last iterate)
     tau, window, plateau_tol : stopping rule (see :mod:`qsmflow.algorithms.dip.runner`)
-    coarse_iter : int - first iterations on a 2x coarser grid (coarse-to-fine; 0 = off)
+    schedule : str - coarse-to-fine: ``"4:150,2:100"`` runs the first 150 iterations on a 4x
+        coarser grid (block averages of field, mask and weight), the next 100 on a 2x coarser
+        one, then the rest on the full grid, with the same network (the dipole model is
+        scale-free, so the learnt field-to-chi map transfers); ``""`` = full grid only
+    init : {"none", "tkd", "tv"} - warm start: the network output is added to this classical
+        solution before the data-consistency steps, so it only learns the correction
     margin, pad_factor, kernel : crop margin (voxels), FFT zero-padding factor, dipole kernel
     threads : int - torch CPU threads during the fit (0 = torch's default)
     amp : bool - bf16 autocast for the network on CUDA (ignored on CPU)
     compile_net : bool - ``torch.compile`` the network
+    checkpoint : bool - activation checkpointing in the network (less memory, ~1/3 more time)
     progress : callable or None - called every iteration with a dict (member, seed, iteration,
         loss, residual (ppm), seconds, eta_s, max_iter)
 
@@ -246,30 +298,39 @@ def fit_modip(
             raise ValueError(f"{name} must be positive, got {v}")
     if dc_step_size * 4.0 / 9.0 >= 2.0:
         raise ValueError("dc_step_size must be < 4.5 (the steps diverge beyond 2/max D^2)")
-    if int(depth) < 0 or int(base) < 1 or int(dc_steps) < 0 or int(coarse_iter) < 0:
-        raise ValueError("depth, dc_steps and coarse_iter must be >= 0, base >= 1")
+    if int(depth) < 0 or int(base) < 1 or int(dc_steps) < 0:
+        raise ValueError("depth and dc_steps must be >= 0, base >= 1")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    levels = parse_schedule(schedule)
+    n_coarse = sum(n for _, n in levels)
     member_seeds = ensemble_seeds(seed, ensemble, seeds)
-    multiple = 2 ** (int(depth) + (1 if coarse_iter > 0 else 0))
+    multiple = 2 ** int(depth) * max([fac for fac, _ in levels] + [1])
     problem = Problem(field, mask, voxel_size=voxel_size, b0_dir=b0_dir, magnitude=magnitude,
                       noise=noise, device=device, margin=margin, multiple=multiple,
                       pad_factor=pad_factor, kernel=kernel)
+    init_t = None
+    if init != "none":
+        chi_init = INITS[init](field, mask, voxel_size=problem.voxel_size, b0_dir=problem.b0_dir,
+                               kernel=kernel)
+        init_t = problem.tensor(chi_init / problem.scale)
     settings = dict(method="modip", max_iter=max_iter, lr=lr, depth=depth, base=base,
                     decoder_blocks=decoder_blocks, dc_steps=dc_steps, dc_step_size=dc_step_size,
                     dc_mode=dc_mode, lap_weight=lap_weight, weight_decay=weight_decay,
                     lr_step=lr_step, lr_gamma=lr_gamma, average=average, tau=tau,
-                    window=window, plateau_tol=plateau_tol, coarse_iter=coarse_iter,
+                    window=window, plateau_tol=plateau_tol, schedule=str(schedule), init=init,
                     margin=margin, pad_factor=pad_factor, kernel=kernel, amp=amp,
-                    field_scale_ppm=problem.scale)
+                    checkpoint=checkpoint, field_scale_ppm=problem.scale)
 
     def make(pr, s):
         return MoDIPStepper(pr, depth=int(depth), base=int(base),
                             decoder_blocks=int(decoder_blocks), lr=lr, weight_decay=weight_decay,
                             lr_step=lr_step, lr_gamma=lr_gamma, dc_steps=dc_steps,
                             dc_step_size=dc_step_size, dc_mode=dc_mode, lap_weight=lap_weight,
-                            amp=amp, coarse_iter=coarse_iter, pad_factor=pad_factor,
-                            compile_net=compile_net)
+                            amp=amp, schedule=levels, pad_factor=pad_factor, init=init_t,
+                            compile_net=compile_net, checkpoint=checkpoint)
 
-    min_iter = int(coarse_iter) + 2 * int(window) if coarse_iter else 0
+    min_iter = n_coarse + 2 * int(window) if n_coarse else 0
     stop = dict(max_iter=max_iter, tau=tau, window=window, plateau_tol=plateau_tol,
                 min_iter=min_iter)
     return fit_ensemble(problem, make, seeds=member_seeds, stop_kwargs=stop, average=average,

@@ -123,6 +123,7 @@ class Problem:
         self.f_full = field
         self.voxel_size, self.b0_dir = vsz, b0
         self.device = resolve_device(device) if not hasattr(device, "type") else device
+        self._torch = torch
         self.crop = MaskCrop(mask, margin=margin)
         self.multiple = int(multiple)
         shape = tuple(-(-n // self.multiple) * self.multiple for n in self.crop.shape)
@@ -132,25 +133,26 @@ class Problem:
         if not self.scale > 0:
             self.scale = 1.0
 
-        def tens(a):
-            out = np.zeros(shape, np.float32)
-            c = self.crop.crop(a)
-            out[: c.shape[0], : c.shape[1], : c.shape[2]] = c
-            return torch.from_numpy(out)[None, None].to(self.device)
-
-        self.f = tens(field / self.scale)
-        self.m = tens(mask.astype(np.float32))
+        self.f = self.tensor(field / self.scale)
+        self.m = self.tensor(mask.astype(np.float32))
         self.n_mask = float(mask.sum())
-        self.w = tens(w) if w is not None else self.m
+        self.w = self.tensor(w) if w is not None else self.m
         self.weighted = w is not None
         self.inv_noise = None
         if noise is not None:
             inv = np.zeros(mask.shape, np.float32)
             inv[mask] = self.scale / np.asarray(noise, np.float64)[mask]
-            self.inv_noise = tens(inv)
+            self.inv_noise = self.tensor(inv)
         self.kernel_kind = kernel
         self.dipole = TorchDipole(shape, voxel_size=vsz, b0_dir=b0, pad_factor=pad_factor,
                                   device=self.device, kernel=kernel)
+
+    def tensor(self, a: np.ndarray):
+        """A full-grid array as a ``(1, 1, X, Y, Z)`` float32 tensor on the (padded) crop."""
+        out = np.zeros(self.shape, np.float32)
+        c = self.crop.crop(a)
+        out[: c.shape[0], : c.shape[1], : c.shape[2]] = c
+        return self._torch.from_numpy(out)[None, None].to(self.device)
 
     def chi_gain(self) -> float:
         """RMS in the mask of a TKD map (threshold 0.19) in scaled units: the output gain that
