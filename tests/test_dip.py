@@ -106,6 +106,16 @@ def test_stopping_rule_plateau_and_discrepancy(head):
                             plateau_tol=0, **kw)
     assert r.stopped_reason == "discrepancy" and len(r.history) < 200
     assert r.history[-1]["discrepancy"] <= 1.0 < r.history[0]["discrepancy"]
+    # map convergence: the averaged map's change per window is recorded and decreases; a
+    # tolerance between its first and last values stops the run in between
+    kw40 = dict(kw, max_iter=40, window=5, plateau_tol=0)
+    rc = modip_mod.fit_modip(head["field"], m, **kw40)
+    ch = [h["map_change"] for h in rc.history if "map_change" in h]
+    assert len(ch) == 7 and ch[-1] < ch[0]
+    tol = float(np.sqrt(ch[0] * ch[-1]))
+    rc2 = modip_mod.fit_modip(head["field"], m, map_tol=tol, **kw40)
+    assert rc2.stopped_reason == "converged" and 10 < len(rc2.history) < 40
+    assert rc2.history[-1]["map_change"] < tol
 
 
 def test_ensemble_std(head):

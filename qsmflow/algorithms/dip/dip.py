@@ -88,6 +88,7 @@ def fit_dip(
     tau: float = 1.0,
     window: int = 25,
     plateau_tol: float = 0.01,
+    map_tol: float = 0.0,
     margin: int = 4,
     pad_factor: float = 1.5,
     kernel: str = "continuous",
@@ -100,7 +101,8 @@ def fit_dip(
     Parameters
     ----------
     field, mask, voxel_size, b0_dir, magnitude, noise, device, seed, seeds, max_iter, ensemble,
-    average, tau, window, plateau_tol, margin, pad_factor, kernel, threads, amp, progress :
+    average, tau, window, plateau_tol, map_tol, margin, pad_factor, kernel, threads, amp,
+    progress :
         As for :func:`qsmflow.algorithms.dip.modip.fit_modip`.
     lr : float - Adam learning rate (default 1e-3)
     in_channels : int - channels of the fixed noise input ``z``
@@ -129,6 +131,7 @@ def fit_dip(
     settings = dict(method="dip", max_iter=max_iter, lr=lr, in_channels=in_channels,
                     depth=depth, base=base, decoder_blocks=decoder_blocks, lambda_tv=lambda_tv,
                     average=average, tau=tau, window=window, plateau_tol=plateau_tol,
+                    map_tol=map_tol,
                     margin=margin, pad_factor=pad_factor, kernel=kernel, amp=amp,
                     field_scale_ppm=problem.scale)
 
@@ -136,7 +139,8 @@ def fit_dip(
         return DIPStepper(pr, in_channels=in_channels, depth=int(depth), base=int(base),
                           decoder_blocks=int(decoder_blocks), lr=lr, lambda_tv=lambda_tv, amp=amp)
 
-    stop = dict(max_iter=max_iter, tau=tau, window=window, plateau_tol=plateau_tol)
+    stop = dict(max_iter=max_iter, tau=tau, window=window, plateau_tol=plateau_tol,
+                map_tol=map_tol)
     return fit_ensemble(problem, make, seeds=member_seeds, stop_kwargs=stop, average=average,
                         threads=threads, progress=progress, settings=settings)
 

@@ -205,6 +205,7 @@ def fit_inr(
     tau: float = 1.0,
     window: int = 25,
     plateau_tol: float = 0.01,
+    map_tol: float = 0.0,
     margin: int = 4,
     pad_factor: float = 1.5,
     kernel: str = "continuous",
@@ -216,7 +217,7 @@ def fit_inr(
     Parameters
     ----------
     field, mask, voxel_size, b0_dir, magnitude, noise, device, seed, seeds, ensemble, average,
-    tau, window, plateau_tol, margin, pad_factor, kernel, threads, progress :
+    tau, window, plateau_tol, map_tol, margin, pad_factor, kernel, threads, progress :
         As for :func:`qsmflow.algorithms.dip.modip.fit_modip`.
     max_iter : int - maximum epochs (one epoch = every patch once)
     lr : float - Adam learning rate (default 1e-3)
@@ -264,7 +265,7 @@ def fit_inr(
     settings = dict(method="inr", max_iter=max_iter, lr=lr, hidden=hidden, layers=layers, w0=w0,
                     lambda_tv=lambda_tv, edge_percent=edge_percent, patch=patch,
                     overlap=overlap, refresh=refresh, average=average, tau=tau, window=window,
-                    plateau_tol=plateau_tol, margin=margin, pad_factor=pad_factor,
+                    plateau_tol=plateau_tol, map_tol=map_tol, margin=margin, pad_factor=pad_factor,
                     kernel=kernel, field_scale_ppm=problem.scale)
 
     def make(pr, s):
@@ -272,7 +273,8 @@ def fit_inr(
                           lr=lr, lambda_tv=lambda_tv, patch=int(patch), overlap=int(overlap),
                           refresh=int(refresh), pad_factor=pad_factor, gain=gain)
 
-    stop = dict(max_iter=max_iter, tau=tau, window=window, plateau_tol=plateau_tol)
+    stop = dict(max_iter=max_iter, tau=tau, window=window, plateau_tol=plateau_tol,
+                map_tol=map_tol)
     return fit_ensemble(problem, make, seeds=member_seeds, stop_kwargs=stop, average=average,
                         threads=threads, progress=progress, settings=settings)
 

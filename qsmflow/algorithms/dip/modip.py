@@ -231,6 +231,7 @@ def fit_modip(
     tau: float = 1.0,
     window: int = 25,
     plateau_tol: float = 0.01,
+    map_tol: float = 0.0,
     schedule: str = "",
     init: str = "none",
     margin: int = 4,
@@ -265,7 +266,8 @@ def fit_modip(
     dc_mode : {"masked", "kspace"} - exact masked steps (4 FFTs each) or the unmasked closed form
     lap_weight : float - weight of the Laplacian-of-residual L1 term (0 = off)
     average : float in [0, 1) - EMA weight for late-iterate averaging (0 = last iterate)
-    tau, window, plateau_tol : stopping rule (see :mod:`qsmflow.algorithms.dip.runner`)
+    tau, window, plateau_tol, map_tol : stopping rule (see :mod:`qsmflow.algorithms.dip.runner`;
+        ``map_tol`` 0 = the map-convergence rule off)
     schedule : str - coarse-to-fine: ``"4:150,2:100"`` runs the first 150 iterations on a 4x
         coarser grid (block averages of field, mask and weight), the next 100 on a 2x coarser
         one, then the rest on the full grid, with the same network (the dipole model is
@@ -318,7 +320,8 @@ def fit_modip(
                     decoder_blocks=decoder_blocks, dc_steps=dc_steps, dc_step_size=dc_step_size,
                     dc_mode=dc_mode, lap_weight=lap_weight, weight_decay=weight_decay,
                     lr_step=lr_step, lr_gamma=lr_gamma, average=average, tau=tau,
-                    window=window, plateau_tol=plateau_tol, schedule=str(schedule), init=init,
+                    window=window, plateau_tol=plateau_tol, map_tol=map_tol,
+                    schedule=str(schedule), init=init,
                     margin=margin, pad_factor=pad_factor, kernel=kernel, amp=amp,
                     checkpoint=checkpoint, field_scale_ppm=problem.scale)
 
@@ -332,7 +335,7 @@ def fit_modip(
 
     min_iter = n_coarse + 2 * int(window) if n_coarse else 0
     stop = dict(max_iter=max_iter, tau=tau, window=window, plateau_tol=plateau_tol,
-                min_iter=min_iter)
+                map_tol=map_tol, min_iter=min_iter)
     return fit_ensemble(problem, make, seeds=member_seeds, stop_kwargs=stop, average=average,
                         threads=threads, progress=progress, settings=settings)
 

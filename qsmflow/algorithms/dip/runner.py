@@ -17,6 +17,10 @@ The data residual ``r_k = sqrt(mean_mask((D chi_k - f)^2))`` (ppm) is recorded e
 * Residual plateau, always: every ``window`` iterations (after ``2 window``) compare the mean
   residual of the last window with the window before; stop when it fell by less than
   ``plateau_tol`` (relative).
+* Map convergence, when ``map_tol > 0``: every ``window`` iterations the relative RMS change
+  of the averaged map over the last window (``map_change`` in the history) is compared with
+  ``map_tol``: the map a user gets has stopped moving.  Noise-free or noise-poor fields never
+  reach their discrepancy and keep lowering the residual slowly; this stops them.
 * ``max_iter`` caps the iterations.
 
 The returned map is the exponential moving average of the iterates (weight ``average`` on the
@@ -54,8 +58,8 @@ class DIPResult:
         (residual: RMS of ``D chi - f`` in the mask, ppm; seconds since the member started)
     seed : int - the first seed; ``seeds`` lists all members' seeds
     device : str
-    stopped_reason : str - ``"discrepancy"``, ``"plateau"`` or ``"max_iter"`` (per member,
-        comma-separated when members differ)
+    stopped_reason : str - ``"discrepancy"``, ``"converged"``, ``"plateau"`` or ``"max_iter"``
+        (per member, comma-separated when members differ)
     """
 
     chi: np.ndarray
@@ -198,21 +202,25 @@ class StopRule:
     """Discrepancy principle / residual plateau / max_iter (see the module docstring)."""
 
     def __init__(self, *, max_iter: int, tau: float = 1.0, window: int = 25,
-                 plateau_tol: float = 0.01, min_iter: int = 0):
+                 plateau_tol: float = 0.01, map_tol: float = 0.0, min_iter: int = 0):
         if int(max_iter) < 1:
             raise ValueError(f"max_iter must be >= 1, got {max_iter}")
         if int(window) < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.max_iter, self.tau, self.window = int(max_iter), float(tau), int(window)
         self.plateau_tol, self.min_iter = float(plateau_tol), int(min_iter)
+        self.map_tol = float(map_tol)
         self.res: list = []
 
-    def update(self, iteration: int, residual: float, discrepancy: float | None) -> str | None:
+    def update(self, iteration: int, residual: float, discrepancy: float | None,
+               map_change: float | None = None) -> str | None:
         self.res.append(residual)
         n = iteration + 1
         early = n < self.min_iter
         if not early and discrepancy is not None and discrepancy <= self.tau:
             return "discrepancy"
+        if not early and map_change is not None and map_change < self.map_tol:
+            return "converged"
         w = self.window
         if not early and self.plateau_tol > 0 and n >= 2 * w and n % w == 0:
             prev = float(np.mean(self.res[-2 * w: -w]))
@@ -256,7 +264,7 @@ def fit(problem: Problem, stepper, *, stop: StopRule, average: float = 0.9, memb
     torch = import_torch()
     if not 0.0 <= average < 1.0:
         raise ValueError(f"average must be in [0, 1), got {average}")
-    hist, ema = [], None
+    hist, ema, ema_prev = [], None, None
     t0 = time.perf_counter()
     it, reason = 0, "max_iter"
     while True:
@@ -277,8 +285,16 @@ def fit(problem: Problem, stepper, *, stop: StopRule, average: float = 0.9, memb
                "residual": res, "seconds": sec}
         if disc is not None:
             rec["discrepancy"] = disc
+        change = None
+        if (it + 1) % stop.window == 0:  # how much the (averaged) map moved in one window
+            with torch.no_grad():
+                if ema_prev is not None:
+                    change = float(torch.linalg.vector_norm(ema - ema_prev)
+                                   / torch.linalg.vector_norm(ema).clamp_min(1e-12))
+                    rec["map_change"] = change
+                ema_prev = ema.clone()
         hist.append(rec)
-        r = stop.update(it, res, disc)
+        r = stop.update(it, res, disc, change)
         eta = sec / (it + 1) * (stop.max_iter - it - 1)
         if progress is not None:
             progress(dict(rec, eta_s=eta, max_iter=stop.max_iter))
