@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "_out"
 OBLIQUE = tuple(np.array([0.35, -0.25, 0.9]) / np.linalg.norm([0.35, -0.25, 0.9]))
 
+FAST = {"net_factor": 2, "init": "tv"}
 # name: (method, variant, settings)
 CASES = {
     "tkd": ("tkd", "axial", {}),
@@ -46,7 +47,17 @@ CASES = {
     "modip-s2": ("modip", "axial", {"seed": 2}),
     "modip-kspace": ("modip", "axial", {"dc_mode": "kspace"}),
     "modip-base16": ("modip", "axial", {"base": 16}),
-    "modip-c2f": ("modip", "axial", {"coarse_iter": -1}),  # -1: half of the iterations
+    "modip-c2f": ("modip", "axial", {"schedule": "2:-1"}),  # -1: all but 50 iterations
+    "modip-c2f-tv": ("modip", "axial", {"schedule": "2:-1", "init": "tv"}),
+    "modip-init-tv": ("modip", "axial", {"init": "tv"}),
+    "modip-net2": ("modip", "axial", {"net_factor": 2}),
+    # the CPU recipe (preset dip-cpu): network on a 2x coarser grid + warm start from TV
+    "modip-fast-s0": ("modip", "axial", {**FAST, "seed": 0}),
+    "modip-fast-s1": ("modip", "axial", {**FAST, "seed": 1}),
+    "modip-fast-s2": ("modip", "axial", {**FAST, "seed": 2}),
+    "modip-fast-kspace": ("modip", "axial", {**FAST, "dc_mode": "kspace"}),
+    "modip-fast-oblique": ("modip", "oblique", {**FAST, "kernel": "integral"}),
+    "modip-fast-aniso": ("modip", "aniso", {**FAST}),
     "modip-2threads": ("modip", "axial", {"threads": 2}),
     "dip": ("dip", "axial", {}),
     "inr": ("inr", "axial", {}),
@@ -98,8 +109,8 @@ def run_case(name: str, size: int, iters: int, threads: int) -> dict:
 
         mod = importlib.import_module(f"qsmflow.algorithms.dip.{method}")
         kw = dict(settings)
-        if kw.get("coarse_iter") == -1:
-            kw["coarse_iter"] = iters // 2
+        if kw.get("schedule") == "2:-1":
+            kw["schedule"] = f"2:{max(iters - 50, 0)}"
         kw.setdefault("threads", threads)
         n_iter = iters * (2 if method == "dip" else 1)
         r = getattr(mod, f"fit_{method}")(d["local"], mask, voxel_size=vs, b0_dir=b0,

@@ -222,3 +222,21 @@ def test_modip_schedule_is_checked(bad):
     with pytest.raises(ValueError, match="schedule"):
         modip_mod.parse_schedule(bad)
     assert modip_mod.parse_schedule("8:5,4:0,2:10") == [(8, 5), (4, 0), (2, 10)]
+
+
+def test_modip_coarse_network_with_tv_start_beats_tv(head):
+    """The CPU recipe: network on a 2x coarser grid, data consistency and loss on the full
+    grid, warm start from TV (30 iterations here: 15.4 % vs TV 17.5 %)."""
+    from qsmflow.algorithms.inversion_tv import invert_tv
+
+    m = head["mask"]
+    e_tv = qsm_eval.nrmse_challenge(invert_tv(head["field"], m, voxel_size=(VS,) * 3),
+                                    head["chi"], m)[0]
+    r = modip_mod.fit_modip(head["field"], m, voxel_size=(VS,) * 3, base=8, max_iter=30,
+                            plateau_tol=0, net_factor=2, init="tv", **FAST)
+    e = qsm_eval.nrmse_challenge(r.chi, head["chi"], m)[0]
+    assert e < 0.95 * e_tv, (e, e_tv)
+    assert r.history[-1]["loss"] < 0.5 * r.history[0]["loss"]
+    assert r.sidecar()["settings"]["net_factor"] == 2
+    with pytest.raises(ValueError, match="net_factor"):
+        modip_mod.fit_modip(head["field"], m, net_factor=3, max_iter=1, **FAST)
