@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_presets_shipped_and_identical_to_workflows_folder():
     names = list_presets()
-    assert {"fast", "accurate", "dip-gpu"} <= set(names)
+    assert {"fast", "accurate", "dip-gpu", "dip-cpu"} <= set(names)
     for n in names:
         assert filecmp.cmp(preset_dir() / f"{n}.toml", REPO / "workflows/presets" / f"{n}.toml",
                            shallow=False), n
@@ -39,7 +39,7 @@ def _nodes(wf):
     return {n.name: n for n in wf._get_all_nodes()}
 
 
-@pytest.mark.parametrize("preset", ["fast", "accurate", "dip-gpu"])
+@pytest.mark.parametrize("preset", ["fast", "accurate", "dip-gpu", "dip-cpu"])
 def test_every_preset_builds(preset):
     cfg = load_preset(preset)
     wf = init_qsm_wf(config=cfg, n_echoes=4, use_gpu=True)

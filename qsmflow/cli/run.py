@@ -23,6 +23,7 @@ examples:
   qsmflow /data/bids out participant --preset accurate -w /scratch/work
   qsmflow /data/bids out participant --inversion tv --bfr pdf     # change single stages
   qsmflow /data/bids out participant --preset dip-gpu --device cuda
+  qsmflow /data/bids out participant --preset dip-cpu              # MoDIP in minutes on a CPU
   qsmflow /data/bids out participant --use-plugin workflows/plugins/slurmgraph.yml
 
 Outputs (BIDS derivatives) per run, in output_dir/sub-X[/ses-Y]/anat/:
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("methods (a preset or a TOML file, then per-stage overrides)")
     x = g.add_mutually_exclusive_group()
     x.add_argument("--preset", metavar="NAME",
-                   help="a shipped preset: fast (default), accurate, dip-gpu "
+                   help="a shipped preset: fast (default), accurate, dip-gpu, dip-cpu "
                    "(see --list-presets)")
     x.add_argument("--config-file", type=Path, metavar="FILE",
                    help="a TOML configuration (format: workflows/presets/*.toml)")

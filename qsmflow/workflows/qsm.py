@@ -161,7 +161,8 @@ def init_qsm_wf(
         BackgroundRemoval(method=cfg.method("bfr"), settings=cfg.settings("bfr"),
                           n_threads=nthr),
         name="bfr", mem_gb=12 * mem, n_procs=nthr)
-    gpu = bool(use_gpu) and cfg.method("invert") in DIP_METHODS
+    # a GPU node only when the method can use one and the device is not pinned to the CPU
+    gpu = bool(use_gpu) and cfg.method("invert") in DIP_METHODS and device != "cpu"
     invert = pe.Node(
         Inversion(method=cfg.method("invert"), settings=cfg.settings("invert"), seed=seed,
                   use_gpu=gpu, device=device, n_threads=nthr),
