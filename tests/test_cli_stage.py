@@ -159,3 +159,21 @@ def test_console_script_exit_code(sim, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "missing.nii.gz" in r.stderr
+
+
+def test_dip_method_writes_std_loss_curve_and_seeds(sim, tmp_path):
+    pytest.importorskip("torch")
+    d, paths, f, ph = sim
+    out = tmp_path / "chi.nii.gz"
+    assert main(["invert", "--method", "modip", "--localfield", paths["localfield"], "--mask",
+                 paths["mask"], "--set", "base=8", "--set", "max_iter=3", "--set", "ensemble=2",
+                 "--set", "seed=5", "--set", "device=cpu", "--set", "plateau_tol=0",
+                 "-o", str(out)]) == 0
+    m = ph.brain_mask
+    chi, std = _load(out), _load(tmp_path / "chi_std.nii.gz")
+    assert np.abs(chi[m]).max() > 0 and std[m].mean() > 0 and np.all(std[~m] == 0)
+    rows = (tmp_path / "chi_loss.tsv").read_text().splitlines()
+    assert rows[0].split("\t")[:4] == ["member", "seed", "iteration", "loss"]
+    assert len(rows) == 1 + 2 * 3 and rows[-1].split("\t")[:3] == ["1", "6", "3"]
+    side = json.loads((tmp_path / "chi_fit.json").read_text())
+    assert side["seeds"] == [5, 6] and side["settings"]["base"] == 8

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qsmflow.io import load_nifti, write_nifti_atomic
+from qsmflow.config import DIP_METHODS
+from qsmflow.io import load_nifti, write_json_atomic, write_nifti_atomic, write_text_atomic
 from qsmflow.stages import (
     ALIASES,
     ARG_NAME,
@@ -153,12 +154,13 @@ def _out_path(out: str | None, default_name: str) -> Path:
     return p
 
 
-def _extra_path(main: Path, suffix: str) -> Path:
+def _extra_path(main: Path, suffix: str, ext: str | None = None) -> Path:
+    """``chi.nii.gz`` -> ``chi_<suffix>.nii.gz`` (or ``chi_<suffix><ext>``)."""
     name = main.name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return main.with_name(name[: -len(ext)] + f"_{suffix}{ext}")
-    return main.with_name(name + f"_{suffix}")
+    for e in (".nii.gz", ".nii"):
+        if name.endswith(e):
+            return main.with_name(name[: -len(e)] + f"_{suffix}{ext or e}")
+    return main.with_name(name + f"_{suffix}{ext or ''}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,12 +278,22 @@ def run(argv=None) -> int:
             raise StageError(f"{loaded['phase'][2]}: {kwargs['phase'].shape[3]} echoes but "
                              f"{len(acq['te_s'])} echo times")
     settings = _overrides(func, args.overrides)
+    dip = None
+    if stage_name == "invert" and args.method in DIP_METHODS:
+        # the rich entry point: the ensemble std map, the loss curve and the seeds too
+        from qsmflow.algorithms.dip import _load
+
+        func = getattr(_load(args.method), f"fit_{args.method}")
     try:
         result = call_method(func, kwargs, settings)
     except ValueError as exc:
         raise StageError(f"{args.method}: {exc}") from None
 
     extras = {}
+    if hasattr(result, "history_tsv"):
+        dip, result = result, result.chi
+        if dip.chi_std is not None:
+            extras["std"] = dip.chi_std
     if isinstance(result, tuple):
         result, *rest = result
         if stage_name == "bfr" and rest:
@@ -295,6 +307,9 @@ def run(argv=None) -> int:
     for suffix, arr in extras.items():
         write_nifti_atomic(arr, ref_img, _extra_path(out, suffix),
                            dtype=np.uint8 if suffix == "mask" else np.float32)
+    if dip is not None:  # loss curve (TSV) and provenance (seeds, stop reasons, settings)
+        write_text_atomic(dip.history_tsv(), _extra_path(out, "loss", ext=".tsv"))
+        write_json_atomic(dip.sidecar(), _extra_path(out, "fit", ext=".json"))
     print(f"qsmflow-stage: wrote {out}")
     return 0
 
