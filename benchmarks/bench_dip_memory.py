@@ -31,6 +31,8 @@ CASES = {
     "full160": (160, True, {}),
     "full160-ckpt": (160, True, {"checkpoint": True}),
     "full256-ckpt": (256, True, {"checkpoint": True}),
+    "brain256-fast": (256, False, {"net_factor": 2, "init": "tv"}),  # preset dip-cpu
+    "full256-fast": (256, True, {"net_factor": 2, "init": "tv"}),
 }
 
 
@@ -52,6 +54,7 @@ def run_case(name: str, iters: int, threads: int) -> dict:
     return {"case": name, "voxels_in_mask": int(mask.sum()), "iterations": len(h),
             "s_per_iter": (h[-1]["seconds"] - h[0]["seconds"]) / max(len(h) - 1, 1),
             "seconds": time.perf_counter() - t0,
+            "crop": list(r.settings.get("crop_shape", [])),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
 

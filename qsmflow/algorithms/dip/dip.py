@@ -133,7 +133,7 @@ def fit_dip(
                     average=average, tau=tau, window=window, plateau_tol=plateau_tol,
                     map_tol=map_tol,
                     margin=margin, pad_factor=pad_factor, kernel=kernel, amp=amp,
-                    field_scale_ppm=problem.scale)
+                    field_scale_ppm=problem.scale, crop_shape=list(problem.shape))
 
     def make(pr, s):
         return DIPStepper(pr, in_channels=in_channels, depth=int(depth), base=int(base),

@@ -266,7 +266,7 @@ def fit_inr(
                     lambda_tv=lambda_tv, edge_percent=edge_percent, patch=patch,
                     overlap=overlap, refresh=refresh, average=average, tau=tau, window=window,
                     plateau_tol=plateau_tol, map_tol=map_tol, margin=margin, pad_factor=pad_factor,
-                    kernel=kernel, field_scale_ppm=problem.scale)
+                    kernel=kernel, field_scale_ppm=problem.scale, crop_shape=list(problem.shape))
 
     def make(pr, s):
         return INRStepper(pr, coords=coords, tv_w=tv_w, hidden=hidden, layers=layers, w0=w0,

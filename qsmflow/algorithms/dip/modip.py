@@ -353,7 +353,7 @@ def fit_modip(
                     schedule=str(schedule), init=init,
                     margin=margin, pad_factor=pad_factor, kernel=kernel, amp=amp,
                     checkpoint=checkpoint, net_factor=net_factor,
-                    field_scale_ppm=problem.scale)
+                    field_scale_ppm=problem.scale, crop_shape=list(problem.shape))
 
     def make(pr, s):
         return MoDIPStepper(pr, depth=int(depth), base=int(base),
