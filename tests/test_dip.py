@@ -224,6 +224,13 @@ def test_modip_schedule_is_checked(bad):
     assert modip_mod.parse_schedule("8:5,4:0,2:10") == [(8, 5), (4, 0), (2, 10)]
 
 
+def test_modip_network_grid_pooling_is_isotropic():
+    assert modip_mod.net_pooling(2, (1, 1, 1)) == (2, 2, 2)
+    assert modip_mod.net_pooling(2, (2.5, 2.5, 5.0)) == (2, 2, 1)  # 5 mm network voxels
+    assert modip_mod.net_pooling(4, (1, 1, 2)) == (4, 4, 2)
+    assert modip_mod.net_pooling(1, (0.5, 1, 1)) == (1, 1, 1)
+
+
 def test_modip_coarse_network_with_tv_start_beats_tv(head):
     """The CPU recipe: network on a 2x coarser grid, data consistency and loss on the full
     grid, warm start from TV (30 iterations here: 15.4 % vs TV 17.5 %)."""
