@@ -37,11 +37,16 @@ OUT = HERE / "_out"
 OBLIQUE = tuple(np.array([0.35, -0.25, 0.9]) / np.linalg.norm([0.35, -0.25, 0.9]))
 
 FAST = {"net_factor": 2, "init": "tv"}
+FAST_MEDI = {"net_factor": 2, "init": "medi"}
 # name: (method, variant, settings)
 CASES = {
     "tkd": ("tkd", "axial", {}),
     "tv": ("tv", "axial", {}),
     "rts": ("rts", "axial", {}),
+    "tikhonov": ("tikhonov", "axial", {}),
+    "ndi": ("ndi", "axial", {}),
+    "medi": ("medi", "axial", {}),
+    "medi-mag-snr20": ("medi", "axial", {"mag_snr": 20.0}),
     "modip-s0": ("modip", "axial", {"seed": 0}),
     "modip-s1": ("modip", "axial", {"seed": 1}),
     "modip-s2": ("modip", "axial", {"seed": 2}),
@@ -55,6 +60,12 @@ CASES = {
     "modip-fast-s0": ("modip", "axial", {**FAST, "seed": 0}),
     "modip-fast-s1": ("modip", "axial", {**FAST, "seed": 1}),
     "modip-fast-s2": ("modip", "axial", {**FAST, "seed": 2}),
+    # the same from MEDI (needs the magnitude: option init="medi")
+    "modip-fast-medi": ("modip", "axial", {**FAST_MEDI, "seed": 0}),
+    "modip-fast-medi-s1": ("modip", "axial", {**FAST_MEDI, "seed": 1}),
+    "modip-fast-medi-s2": ("modip", "axial", {**FAST_MEDI, "seed": 2}),
+    "modip-fast-medi-oblique": ("modip", "oblique", {**FAST_MEDI, "kernel": "integral"}),
+    "modip-fast-medi-aniso": ("modip", "aniso", {**FAST_MEDI}),
     "modip-fast-kspace": ("modip", "axial", {**FAST, "dc_mode": "kspace"}),
     "modip-fast-oblique": ("modip", "oblique", {**FAST, "kernel": "integral"}),
     "modip-fast-aniso": ("modip", "aniso", {**FAST}),
@@ -65,33 +76,59 @@ CASES = {
     "tv-oblique": ("tv", "oblique", {"kernel": "integral"}),
     "tv-oblique-continuous": ("tv", "oblique", {}),
     "rts-oblique": ("rts", "oblique", {"kernel": "integral"}),
+    "tikhonov-oblique": ("tikhonov", "oblique", {"kernel": "integral"}),
+    "ndi-oblique": ("ndi", "oblique", {"kernel": "integral"}),
+    "medi-oblique": ("medi", "oblique", {"kernel": "integral"}),
     "modip-oblique": ("modip", "oblique", {"kernel": "integral"}),
     "tkd-aniso": ("tkd", "aniso", {}),
     "tv-aniso": ("tv", "aniso", {}),
     "rts-aniso": ("rts", "aniso", {}),
+    "tikhonov-aniso": ("tikhonov", "aniso", {}),
+    "ndi-aniso": ("ndi", "aniso", {}),
+    "medi-aniso": ("medi", "aniso", {}),
     "modip-aniso": ("modip", "aniso", {}),
 }
 
 
+def phantom(size: int, variant: str):
+    """The simulated head of one variant and its B0 direction."""
+    from qsmflow.sims.phantom import make_head_phantom
+
+    vs = 160.0 / size
+    shape, vox, b0 = (size,) * 3, (vs,) * 3, (0.0, 0.0, 1.0)
+    if variant == "oblique":
+        b0 = OBLIQUE
+    elif variant == "aniso":
+        shape, vox = (size, size, size // 2), (vs, vs, 2 * vs)
+    return make_head_phantom(shape=shape, voxel_size=vox, seed=0), b0
+
+
 def simulate(size: int, variant: str) -> Path:
     from qsmflow.sims.field import simulate_fields
-    from qsmflow.sims.phantom import make_head_phantom
 
     path = OUT / f"dip_head{size}_{variant}_v2.npz"  # v2: oblique simulated with "integral"
     if path.exists():
         return path
     OUT.mkdir(parents=True, exist_ok=True)
-    vs = 160.0 / size
-    shape, vox, b0, kind = (size,) * 3, (vs,) * 3, (0.0, 0.0, 1.0), "integral"
-    if variant == "oblique":
-        b0 = OBLIQUE
-    elif variant == "aniso":
-        shape, vox = (size, size, size // 2), (vs, vs, 2 * vs)
-    ph = make_head_phantom(shape=shape, voxel_size=vox, seed=0)
-    f = simulate_fields(ph, b0_dir=b0, kind=kind)
+    ph, b0 = phantom(size, variant)
+    vox = ph.voxel_size
+    f = simulate_fields(ph, b0_dir=b0, kind="integral")
     np.savez(path, voxel_size=np.array(vox), b0=np.array(b0), local=f["local"],
              chi=f["chi_local"], mask=ph.brain_mask)
     return path
+
+
+def magnitude(size: int, variant: str, snr: float | None = None) -> np.ndarray:
+    """Magnitude at TE 20 ms (its edges are chi's edges); Rician noise of sigma = mean brain
+    magnitude / ``snr`` if given."""
+    ph, _ = phantom(size, variant)
+    mag = ph.m0 * np.exp(-0.02 * ph.r2star)
+    if snr:
+        rng = np.random.default_rng(0)
+        sd = mag[ph.brain_mask].mean() / snr
+        mag = np.abs(mag + sd * (rng.standard_normal(mag.shape)
+                                 + 1j * rng.standard_normal(mag.shape)))
+    return mag.astype(np.float32)
 
 
 def run_case(name: str, size: int, iters: int, threads: int) -> dict:
@@ -109,6 +146,8 @@ def run_case(name: str, size: int, iters: int, threads: int) -> dict:
 
         mod = importlib.import_module(f"qsmflow.algorithms.dip.{method}")
         kw = dict(settings)
+        if kw.get("init") == "medi":
+            kw["magnitude"] = magnitude(size, variant, kw.pop("mag_snr", None))
         if kw.get("schedule") == "2:-1":
             kw["schedule"] = f"2:{max(iters - 50, 0)}"
         kw.setdefault("threads", threads)
@@ -123,7 +162,10 @@ def run_case(name: str, size: int, iters: int, threads: int) -> dict:
     else:
         from qsmflow.algorithms.inversion import METHODS
 
-        chi = METHODS[method](d["local"], mask, voxel_size=vs, b0_dir=b0, **settings)
+        kw = dict(settings)
+        if method in ("medi", "ndi"):
+            kw["magnitude"] = magnitude(size, variant, kw.pop("mag_snr", None))
+        chi = METHODS[method](d["local"], mask, voxel_size=vs, b0_dir=b0, **kw)
     res["seconds"] = time.perf_counter() - t0
     nrmse, _ = qsm_eval.nrmse_challenge(chi, d["chi"], mask)
     res.update(nrmse=nrmse, hfen=qsm_eval.hfen(chi, d["chi"], mask),

@@ -207,14 +207,19 @@ def test_modip_checkpointing_gives_the_same_fit(head):
     np.testing.assert_allclose(b, a, atol=1e-5 * np.abs(a).max())
 
 
-def test_modip_warm_start_from_tv(head):
-    m = head["mask"]
-    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=5, plateau_tol=0, **FAST)
+def test_modip_warm_start_from_tv_and_medi(head):
+    m, ph = head["mask"], head["ph"]
+    mag = ph.m0 * np.exp(-0.02 * ph.r2star)
+    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=5, plateau_tol=0, magnitude=mag, **FAST)
     err = {}
-    for init in ("none", "tv"):
+    for init in ("none", "tv", "medi"):
         chi = modip_mod.invert_modip(head["field"], m, init=init, **kw)
         err[init] = qsm_eval.nrmse_challenge(chi, head["chi"], m)[0]
     assert err["tv"] < 0.8 * err["none"], err
+    assert err["medi"] < 0.8 * err["none"], err
+    kw.pop("magnitude")
+    with pytest.raises(ValueError, match="magnitude"):
+        modip_mod.invert_modip(head["field"], m, init="medi", **kw)
 
 
 @pytest.mark.parametrize("bad", ["2", "3:10", "2:10,4:10", "2:10,2:5", "x:y", "1:10"])

@@ -351,7 +351,7 @@ def remove_background_pdf(
     noise_ppm : float, keyword-only
         Noise standard deviation assumed when ``noise`` is None (only sets the stopping level
         above; default 1e-3 ppm, typical of multi-echo 3 T data).
-    kind : {"continuous", "discrete"}, keyword-only
+    kind : {"continuous", "discrete", "integral"}, keyword-only
         Dipole kernel discretisation.
 
     Returns

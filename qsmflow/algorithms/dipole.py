@@ -290,7 +290,7 @@ class DipoleOperator:
         Shape of the images the operator acts on.
     voxel_size : 3 floats, mm
     b0_dir : 3-vector in array axes
-    kind : {"continuous", "discrete"}
+    kind : {"continuous", "discrete", "integral"}
     pad_factor : float
         Computational grid is ``padded_shape(shape, pad_factor=pad_factor)``; images are placed
         at the start of the grid and zero-filled after.  1.0 means (almost) circular.
@@ -380,7 +380,7 @@ def forward_field(
     chi : (X, Y, Z) array, ppm
     voxel_size : 3 floats, mm
     b0_dir : unit 3-vector in array axes
-    kind : {"continuous", "discrete"}
+    kind : {"continuous", "discrete", "integral"}
     pad_factor : computational grid size relative to ``chi.shape`` (>= 1)
     workers : scipy.fft threads
 

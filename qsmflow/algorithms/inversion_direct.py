@@ -94,7 +94,7 @@ def invert_tkd(
         Zero-padded FFT grid relative to the mask's bounding box (>= 1).
     margin : int
         Voxels added around the mask's bounding box before padding.
-    kernel : {"continuous", "discrete"}
+    kernel : {"continuous", "discrete", "integral"}
         Dipole kernel discretisation (:mod:`qsmflow.algorithms.dipole`).
 
     Returns

@@ -270,7 +270,7 @@ def invert_medi(
         Inner conjugate-gradient limits (100 iterations, relative residual 0.01).
     eps : float
         Smoothing of the L1 norm (1e-6, toolbox units).
-    kernel : {"continuous", "discrete"}
+    kernel : {"continuous", "discrete", "integral"}
     pad_factor : float
         Zero-padded FFT grid relative to the cropped volume.
     margin : int

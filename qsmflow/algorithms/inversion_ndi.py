@@ -210,7 +210,7 @@ def invert_ndi(
     tol : float
         Stop when ``100 ||g_k - g_{k-1}|| / ||g_k||`` < tol (percent; 0.5 in the reference
         script for one orientation; 0 disables early stopping).
-    kernel : {"continuous", "discrete"}
+    kernel : {"continuous", "discrete", "integral"}
         Dipole kernel discretisation (the paper uses the continuous one).
     pad_factor : float
         Zero-padded FFT grid relative to the cropped volume.

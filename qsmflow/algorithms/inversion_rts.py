@@ -152,7 +152,7 @@ def invert_rts(
         Zero-padded grid relative to the mask's bounding box plus margin (>= 1).
     margin : int
         Voxels around the mask's bounding box.
-    kernel : {"continuous", "discrete"}
+    kernel : {"continuous", "discrete", "integral"}
 
     Returns
     -------

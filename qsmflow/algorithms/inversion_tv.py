@@ -103,7 +103,7 @@ def invert_tv(
         Zero-padded grid relative to the mask's bounding box plus margin (>= 1).
     margin : int
         Voxels around the mask's bounding box where chi is free (TV only).
-    kernel : {"continuous", "discrete"}
+    kernel : {"continuous", "discrete", "integral"}
 
     Returns
     -------

@@ -61,7 +61,7 @@ class TorchDipole:
     pad_factor : float >= 1
         FFT grid relative to ``shape`` (see :func:`qsmflow.algorithms.dipole.padded_shape`).
     device : torch.device
-    kernel : {"continuous", "discrete"}
+    kernel : {"continuous", "discrete", "integral"}
 
     Notes
     -----

@@ -49,10 +49,11 @@ from qsmflow.algorithms.dip.runner import (
     fit_ensemble,
 )
 from qsmflow.algorithms.inversion_direct import invert_tkd
+from qsmflow.algorithms.inversion_medi import invert_medi
 from qsmflow.algorithms.inversion_tv import invert_tv
 
 #: classical warm starts of ``init``: ``none`` or a method returning chi (ppm)
-INITS = {"none": None, "tkd": invert_tkd, "tv": invert_tv}
+INITS = {"none": None, "tkd": invert_tkd, "tv": invert_tv, "medi": invert_medi}
 
 
 class _Level:
@@ -309,8 +310,9 @@ def fit_modip(
         coarser grid (block averages of field, mask and weight), the next 100 on a 2x coarser
         one, then the rest on the full grid, with the same network (the dipole model is
         scale-free, so the learnt field-to-chi map transfers); ``""`` = full grid only
-    init : {"none", "tkd", "tv"} - warm start: the network output is added to this classical
-        solution before the data-consistency steps, so it only learns the correction
+    init : {"none", "tkd", "tv", "medi"} - warm start: the network output is added to this
+        classical solution before the data-consistency steps, so it only learns the correction
+        ("medi" needs ``magnitude`` and uses ``noise`` as MEDI's data weight)
     margin, pad_factor, kernel : crop margin (voxels), FFT zero-padding factor, dipole kernel
     threads : int - torch CPU threads during the fit (0 = torch's default)
     amp : bool - bf16 autocast for the network on CUDA (ignored on CPU)
@@ -348,6 +350,8 @@ def fit_modip(
         raise ValueError("depth and dc_steps must be >= 0, base >= 1")
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    if init == "medi" and magnitude is None:
+        raise ValueError("init='medi' needs the magnitude (MEDI's edge prior)")
     levels = parse_schedule(schedule)
     n_coarse = sum(n for _, n in levels)
     member_seeds = ensemble_seeds(seed, ensemble, seeds)
@@ -359,8 +363,9 @@ def fit_modip(
                       pad_factor=pad_factor, kernel=kernel)
     init_t = None
     if init != "none":
+        extra = dict(magnitude=magnitude, noise=noise) if init == "medi" else {}
         chi_init = INITS[init](field, mask, voxel_size=problem.voxel_size, b0_dir=problem.b0_dir,
-                               kernel=kernel)
+                               kernel=kernel, **extra)
         init_t = problem.tensor(chi_init / problem.scale)
     settings = dict(method="modip", max_iter=max_iter, lr=lr, depth=depth, base=base,
                     decoder_blocks=decoder_blocks, dc_steps=dc_steps, dc_step_size=dc_step_size,
