@@ -69,6 +69,13 @@ CASES = {
     "modip-fast-kspace": ("modip", "axial", {**FAST, "dc_mode": "kspace"}),
     "modip-fast-oblique": ("modip", "oblique", {**FAST, "kernel": "integral"}),
     "modip-fast-aniso": ("modip", "aniso", {**FAST}),
+    # bf16 autocast vs float32 for the network (amp="auto" picks bf16 on AVX512-BF16 CPUs)
+    "modip-bf16": ("modip", "axial", {"amp": "bf16"}),
+    "modip-fp32": ("modip", "axial", {"amp": "off"}),
+    "modip-fast-bf16": ("modip", "axial", {**FAST, "amp": "bf16"}),
+    "modip-fast-fp32": ("modip", "axial", {**FAST, "amp": "off"}),
+    "dip-bf16": ("dip", "axial", {"amp": "bf16"}),
+    "dip-fp32": ("dip", "axial", {"amp": "off"}),
     "modip-2threads": ("modip", "axial", {"threads": 2}),
     "dip": ("dip", "axial", {}),
     "inr": ("inr", "axial", {}),

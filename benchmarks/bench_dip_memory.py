@@ -33,6 +33,11 @@ CASES = {
     "full256-ckpt": (256, True, {"checkpoint": True}),
     "brain256-fast": (256, False, {"net_factor": 2, "init": "tv"}),  # preset dip-cpu
     "full256-fast": (256, True, {"net_factor": 2, "init": "tv"}),
+    # 160^3 brain crop: time per iteration, float32 vs bf16 autocast on the CPU
+    "brain160": (160, False, {"amp": "off"}),
+    "brain160-bf16": (160, False, {"amp": "bf16"}),
+    "brain160-fast": (160, False, {"net_factor": 2, "amp": "off"}),
+    "brain160-fast-bf16": (160, False, {"net_factor": 2, "amp": "bf16"}),
 }
 
 

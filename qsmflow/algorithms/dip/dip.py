@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from qsmflow.algorithms.dip._torch_ops import import_torch, tv_l1
+from qsmflow.algorithms.dip._torch_ops import import_torch, resolve_amp, tv_l1
 from qsmflow.algorithms.dip.runner import (
     DIPResult,
     Problem,
@@ -99,7 +99,7 @@ def fit_dip(
     pad_factor: float = 1.5,
     kernel: str = "continuous",
     threads: int = 0,
-    amp: bool = True,
+    amp: bool | str = "auto",
     progress: Callable | None = None,
 ) -> DIPResult:
     """DIP dipole inversion with loss curve, seeds and ensemble std (see the module docstring).
@@ -134,16 +134,17 @@ def fit_dip(
     problem = Problem(field, mask, voxel_size=voxel_size, b0_dir=b0_dir, magnitude=magnitude,
                       noise=noise, device=device, margin=margin, multiple=2 ** int(depth),
                       pad_factor=pad_factor, kernel=kernel)
+    bf16 = resolve_amp(amp, problem.device)
     settings = dict(method="dip", max_iter=max_iter, lr=lr, in_channels=in_channels,
                     depth=depth, base=base, decoder_blocks=decoder_blocks, lambda_tv=lambda_tv,
                     average=average, tau=tau, window=window, plateau_tol=plateau_tol,
                     map_tol=map_tol,
-                    margin=margin, pad_factor=pad_factor, kernel=kernel, amp=amp,
+                    margin=margin, pad_factor=pad_factor, kernel=kernel, amp=amp, bf16=bf16,
                     field_scale_ppm=problem.scale, crop_shape=list(problem.shape))
 
     def make(pr, s):
         return DIPStepper(pr, in_channels=in_channels, depth=int(depth), base=int(base),
-                          decoder_blocks=int(decoder_blocks), lr=lr, lambda_tv=lambda_tv, amp=amp)
+                          decoder_blocks=int(decoder_blocks), lr=lr, lambda_tv=lambda_tv, amp=bf16)
 
     stop = dict(max_iter=max_iter, tau=tau, window=window, plateau_tol=plateau_tol,
                 map_tol=map_tol)

@@ -181,10 +181,10 @@ class Problem:
         return self.crop.paste(c[: cs[0], : cs[1], : cs[2]] * self.scale, mask=self.mask_full)
 
     def autocast(self, enabled: bool = True):
-        """bf16 autocast for the network on CUDA; a no-op on CPU."""
+        """bf16 autocast for the network (``enabled``: :func:`resolve_amp`'s answer)."""
         torch = import_torch()
-        if enabled and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if enabled:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def residual_stats(self, dchi) -> tuple[float, float | None]:
