@@ -38,6 +38,8 @@ OBLIQUE = tuple(np.array([0.35, -0.25, 0.9]) / np.linalg.norm([0.35, -0.25, 0.9]
 
 FAST = {"net_factor": 2, "init": "tv"}
 FAST_MEDI = {"net_factor": 2, "init": "medi"}
+INR_REF = {"hidden": 512, "layers": 9, "w0": 40.0, "tv_norm": "l2", "lambda_tv": 0.025,
+           "tv_low": 0.5, "tv_high": 0.7}
 # name: (method, variant, settings)
 CASES = {
     "tkd": ("tkd", "axial", {}),
@@ -79,6 +81,18 @@ CASES = {
     "modip-2threads": ("modip", "axial", {"threads": 2}),
     "dip": ("dip", "axial", {}),
     "inr": ("inr", "axial", {}),
+    # INR-QSM with the reference code's configuration (SIREN 512 x 10, w0 40, L2 weighted
+    # gradient term, weights ramping between the 50 % and 70 % quantiles), from scratch
+    "inr-ref-lr1e-4": ("inr", "axial", {**INR_REF, "lr": 1e-4}),
+    "inr-ref-lr1e-5": ("inr", "axial", {**INR_REF, "lr": 1e-5}),
+    # the reference's weighting and L2 term on qsmflow's smaller, faster SIREN (256 x 4, w0 30)
+    "inr-ramp-l2": ("inr", "axial", {"tv_norm": "l2", "lambda_tv": 0.025, "tv_low": 0.5,
+                                      "tv_high": 0.7}),
+    "inr-ramp-l2-3e-3": ("inr", "axial", {"tv_norm": "l2", "lambda_tv": 0.003, "tv_low": 0.5,
+                                           "tv_high": 0.7}),
+    "inr-ramp-l2-3e-4": ("inr", "axial", {"tv_norm": "l2", "lambda_tv": 0.0003, "tv_low": 0.5,
+                                           "tv_high": 0.7}),
+    "inr-ramp-l1": ("inr", "axial", {"tv_low": 0.5, "tv_high": 0.7}),
     "tkd-oblique": ("tkd", "oblique", {"kernel": "integral"}),
     "tv-oblique": ("tv", "oblique", {"kernel": "integral"}),
     "tv-oblique-continuous": ("tv", "oblique", {}),

@@ -38,6 +38,10 @@ CASES = {
     "brain160-bf16": (160, False, {"amp": "bf16"}),
     "brain160-fast": (160, False, {"net_factor": 2, "amp": "off"}),
     "brain160-fast-bf16": (160, False, {"net_factor": 2, "amp": "bf16"}),
+    "brain160-compile": (160, False, {"amp": "off", "compile_net": True}),
+    "brain160-bf16-compile": (160, False, {"amp": "bf16", "compile_net": True}),
+    "brain160-fast-bf16-compile": (160, False, {"net_factor": 2, "amp": "bf16",
+                                                "compile_net": True}),
 }
 
 

@@ -187,6 +187,27 @@ def test_inr_whole_and_patches(head):
     assert p1 < 0.8 * p0
 
 
+def test_inr_gradient_weights_ramp():
+    """Weights 1 below the low quantile of |grad chi0|, 0 above the high one, linear between;
+    equal quantiles give 0/1 weights."""
+    chi0 = np.random.default_rng(0).normal(size=(12, 12, 12)).astype(np.float32)
+    mask = np.zeros(chi0.shape, bool)
+    mask[1:-1, 1:-1, 1:-1] = True
+    w = inr_mod.gradient_weights(chi0, mask, (1.0, 1.0, 1.0), (0.5, 0.7))
+    g = np.abs(np.stack([np.diff(chi0, axis=i, append=np.take(chi0, [-1], axis=i))
+                         for i in range(3)]))
+    lo, hi = np.quantile(g[:, mask], [0.5, 0.7])
+    assert w.shape == (3,) + chi0.shape
+    assert np.all(w[g <= lo] == 1) and np.all(w[g >= hi] == 0)
+    mid = (g > lo) & (g < hi)
+    np.testing.assert_allclose(w[mid], (hi - g[mid]) / (hi - lo), rtol=1e-4)
+    assert mid.sum() > 100  # a ramp, not a step
+    b = inr_mod.gradient_weights(chi0, mask, (1.0, 1.0, 1.0), (0.9, 0.9))
+    assert set(np.unique(b)) == {0.0, 1.0}
+    with pytest.raises(ValueError, match="tv_low"):
+        inr_mod.fit_inr(chi0, mask, tv_low=0.8, tv_high=0.5, max_iter=1, device="cpu")
+
+
 def test_bad_inputs(head):
     m = head["mask"]
     with pytest.raises(ValueError):
