@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_dip_curve.py --size 160 --iters 500 --threads 2    # ~1.6 h
+    python benchmarks/bench_dip_curve.py --size 160 --iters 500 --set amp=off  # ~45 min, 2 cores
     python benchmarks/bench_dip_curve.py --size 64 --iters 300 --set net_factor=2 --set init=tv
 
 Runs ``fit_modip`` (published defaults unless ``--set``) on the simulated head of
