@@ -177,3 +177,22 @@ def test_dip_method_writes_std_loss_curve_and_seeds(sim, tmp_path):
     assert len(rows) == 1 + 2 * 3 and rows[-1].split("\t")[:3] == ["1", "6", "3"]
     side = json.loads((tmp_path / "chi_fit.json").read_text())
     assert side["seeds"] == [5, 6] and side["settings"]["base"] == 8
+
+
+def test_modip_medi_start_and_amp_through_the_stage(sim, tmp_path, capsys):
+    """`--set init=medi` uses `--magnitude` (a one-line error without it, nothing written);
+    `--set amp=off` is recorded in the fit sidecar."""
+    pytest.importorskip("torch")
+    d, paths, f, ph = sim
+    out = tmp_path / "chi.nii.gz"
+    base = ["invert", "--method", "modip", "--localfield", paths["localfield"], "--mask",
+            paths["mask"], "--set", "base=8", "--set", "max_iter=2", "--set", "device=cpu",
+            "--set", "net_factor=2", "--set", "init=medi", "--set", "amp=off", "-o", str(out)]
+    rc, err = _err(capsys, base)
+    assert rc != 0 and "magnitude" in err and "\n" not in err and not out.exists()
+    assert main(base + ["--magnitude", paths["magnitude"], "--params", paths["params"]]) == 0
+    side = json.loads((tmp_path / "chi_fit.json").read_text())["settings"]
+    assert side["init"] == "medi" and side["amp"] == "off" and side["bf16"] is False
+    m = ph.brain_mask
+    r = np.corrcoef(_load(out)[m], f["chi_local"][m])[0, 1]
+    assert r > 0.95, r  # MEDI start: 0.99 after 2 iterations (no warm start: 0.82)
