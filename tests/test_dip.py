@@ -56,11 +56,11 @@ def test_import_does_not_need_torch():
 
 
 def test_stage_settings_are_simple():
-    from qsmflow.stages import settable_parameters
+    from qsmflow import registry
 
-    for fn in (modip_mod.invert_modip, dip_mod.invert_dip, inr_mod.invert_inr):
-        for k, v in settable_parameters(fn).items():
-            assert v is None or isinstance(v, (int, float, str, bool)), (fn.__name__, k)
+    for name in registry.gpu_methods():
+        for k, v in registry.method("invert", name).defaults.items():
+            assert v is None or isinstance(v, (int, float, str, bool)), (name, k)
 
 
 def test_torch_dipole_matches_numpy(head):

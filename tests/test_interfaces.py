@@ -16,7 +16,6 @@ from qsmflow.interfaces.qsm import (
     PreparePhase,
     Reference,
     Unwrap,
-    split_inversion_result,
 )
 from qsmflow.interfaces.reports import methods_text
 from qsmflow.sims.bids import write_bids_dataset
@@ -127,24 +126,15 @@ def test_inversion_modip_writes_std_and_loss_curve(data, tmp_path):
                          mask=str(t["desc-brain_mask"]), seed=7, device="cpu",
                          settings={"max_iter": 4, "ensemble": 2, "threads": 1}),
                tmp_path, "dip")
-    log = json.loads(open(res.loss_history).read())
-    assert log["seeds"][0] == 7 and len(log["seeds"]) == 2 and log["device"] == "cpu"
-    assert log["stopped_reason"] and len(log["history"]) >= 4
-    assert all(np.isfinite(h["loss"]) for h in log["history"])
-    std = np.asarray(nib.load(res.chi_std).dataobj)
+    side = json.loads(open(res.sidecar).read())
+    assert side["seeds"][0] == 7 and len(side["seeds"]) == 2 and side["device"] == "cpu"
+    assert side["stopped_reason"] and side["method"] == "modip"
+    rows = open(res.loss).read().splitlines()
+    assert rows[0].split("\t")[:4] == ["member", "seed", "iteration", "loss"]
+    assert len(rows) - 1 >= 4 and all(np.isfinite(float(r.split("\t")[3])) for r in rows[1:])
+    std = np.asarray(nib.load(res.std).dataobj)
     mask = np.asarray(nib.load(str(t["desc-brain_mask"])).dataobj) > 0
     assert std.shape == (32, 32, 32) and std[mask].mean() > 0  # two seeds differ
-
-
-def test_split_inversion_result():
-    a = np.ones(3)
-    assert split_inversion_result(a)[1] == {}
-    assert set(split_inversion_result((a, a))[1]) == {"std"}
-
-    class R:
-        chi, std, loss_history = a, None, [1.0]
-
-    assert set(split_inversion_result(R())[1]) == {"loss_history"}
 
 
 def test_methods_text_cites_only_steps_run():

@@ -65,7 +65,7 @@ class _DSInputSpec(BaseInterfaceInputSpec):
     total_field = File(exists=True, mandatory=True, desc="total field (ppm)")
     local_field = File(exists=True, mandatory=True, desc="local field (ppm)")
     chi_std = File(exists=True, desc="chi standard deviation (ppm), if any")
-    loss_history = File(exists=True, desc="JSON loss history, if any")
+    loss_history = File(exists=True, desc="loss curve (TSV), if any")
     phase_scaling = traits.Str(desc="how the phase was converted to radians")
     metadata = traits.Dict(desc="provenance for the Chimap sidecar (methods, settings, seed, "
                            "acquisition)")
@@ -129,7 +129,8 @@ class DerivativesWriter(SimpleInterface):
             nii(inp.chi_std, "desc-std_Chimap", {"Units": "ppm", "Description":
                                                  "standard deviation of chi"})
         if isdefined(inp.loss_history) and inp.loss_history:
-            dst = anat / f"{inp.prefix}_desc-losshistory_Chimap.json"
+            ext = "".join(Path(inp.loss_history).suffixes) or ".tsv"
+            dst = anat / f"{inp.prefix}_desc-losshistory_Chimap{ext}"
             copy_file_atomic(inp.loss_history, dst)
             written.append(str(dst))
         self._results["out_files"] = written
