@@ -81,8 +81,13 @@ def subject_lines(subjects, failed: dict, crashes: dict, *, verbose: bool = Fals
 class _DropNodeErrors:
     """Logging filter: no node tracebacks on the terminal (they are in the crash files)."""
 
+    _NOISE = ("[Node] Error on", "Storing result file without outputs")
+
     def filter(self, record) -> bool:
-        return record.levelno < 40  # logging.ERROR
+        if record.levelno >= 40:  # logging.ERROR: tracebacks of failed nodes
+            return False
+        msg = str(record.msg)
+        return not any(n in msg for n in self._NOISE)
 
 
 def quiet_nipype_errors() -> None:
