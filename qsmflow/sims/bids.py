@@ -37,6 +37,7 @@ import numpy as np
 from qsmflow import __version__
 from qsmflow.algorithms.dipole import b0_dir_from_affine
 from qsmflow.algorithms.units import GAMMA_BAR_HZ_PER_T
+from qsmflow.io import new_file_mode
 from qsmflow.sims.field import simulate_fields
 from qsmflow.sims.phantom import TISSUES, make_head_phantom
 from qsmflow.sims.signal import oblique_affine, simulate_megre
@@ -69,6 +70,7 @@ def _atomic_write_bytes(path: Path, writer) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) or ".tmp"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.fchmod(fd, new_file_mode())
     os.close(fd)
     try:
         writer(tmp)
