@@ -150,10 +150,13 @@ def config_from_dict(data: dict, *, where: str = "config") -> QSMConfig:
                           f"{', '.join(STAGE_ORDER)}, execution")
     stages = {}
     for s in STAGE_ORDER:
-        table = dict(data.get(s, {}))
+        table = data.get(s, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{s}] must be a table")
-        method = str(table.pop("method", None) or default_methods()[s])
+        table = dict(table)
+        method = table.pop("method", None) or default_methods()[s]
+        if not isinstance(method, str):
+            raise ConfigError(f"{where}: [{s}] method = {method!r}: expected a method name")
         settings = {}
         for k, v in table.items():
             if not isinstance(v, dict):
@@ -162,12 +165,16 @@ def config_from_dict(data: dict, *, where: str = "config") -> QSMConfig:
                 )
             settings[k] = dict(v)
         stages[s] = StageConfig(method, settings)
-    ex = dict(data.get("execution", {}))
-    bad = set(ex) - {"seed", "device"}
-    if bad:
-        raise ConfigError(f"{where}: [execution] unknown key(s) {', '.join(sorted(bad))}")
+    from qsmflow.schema import parse_execution
+
+    ex = data.get("execution", {})
+    if not isinstance(ex, dict):
+        raise ConfigError(f"{where}: [execution] must be a table")
+    execution, problems = parse_execution(ex, where=where, devices=DEVICES)
+    if problems:
+        raise ConfigError("; ".join(problems))
     cfg = QSMConfig(
-        stages=stages, seed=int(ex.get("seed", 0)), device=str(ex.get("device", "cpu")),
+        stages=stages, seed=execution.seed, device=execution.device,
         description=str(data.get("description", "")),
     )
     problems = validate_config(cfg)
@@ -214,6 +221,11 @@ def validate_config(cfg: QSMConfig) -> list[str]:
                 registry.method(s, meth).check_settings(sets)
             except ValueError as exc:
                 problems.append(f"[{s}.{meth}] {exc}")
+                continue
+            from qsmflow.schema import check_setting_types
+
+            problems += check_setting_types(
+                sets, registry.method(s, meth).defaults, where=f"[{s}.{meth}]")
     if cfg.device not in DEVICES:
         problems.append(f"[execution] device must be one of {', '.join(DEVICES)}, "
                         f"got {cfg.device!r}")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from qsmflow import registry
-from qsmflow.io import load_nifti, write_json_atomic, write_nifti_atomic, write_text_atomic
+from qsmflow.io import write_json_atomic, write_nifti_atomic, write_text_atomic
 
 #: image inputs that may be 4D (echoes on the 4th axis)
 FOUR_D = ("phase", "magnitude")
@@ -89,13 +89,12 @@ def limit_threads(n_threads: int | None):
 # loading
 # ---------------------------------------------------------------------------------------------
 def _read(path: str, what: str):
-    if not Path(path).is_file():
-        raise StageInputError(f"{path}: {what} file not found")
-    try:
-        return load_nifti(path)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad input
-        raise StageInputError(f"{path}: cannot read {what} as NIfTI "
-                              f"({exc.__class__.__name__})") from None
+    from qsmflow.validation import read_image
+
+    img, data, problems = read_image(path, what)  # header and data: truncated files fail here
+    if problems:
+        raise StageInputError(problems[0])
+    return img, data
 
 
 def _check_same_grid(img0, a0, p0, img, a, p):
@@ -127,6 +126,12 @@ def _load_image(paths, what: str):
     data = arrays[0] if len(arrays) == 1 else np.stack(arrays, axis=-1)
     if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
         raise StageInputError(f"{paths[0]}: {what} contains NaN or infinite values")
+    if what == "magnitude":
+        from qsmflow.validation import check_magnitude
+
+        bad = check_magnitude(data, where=paths[0])
+        if bad:
+            raise StageInputError(bad[0])
     return imgs[0], data, paths[0]
 
 

@@ -15,7 +15,6 @@ with either tool.  Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -34,19 +33,26 @@ _FIELD_FLAG = {"bfr": "totalfield", "invert": "localfield", "reference": "chimap
 
 def _acquisition(args) -> dict:
     """TE, B0, B0_dir and voxel size from the flags or --params (None: from the NIfTI)."""
+    from qsmflow.schema import parse_params
+    from qsmflow.validation import check_echo_times, check_field_strength, check_json_file
+
     params = {}
     if args.params:
         p = Path(args.params)
         if not p.is_file():
             raise StageError(f"{args.params}: params file not found")
-        try:
-            params = json.loads(p.read_text())
-        except (ValueError, OSError) as exc:
-            raise StageError(f"{args.params}: not valid JSON ({exc})") from None
-        if "EchoTime" in params and "TE" not in params:  # a BIDS sidecar
-            params["TE"] = params["EchoTime"]
-        if "MagneticFieldStrength" in params and "B0" not in params:
-            params["B0"] = params["MagneticFieldStrength"]
+        data, problems = check_json_file(p)
+        if problems:
+            raise StageError(problems[0])
+        typed, problems = parse_params(data, where=str(p))  # also BIDS sidecar key names
+        if problems:
+            raise StageError(problems[0])
+        params = {"TE": typed.te_s, "B0": typed.b0_tesla, "B0_dir": typed.b0_dir,
+                  "voxel_size": typed.voxel_size}
+    if args.te is not None and check_echo_times(list(args.te), where="--te", key="value"):
+        raise StageError(check_echo_times(list(args.te), where="--te", key="value")[0])
+    if args.b0 is not None and check_field_strength(args.b0, where="--b0", key="value"):
+        raise StageError(check_field_strength(args.b0, where="--b0", key="value")[0])
     te = args.te if args.te is not None else params.get("TE")
     if te is not None and not isinstance(te, (list, tuple)):
         te = [te]
@@ -71,7 +77,25 @@ def _overrides(meth: registry.Method, items) -> dict:
             out[k] = registry.coerce_setting(v, defaults[k])
         except ValueError:
             raise StageError(f"--set {k}: cannot read {v!r} as a value") from None
+        from qsmflow.schema import check_setting_types
+
+        bad = check_setting_types({k: out[k]}, defaults, where="--set")
+        if bad:
+            raise StageError(bad[0])
     return out
+
+
+def _check_outputs(stage: str, out, files: dict, args) -> None:
+    """Before computing: no output (nor a companion) may be an input, nor lie under a file."""
+    from qsmflow.runner import output_paths
+    from qsmflow.validation import check_output_file
+
+    inputs = [str(p) for v in files.values() for p in ([v] if isinstance(v, str) else v)]
+    inputs += [args.params] if args.params else []
+    for path in output_paths(out, stage).values():
+        bad = check_output_file(path, inputs=inputs)
+        if bad:
+            raise StageError(bad[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,13 +184,18 @@ def run(argv=None) -> int:
     if not files:
         raise StageError(f"{stage.name} needs --magnitude or --phase")
     settings = _overrides(meth, args.overrides)
-    try:
-        result, written = run_stage(stage.name, args.method, files, args.out,
-                                    settings=settings, **_acquisition(args))
-    except StageError:
-        raise
-    except ValueError as exc:  # a method rejecting its inputs or settings
-        raise StageError(f"{args.method}: {exc}") from None
+    acquisition = _acquisition(args)
+    _check_outputs(stage.name, args.out, files, args)
+    from qsmflow.cli._signals import handle_signals
+
+    with handle_signals("qsmflow-stage", hint=" (nothing was written)"):
+        try:
+            result, written = run_stage(stage.name, args.method, files, args.out,
+                                        settings=settings, **acquisition)
+        except StageError:
+            raise
+        except ValueError as exc:  # a method rejecting its inputs or settings
+            raise StageError(f"{args.method}: {exc}") from None
     if "phase_scaling" in result.provenance:
         print(f"qsmflow-stage: phase {result.provenance['phase_scaling']}", file=sys.stderr)
     print(f"qsmflow-stage: wrote {written['main']}")

@@ -24,7 +24,7 @@ from qsmflow.config import QSMConfig, default_config
 INPUT_FIELDS = ("phase_files", "magnitude_files", "te_s", "b0_tesla")
 OUTPUT_FIELDS = (
     "chi", "mask", "brain_mask", "total_field", "local_field", "noise", "chi_std",
-    "loss_history", "phase_scaling", "phase", "magnitude",
+    "loss_history", "phase_scaling", "phase", "magnitude", "chi_unreferenced",
 )
 #: the method a stage falls back to when its method needs a magnitude and the data have none
 PHASE_ONLY_FALLBACK = {"mask": "phase-quality", "combine": "wls"}
@@ -122,6 +122,7 @@ def init_qsm_wf(
         curve is a TSV file)
     phase_scaling : how the phase was converted to radians
     phase, magnitude : the stacked 4D inputs (rad, a.u.)
+    chi_unreferenced : chi before referencing (ppm; gives the reference offset)
     """
     from qsmflow.interfaces.qsm import (
         BackgroundRemoval,
@@ -195,6 +196,7 @@ def init_qsm_wf(
     wf.connect([
         (inputnode, prepare, [("phase_files", "phase_files"),
                               ("magnitude_files", "magnitude_files")]),
+        (invert, outputnode, [("chi", "chi_unreferenced")]),
         (ref_node, outputnode, [("chi", "chi")]),
         (bfr_node, outputnode, [("mask", "mask"), ("local_field", "local_field")]),
         (mask_node, outputnode, [("mask", "brain_mask")]),
