@@ -63,8 +63,11 @@ def test_usage_errors_exit_2(bids, tmp_path, capsys):
                    capsys)
     assert rc == 2 and "sub-09 not found" in err
     with pytest.raises(SystemExit) as e:
-        main([str(bids), str(tmp_path / "o"), "group"])
+        main([str(bids), str(tmp_path / "o"), "second-level"])
     assert e.value.code == 2
+    # the group level before any participant run: one-line error, nothing created
+    rc, err = _run([bids, tmp_path / "o", "group", *w], capsys)
+    assert rc == 2 and "output_dir not found" in err
     assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
 
 

@@ -119,6 +119,16 @@ def main(argv=None) -> int:
             print(f"  sub-{s}: {sc['chi']}\n          NRMSE {sc['nrmse']:.1f} %, "
                   f"correlation {sc['correlation']:.3f}")
     print(f"ground truth: {bids / 'derivatives' / 'qsmflow-sim'}")
+    from qsmflow.reports import subject_report_path
+
+    pages = [subject_report_path(deriv, s) for s in subjects]
+    pages = [p for p in pages if p.is_file()]
+    if pages:
+        print("QC reports (open in a browser; they work offline):")
+        for p in pages:
+            print(f"  {p}")
+        if (deriv / "index.html").is_file():
+            print(f"  {deriv / 'index.html'}  (all subjects)")
     return rc
 
 

@@ -25,11 +25,13 @@ examples:
   qsmflow /data/bids out participant --preset dip-gpu --device cuda
   qsmflow /data/bids out participant --preset dip-cpu              # MoDIP in minutes on a CPU
   qsmflow /data/bids out participant --use-plugin workflows/plugins/slurmgraph.yml
+  qsmflow /data/bids out group                    # index.html linking the subject reports
 
-Outputs (BIDS derivatives) per run, in output_dir/sub-X[/ses-Y]/anat/:
-  *_Chimap.nii.gz (ppm), *_desc-brain_mask.nii.gz, *_desc-total_fieldmap.nii.gz and
-  *_desc-local_fieldmap.nii.gz (ppm of B0), each with a JSON sidecar; the configuration
-  (TOML) and a methods text with references in output_dir/sub-X/log/.
+Outputs (BIDS derivatives) per run, in output_dir/sub-X[/ses-Y]/:
+  anat/*_Chimap.nii.gz (ppm), anat/*_desc-brain_mask.nii.gz, fmap/*_desc-total_fieldmap.nii.gz
+  and fmap/*_desc-local_fieldmap.nii.gz (ppm of B0) with their _magnitude, each with a JSON
+  sidecar; the configuration (TOML) and a methods text with references in output_dir/sub-X/log/;
+  a visual QC report per subject, output_dir/sub-X.html, and output_dir/index.html.
 
 Re-running the same command reuses the work directory (-w): finished steps are not repeated,
 and changing only one stage re-runs that stage and what follows it.
@@ -97,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bids_dir", type=Path, help="the input BIDS dataset (never modified)")
     p.add_argument("output_dir", type=Path,
                    help="where the derivatives go (must differ from bids_dir)")
-    p.add_argument("analysis_level", choices=["participant"],
-                   help="'participant': process each subject (the only level)")
+    p.add_argument("analysis_level", choices=["participant", "group"],
+                   help="'participant': process each subject; 'group': write the index page "
+                   "output_dir/index.html linking the subjects' reports (also written at the "
+                   "end of every participant run)")
     p.add_argument("--version", action="version", version=f"qsmflow {__version__}")
 
     g = p.add_argument_group("selecting data")
@@ -280,6 +284,8 @@ def run(argv=None) -> int:
             print(f"{name}: {cfg.description}")
         return EXIT_OK
     _check_paths(args)
+    if args.analysis_level == "group":
+        return _group(args)
     cfg = _load_config(args)
     use_gpu = _gpu_wanted(cfg)
     plugin, pargs = _plugin(args, use_gpu, None)  # checked before anything runs
@@ -303,8 +309,12 @@ def run(argv=None) -> int:
     from qsmflow.cli.progress import Progress
     from qsmflow.config import to_toml
     from qsmflow.interfaces.derivatives import derivative_dataset_description, expected_files
-    from qsmflow.interfaces.reports import methods_text, write_subject_log
-    from qsmflow.workflows.base import init_qsmflow_wf, top_workflow_name
+    from qsmflow.interfaces.reports import write_subject_log
+    from qsmflow.workflows.base import (
+        init_qsmflow_wf,
+        subject_methods_text,
+        top_workflow_name,
+    )
     from qsmflow.workflows.qsm import effective_config
 
     work = args.work_dir
@@ -333,12 +343,10 @@ def run(argv=None) -> int:
     subjects = sorted({r.subject for r in runs})
     for sub in subjects:
         sruns = [r for r in runs if r.subject == sub]
-        eff, notes = effective_config(cfg, has_magnitude=sruns[0].has_magnitude,
-                                      n_echoes=sruns[0].n_echoes)
-        text = methods_text(eff.resolved(), version=__version__, seed=eff.seed)
-        if notes:
-            text += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-        write_subject_log(out, sub, config_toml=to_toml(eff), methods=text)
+        eff, _ = effective_config(cfg, has_magnitude=sruns[0].has_magnitude,
+                                  n_echoes=sruns[0].n_echoes)
+        write_subject_log(out, sub, config_toml=to_toml(eff),
+                          methods=subject_methods_text(sruns[0], cfg))
 
     from qsmflow.cli.progress import subject_of
 
@@ -391,6 +399,13 @@ def run(argv=None) -> int:
           file=sys.stderr)
     for line in subject_lines(subjects, failed, crashes, verbose=bool(args.verbose)):
         print(line, file=sys.stderr)
+    from qsmflow.reports import subject_report_path, write_group_index
+
+    index = write_group_index(out)
+    pages = [str(p) for p in (subject_report_path(out, s) for s in subjects) if p.is_file()]
+    if pages:
+        print("qsmflow: QC report(s): " + ", ".join(pages)
+              + (f"; all subjects: {index}" if index is not None else ""), file=sys.stderr)
     if error is not None and not failed:
         first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         print(f"qsmflow: the workflow raised: {first}", file=sys.stderr)
@@ -399,6 +414,21 @@ def run(argv=None) -> int:
         print(f"qsmflow: {len(failed)} of {len(subjects)} subject(s) failed", file=sys.stderr)
         return EXIT_FAILED
     print(f"qsmflow: all {len(subjects)} subject(s) done; outputs in {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _group(args) -> int:
+    """``group`` level: the index page linking every ``sub-*.html`` in output_dir."""
+    from qsmflow.reports import write_group_index
+
+    if not args.output_dir.is_dir():
+        raise UsageError(f"{args.output_dir}: output_dir not found (run the participant "
+                         "level first)")
+    index = write_group_index(args.output_dir)
+    if index is None:
+        raise UsageError(f"{args.output_dir}: no subject reports (sub-*.html); run the "
+                         "participant level first")
+    print(f"qsmflow: {index}", file=sys.stderr)
     return EXIT_OK
 
 
