@@ -156,10 +156,13 @@ def config_from_dict(data: dict, *, where: str = "config") -> QSMConfig:
                           f"{', '.join(STAGE_ORDER)}, execution")
     stages = {}
     for s in STAGE_ORDER:
-        table = dict(data.get(s, {}))
+        table = data.get(s, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{s}] must be a table")
-        method = str(table.pop("method", _DEFAULT_METHODS[s]))
+        table = dict(table)
+        method = table.pop("method", _DEFAULT_METHODS[s])
+        if not isinstance(method, str):
+            raise ConfigError(f"{where}: [{s}] method = {method!r}: expected a method name")
         settings = {}
         for k, v in table.items():
             if not isinstance(v, dict):
@@ -168,12 +171,16 @@ def config_from_dict(data: dict, *, where: str = "config") -> QSMConfig:
                 )
             settings[k] = dict(v)
         stages[s] = StageConfig(method, settings)
-    ex = dict(data.get("execution", {}))
-    bad = set(ex) - {"seed", "device"}
-    if bad:
-        raise ConfigError(f"{where}: [execution] unknown key(s) {', '.join(sorted(bad))}")
+    from qsmflow.schema import parse_execution
+
+    ex = data.get("execution", {})
+    if not isinstance(ex, dict):
+        raise ConfigError(f"{where}: [execution] must be a table")
+    execution, problems = parse_execution(ex, where=where, devices=DEVICES)
+    if problems:
+        raise ConfigError("; ".join(problems))
     cfg = QSMConfig(
-        stages=stages, seed=int(ex.get("seed", 0)), device=str(ex.get("device", "cpu")),
+        stages=stages, seed=execution.seed, device=execution.device,
         description=str(data.get("description", "")),
     )
     problems = validate_config(cfg)
@@ -220,6 +227,12 @@ def validate_config(cfg: QSMConfig) -> list[str]:
                 check_settings(get_method(s, meth), sets)
             except ValueError as exc:
                 problems.append(f"[{s}.{meth}] {exc}")
+                continue
+            from qsmflow.schema import check_setting_types
+            from qsmflow.stages import settable_parameters
+
+            problems += check_setting_types(
+                sets, settable_parameters(get_method(s, meth)), where=f"[{s}.{meth}]")
     if cfg.device not in DEVICES:
         problems.append(f"[execution] device must be one of {', '.join(DEVICES)}, "
                         f"got {cfg.device!r}")

@@ -14,10 +14,22 @@ from pathlib import Path
 import numpy as np
 
 
+def new_file_mode() -> int:
+    """Permission bits ``open()`` gives a new file: 0o666 less the process umask.
+
+    ``tempfile.mkstemp`` creates files 0o600; atomic writers set this mode on their temporary
+    file so outputs are as readable as any other file (e.g. on the host after a container run).
+    """
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic(path: Path, writer, *, suffix: str = "") -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.fchmod(fd, new_file_mode())
     os.close(fd)
     try:
         writer(tmp)

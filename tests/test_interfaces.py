@@ -19,7 +19,7 @@ from qsmflow.interfaces.qsm import (
     split_inversion_result,
 )
 from qsmflow.interfaces.reports import methods_text
-from qsmflow.sims.bids import write_bids_dataset
+from qsmflow.sims.bids import truth_paths, write_bids_dataset
 
 qsm_eval = pytest.importorskip("qsm_ci.qsm_eval")
 
@@ -31,13 +31,11 @@ def data(tmp_path_factory):
                               voxel_size=(2.0, 2.0, 2.0), te_s=(0.004, 0.012),
                               phase_as_int=True, oblique_deg=10.0)
     anat = bids / "sub-01" / "anat"
-    truth = bids / "derivatives/qsmflow-sim/sub-01/anat"
     return {
         "root": root,
         "phase": sorted(str(p) for p in anat.glob("*part-phase_MEGRE.nii.gz")),
         "mag": sorted(str(p) for p in anat.glob("*part-mag_MEGRE.nii.gz")),
-        "truth": {k: truth / f"sub-01_{k}.nii.gz" for k in
-                  ("Chimap", "desc-total_fieldmap", "desc-local_fieldmap", "desc-brain_mask")},
+        "truth": truth_paths(bids, "01"),
     }
 
 
@@ -103,15 +101,24 @@ def test_chain_of_stage_interfaces(data, tmp_path):
     ds = _run(DerivativesWriter(output_dir=str(out), prefix="sub-01_ses-a_run-1", session="a",
                                 chi=rf.chi, mask=bf.mask, total_field=fm.field,
                                 local_field=bf.local_field, metadata={"RandomSeed": 3},
+                                chi_unreferenced=inv.chi, magnitude=prep.magnitude,
                                 phase_scaling=prep.phase_scaling, source_files=["x"]),
               tmp_path, "ds")
     names = sorted(p.split("/")[-1] for p in ds.out_files)
     assert names == sorted(f"sub-01_ses-a_run-1_{s}.{e}" for s in (
-        "Chimap", "desc-brain_mask", "desc-total_fieldmap", "desc-local_fieldmap")
-        for e in ("nii.gz", "json"))
-    assert all(p.startswith(str(out / "sub-01" / "ses-a" / "anat")) for p in ds.out_files)
-    side = json.loads((out / "sub-01/ses-a/anat/sub-01_ses-a_run-1_Chimap.json").read_text())
+        "Chimap", "desc-brain_mask", "desc-total_fieldmap", "desc-local_fieldmap",
+        "desc-total_magnitude", "desc-local_magnitude") for e in ("nii.gz", "json"))
+    ses = out / "sub-01" / "ses-a"
+    for p in ds.out_files:  # fieldmaps and their magnitude in fmap/ (BIDS), the rest in anat/
+        assert p.startswith(str(ses / ("fmap" if "_desc-total_" in p or "_desc-local_" in p
+                                       else "anat")))
+    side = json.loads((ses / "anat/sub-01_ses-a_run-1_Chimap.json").read_text())
     assert side["Units"] == "ppm" and side["RandomSeed"] == 3 and side["Sources"] == ["x"]
+    assert isinstance(side["SoftwareVersions"], str) and side["SkullStripped"] is True
+    # the offset the reference step subtracted (mean reference: the mean of chi in its mask)
+    assert side["ReferenceOffset"] == pytest.approx(float(_arr(inv.chi)[tm].mean()), abs=1e-5)
+    mag = _arr(ses / "fmap/sub-01_ses-a_run-1_desc-local_magnitude.nii.gz")
+    np.testing.assert_allclose(mag, _arr(prep.magnitude).mean(axis=3), rtol=1e-5)
     assert np.allclose(_arr(ds.chi), chi)
 
 

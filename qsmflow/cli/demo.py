@@ -52,6 +52,22 @@ def score_outputs(bids_dir, output_dir, subjects) -> dict:
     return out
 
 
+def _check_args(args) -> list[str]:
+    from qsmflow.config import list_presets
+    from qsmflow.validation import check_output_dir
+
+    problems = []
+    if not 16 <= args.size <= 512:
+        problems.append(f"--size {args.size}: expected 16 to 512 voxels per axis")
+    if args.nprocs < 1:
+        problems.append(f"--nprocs {args.nprocs}: expected a positive integer")
+    if args.preset not in list_presets():
+        problems.append(f"--preset {args.preset!r}: unknown; choose from: "
+                        f"{', '.join(list_presets())}")
+    problems += check_output_dir(args.directory, what="demo directory")
+    return problems
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="qsmflow-demo",
@@ -64,6 +80,11 @@ def main(argv=None) -> int:
                    "1.67 mm voxels; 160 gives 1 mm)")
     p.add_argument("--preset", default="fast", help="preset to run (default: fast)")
     args = p.parse_args(argv)
+    problems = _check_args(args)
+    if problems:
+        for msg in problems:
+            print(f"qsmflow-demo: error: {msg}", file=sys.stderr)
+        return 2
 
     from qsmflow.cli.run import main as qsmflow_main
     from qsmflow.sims.bids import write_bids_dataset
@@ -98,6 +119,16 @@ def main(argv=None) -> int:
             print(f"  sub-{s}: {sc['chi']}\n          NRMSE {sc['nrmse']:.1f} %, "
                   f"correlation {sc['correlation']:.3f}")
     print(f"ground truth: {bids / 'derivatives' / 'qsmflow-sim'}")
+    from qsmflow.reports import subject_report_path
+
+    pages = [subject_report_path(deriv, s) for s in subjects]
+    pages = [p for p in pages if p.is_file()]
+    if pages:
+        print("QC reports (open in a browser; they work offline):")
+        for p in pages:
+            print(f"  {p}")
+        if (deriv / "index.html").is_file():
+            print(f"  {deriv / 'index.html'}  (all subjects)")
     return rc
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from qsmflow.config import DIP_METHODS
-from qsmflow.io import load_nifti, write_json_atomic, write_nifti_atomic, write_text_atomic
+from qsmflow.io import write_json_atomic, write_nifti_atomic, write_text_atomic
 from qsmflow.stages import (
     ALIASES,
     ARG_NAME,
@@ -48,13 +47,11 @@ FOUR_D = {"phase", "magnitude"}
 # input loading and validation
 # ---------------------------------------------------------------------------------------------
 def _load_nifti(path: str, what: str):
-    if not Path(path).is_file():
-        raise StageError(f"{path}: {what} file not found")
-    try:
-        img, data = load_nifti(path)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad input
-        reason = exc.__class__.__name__
-        raise StageError(f"{path}: cannot read {what} as NIfTI ({reason})") from None
+    from qsmflow.validation import read_image
+
+    img, data, problems = read_image(path, what)  # header and data: truncated files fail here
+    if problems:
+        raise StageError(problems[0])
     return img, data
 
 
@@ -78,6 +75,12 @@ def _load_artifact(paths, what: str):
     data = arrays[0] if len(arrays) == 1 else np.stack(arrays, axis=-1)
     if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
         raise StageError(f"{paths[0]}: {what} contains NaN or infinite values")
+    if what == "magnitude":
+        from qsmflow.validation import check_magnitude
+
+        bad = check_magnitude(data, where=paths[0])
+        if bad:
+            raise StageError(bad[0])
     return imgs[0], data, paths[0]
 
 
@@ -91,20 +94,26 @@ def _check_same_grid(img0, a0, p0, img, a, p):
 def _acquisition(args, ref_img) -> dict:
     """TE, B0, B0_dir and voxel size from --params, the flags, or the NIfTI header."""
     from qsmflow.algorithms.dipole import b0_dir_from_affine, voxel_size_from_affine
+    from qsmflow.schema import parse_params
+    from qsmflow.validation import check_echo_times, check_field_strength, check_json_file
 
     params = {}
     if args.params:
         p = Path(args.params)
         if not p.is_file():
             raise StageError(f"{args.params}: params file not found")
-        try:
-            params = json.loads(p.read_text())
-        except (ValueError, OSError) as exc:
-            raise StageError(f"{args.params}: not valid JSON ({exc})") from None
-        if "EchoTime" in params and "TE" not in params:  # a BIDS sidecar
-            params["TE"] = params["EchoTime"]
-        if "MagneticFieldStrength" in params and "B0" not in params:
-            params["B0"] = params["MagneticFieldStrength"]
+        data, problems = check_json_file(p)
+        if problems:
+            raise StageError(problems[0])
+        typed, problems = parse_params(data, where=str(p))  # also BIDS sidecar key names
+        if problems:
+            raise StageError(problems[0])
+        params = {"TE": typed.te_s, "B0": typed.b0_tesla, "B0_dir": typed.b0_dir,
+                  "voxel_size": typed.voxel_size}
+    if args.te is not None and check_echo_times(list(args.te), where="--te", key="value"):
+        raise StageError(check_echo_times(list(args.te), where="--te", key="value")[0])
+    if args.b0 is not None and check_field_strength(args.b0, where="--b0", key="value"):
+        raise StageError(check_field_strength(args.b0, where="--b0", key="value")[0])
     te = args.te if args.te is not None else params.get("TE")
     if te is not None and not isinstance(te, (list, tuple)):
         te = [te]
@@ -139,6 +148,11 @@ def _overrides(func, items) -> dict:
             out[k] = coerce_setting(v, settable[k])
         except ValueError:
             raise StageError(f"--set {k}: cannot read {v!r} as a value") from None
+        from qsmflow.schema import check_setting_types
+
+        bad = check_setting_types({k: out[k]}, settable, where="--set")
+        if bad:
+            raise StageError(bad[0])
     return out
 
 
@@ -152,6 +166,27 @@ def _out_path(out: str | None, default_name: str) -> Path:
     if p.is_dir() or out.endswith(("/", os.sep)):
         return p / default_name
     return p
+
+
+def _input_paths(args) -> list[str]:
+    paths = []
+    for name in ("phase", "magnitude", "mask", "totalfield", "localfield", "chimap", "noise",
+                 "csf_mask", "params"):
+        v = getattr(args, name, None)
+        paths += list(v) if isinstance(v, list) else [v] if v else []
+    return paths
+
+
+def _check_outputs(out: Path, args) -> None:
+    """Before computing: the output (and its companions) must not be an input, nor under a
+    file."""
+    from qsmflow.validation import check_output_file
+
+    inputs = _input_paths(args)
+    for path in [out] + [_extra_path(out, s) for s in ("std", "mask", "noise")]:
+        bad = check_output_file(path, inputs=inputs)
+        if bad:
+            raise StageError(bad[0])
 
 
 def _extra_path(main: Path, suffix: str, ext: str | None = None) -> Path:
@@ -278,16 +313,21 @@ def run(argv=None) -> int:
             raise StageError(f"{loaded['phase'][2]}: {kwargs['phase'].shape[3]} echoes but "
                              f"{len(acq['te_s'])} echo times")
     settings = _overrides(func, args.overrides)
+    out = _out_path(args.out, stage.default_out)
+    _check_outputs(out, args)
     dip = None
     if stage_name == "invert" and args.method in DIP_METHODS:
         # the rich entry point: the ensemble std map, the loss curve and the seeds too
         from qsmflow.algorithms.dip import _load
 
         func = getattr(_load(args.method), f"fit_{args.method}")
-    try:
-        result = call_method(func, kwargs, settings)
-    except ValueError as exc:
-        raise StageError(f"{args.method}: {exc}") from None
+    from qsmflow.cli._signals import handle_signals
+
+    with handle_signals("qsmflow-stage", hint=" (nothing was written)"):
+        try:
+            result = call_method(func, kwargs, settings)
+        except ValueError as exc:
+            raise StageError(f"{args.method}: {exc}") from None
 
     extras = {}
     if hasattr(result, "history_tsv"):
@@ -300,7 +340,6 @@ def run(argv=None) -> int:
             extras["mask"] = rest[0]
         elif stage_name == "combine" and rest:
             extras["noise"] = rest[0]
-    out = _out_path(args.out, stage.default_out)
     dtype = np.uint8 if stage.produces == "mask" else np.float32
     ref_img = ref[0]
     write_nifti_atomic(result, ref_img, out, dtype=dtype)
@@ -323,6 +362,10 @@ def main(argv=None) -> int:
     except MemoryError:
         print("qsmflow-stage: error: out of memory", file=sys.stderr)
         return 3
+    except OSError as exc:  # e.g. disk full, permission denied while writing
+        print(f"qsmflow-stage: error: {exc.filename or ''}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

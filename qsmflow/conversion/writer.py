@@ -18,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 
 from qsmflow import __version__
+from qsmflow.io import new_file_mode
 
 
 def make_staging(bids_dir: Path) -> Path:
@@ -110,6 +111,7 @@ def write_small_file(path: Path, text: str) -> None:
     """Atomic write of a small text file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, new_file_mode())
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)

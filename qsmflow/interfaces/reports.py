@@ -161,6 +161,13 @@ def software_versions() -> dict:
     return out
 
 
+def software_versions_text(versions: dict | None = None) -> str:
+    """``SoftwareVersions`` as BIDS wants it (a string): ``"qsmflow 0.1.0, python 3.11.2,
+    ..."``."""
+    versions = software_versions() if versions is None else versions
+    return ", ".join(f"{k} {v}" for k, v in versions.items())
+
+
 def write_subject_log(output_dir, subject: str, *, config_toml: str, methods: str) -> dict:
     """Write ``sub-X/log/qsmflow_config.toml`` and ``sub-X/log/methods.md`` atomically."""
     log = Path(output_dir) / f"sub-{subject}" / "log"

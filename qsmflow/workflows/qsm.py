@@ -23,7 +23,7 @@ from qsmflow.config import DIP_METHODS, QSMConfig, default_config
 INPUT_FIELDS = ("phase_files", "magnitude_files", "te_s", "b0_tesla")
 OUTPUT_FIELDS = (
     "chi", "mask", "brain_mask", "total_field", "local_field", "noise", "chi_std",
-    "loss_history", "phase_scaling", "phase", "magnitude",
+    "loss_history", "phase_scaling", "phase", "magnitude", "chi_unreferenced",
 )
 #: mask methods that need a magnitude image
 _MAG_MASKS = ("bet", "threshold")
@@ -124,6 +124,7 @@ def init_qsm_wf(
     chi_std, loss_history : from inversions that provide them (DIP)
     phase_scaling : how the phase was converted to radians
     phase, magnitude : the stacked 4D inputs (rad, a.u.)
+    chi_unreferenced : chi before referencing (ppm; gives the reference offset)
     """
     from qsmflow.interfaces.qsm import (
         BackgroundRemoval,
@@ -183,6 +184,7 @@ def init_qsm_wf(
         (bfr_node, invert, [("local_field", "field"), ("mask", "mask")]),
         (prepare, invert, [("b0_dir", "b0_dir")]),
         (invert, ref_node, [("chi", "chi")]),
+        (invert, outputnode, [("chi", "chi_unreferenced")]),
         (bfr_node, ref_node, [("mask", "mask")]),
         (ref_node, outputnode, [("chi", "chi")]),
         (bfr_node, outputnode, [("mask", "mask"), ("local_field", "local_field")]),
