@@ -169,7 +169,7 @@ def subject_page(subject: str, sections: list[str], *, summaries: list[dict],
                   "reference region</th><th>reference offset (ppm)</th></tr>"
                   + summary_rows + "</table>")
         + "".join(sections)
-        + section("Methods", markdown_to_html(methods_md)
+        + section("Methods", markdown_to_html(re.sub(r"^\s*# Methods\s*\n", "", methods_md))
                   + f"<h3>Software versions</h3><p style='font-size:12px'>{esc(vers)}</p>",
                   anchor="methods")
         + "</main>" + summary_script(summaries) + "</body></html>\n")
