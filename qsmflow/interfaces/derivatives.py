@@ -101,10 +101,8 @@ def expected_files(output_dir, prefix: str, session=None) -> list[Path]:
 def chimap_qmri_keys(meta: dict) -> dict:
     """``EstimationAlgorithm``, ``EstimationReference`` and ``ReferenceRegion`` from the
     run's ``QSMflowMethods``."""
-    try:
-        from qsmflow.references import REFERENCES
-    except ImportError:  # before the method registry
-        from qsmflow.interfaces.reports import REFS as REFERENCES
+    from qsmflow import registry
+    from qsmflow.references import REFERENCES
 
     methods = meta.get("QSMflowMethods") or {}
     inv = (methods.get("invert") or {}).get("Method")
@@ -112,7 +110,12 @@ def chimap_qmri_keys(meta: dict) -> dict:
     out = {}
     if inv:
         out["EstimationAlgorithm"] = INVERSION_NAMES.get(inv, inv)
-        out["EstimationReference"] = REFERENCES.get(inv) or REFERENCES["dip"]
+        try:
+            keys = registry.method("invert", inv).citations
+        except (KeyError, ValueError):  # a method no longer registered: no citation
+            keys = ()
+        if keys:
+            out["EstimationReference"] = " ".join(REFERENCES[k] for k in keys if k in REFERENCES)
     if ref:
         out["ReferenceRegion"] = REFERENCE_REGIONS.get(ref, ref)
     return out
@@ -131,7 +134,7 @@ class _DSInputSpec(BaseInterfaceInputSpec):
     magnitude = File(exists=True, desc="magnitude (X,Y,Z[,E]); echo-averaged for the "
                      "fieldmaps' _magnitude companion (ones when absent)")
     chi_std = File(exists=True, desc="chi standard deviation (ppm), if any")
-    loss_history = File(exists=True, desc="loss curve (TSV; JSON before), if any")
+    loss_history = File(exists=True, desc="loss curve (TSV), if any")
     phase_scaling = traits.Str(desc="how the phase was converted to radians")
     metadata = traits.Dict(desc="provenance for the Chimap sidecar (methods, settings, seed, "
                            "acquisition)")
