@@ -406,6 +406,9 @@ def run(argv=None) -> int:
     if pages:
         print("qsmflow: QC report(s): " + ", ".join(pages)
               + (f"; all subjects: {index}" if index is not None else ""), file=sys.stderr)
+    if error is not None and failed and "status_callback" not in pargs:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        print(f"qsmflow: the {plugin} plugin raised: {first}", file=sys.stderr)
     if error is not None and not failed:
         first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         print(f"qsmflow: the workflow raised: {first}", file=sys.stderr)
