@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from qsmflow import registry
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 _EPILOG = """\
@@ -120,16 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a TOML configuration (format: workflows/presets/*.toml)")
     g.add_argument("--list-presets", action="store_true",
                    help="list the presets and their methods, then exit")
-    for flag, stage, what in (
-        ("--unwrap", "unwrap", "spatial phase unwrapping: romeo, laplacian"),
-        ("--combine", "combine", "field mapping / echo combination: wls, complexfit"),
-        ("--mask", "mask", "brain masking: bet, threshold, phase-quality"),
-        ("--bfr", "bfr", "background field removal: vsharp, pdf, lbv, resharp"),
-        ("--inversion", "invert",
-         "dipole inversion: rts, tkd, tikhonov, tv, ndi, medi, modip, dip, inr"),
-        ("--reference", "reference", "susceptibility reference: mean, csf"),
-    ):
-        g.add_argument(flag, dest=f"method_{stage}", metavar="METHOD", help=what)
+    for flag, stage in (("--unwrap", "unwrap"), ("--combine", "combine"), ("--mask", "mask"),
+                        ("--bfr", "bfr"), ("--inversion", "invert"),
+                        ("--reference", "reference")):
+        names = list(registry.methods_for(stage))
+        g.add_argument(flag, dest=f"method_{stage}", metavar="METHOD",  # checked by config
+                       help=f"{registry.stage(stage).help}: {', '.join(names)}")
     g.add_argument("--seed", type=_int_at_least(0), metavar="N",
                    help="random seed of stochastic methods (default: from the preset, 0)")
 
@@ -218,9 +216,7 @@ def _load_config(args):
 
 
 def _gpu_wanted(cfg) -> bool:
-    from qsmflow.config import DIP_METHODS
-
-    if cfg.method("invert") not in DIP_METHODS or cfg.device == "cpu":
+    if not registry.method("invert", cfg.method("invert")).gpu or cfg.device == "cpu":
         return False
     try:
         import torch
