@@ -412,6 +412,9 @@ def _summarise(args, out, subjects, failed, error, executed, crash, t0) -> int:
     if pages:
         print("qsmflow: QC report(s): " + ", ".join(pages)
               + (f"; all subjects: {index}" if index is not None else ""), file=sys.stderr)
+    if error is not None and failed and "status_callback" not in pargs:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        print(f"qsmflow: the {plugin} plugin raised: {first}", file=sys.stderr)
     if error is not None and not failed:
         first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         print(f"qsmflow: the workflow raised: {first}", file=sys.stderr)
