@@ -397,7 +397,7 @@ def _failed_subjects(runs, out: Path, progress) -> dict:
     return failed
 
 
-def _summarise(args, out, subjects, failed, error, executed, crash, t0) -> int:
+def _summarise(args, out, subjects, failed, error, executed, crash, t0, plugin, pargs) -> int:
     """Print the per-subject summary and the QC report paths; returns the exit status."""
     from qsmflow.cli._summary import failures_by_subject, subject_lines
     from qsmflow.reports import subject_report_path, write_group_index
@@ -472,7 +472,7 @@ def run(argv=None) -> int:
           + f"; work dir {args.work_dir}", file=sys.stderr)
     error, executed, t0 = _execute(wf, plugin, pargs, progress, args.work_dir)
     failed = _failed_subjects(runs, out, progress)
-    return _summarise(args, out, subjects, failed, error, executed, crash, t0)
+    return _summarise(args, out, subjects, failed, error, executed, crash, t0, plugin, pargs)
 
 
 def _group(args) -> int:
