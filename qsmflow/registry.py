@@ -143,6 +143,39 @@ class Method:
                 raise ValueError(f"unknown parameter {k!r}; valid: {', '.join(valid) or 'none'}")
         return dict(settings)
 
+    def check_types(self, settings: dict, *, where: str) -> list:
+        """One message per setting whose value has the wrong type: the default's type, or for
+        a parameter annotated with several types (``int | str``) any of them."""
+        from qsmflow.schema import check_setting_types
+
+        params, plain, problems = self.parameters, {}, []
+        for key, value in settings.items():
+            note = params[key].annotation if key in params else None
+            if isinstance(note, str) and "|" in note:
+                if not _matches_union(value, note):
+                    problems.append(f"{where} {key} = {value!r}: expected {note}")
+            else:
+                plain[key] = value
+        return problems + check_setting_types(plain, self.defaults, where=where)
+
+
+def _matches_union(value, annotation: str) -> bool:
+    """Whether ``value`` fits an annotation written as ``A | B | ...`` (simple types)."""
+    names = {n.strip().split("[")[0] for n in annotation.split("|")}
+    if value is None:
+        return "None" in names
+    if isinstance(value, bool):
+        return "bool" in names
+    if isinstance(value, int):
+        return bool({"int", "float"} & names)
+    if isinstance(value, float):
+        return "float" in names
+    if isinstance(value, str):
+        return "str" in names
+    if isinstance(value, (list, tuple)):
+        return bool({"list", "tuple", "Sequence"} & names)
+    return True
+
 
 def _m(stage, name, target, citations, sentence, **kw) -> Method:
     return Method(stage, name, target, tuple(citations), sentence, **kw)

@@ -2,7 +2,8 @@
 
 A method setting's type is that of its default in the method's signature (``lambda_: float =
 1e-3`` takes a number, ``fractional_intensity`` a number, ``unwrap: str`` a string, a ``bool`` a
-boolean); a ``None`` default takes anything.  Problems are returned as one message per key,
+boolean, a string default (``"auto"``) a string or a number); a ``None`` default takes
+anything.  Problems are returned as one message per key,
 naming where the value came from; nothing raises on user input.  No argv or environment here.
 """
 
@@ -26,7 +27,7 @@ def _type_name(default) -> str:
     if isinstance(default, float):
         return "a number"
     if isinstance(default, str):
-        return "a string"
+        return "a string or a number"
     if isinstance(default, (list, tuple)):
         return "a list"
     return type(default).__name__
@@ -43,8 +44,8 @@ def value_matches(value, default) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(default, float):
         return _is_number(value)
-    if isinstance(default, str):
-        return isinstance(value, str)
+    if isinstance(default, str):  # a name, or "auto"-style defaults that also take a number
+        return isinstance(value, str) or _is_number(value)
     if isinstance(default, (list, tuple)):
         return isinstance(value, (list, tuple))
     return True
