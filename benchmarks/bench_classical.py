@@ -56,13 +56,6 @@ CASES = {
     "chain-lbv-rts": ("chain", "romeo+wls+lbv+rts", 60.0),
     "chain-lbv-tv": ("chain", "romeo+wls+lbv+tv", 60.0),
 }
-MODULES = {
-    "unwrap": "qsmflow.algorithms.unwrap",
-    "combine": "qsmflow.algorithms.phase",
-    "mask": "qsmflow.algorithms.masking",
-    "bfr": "qsmflow.algorithms.background",
-    "invert": "qsmflow.algorithms.inversion",
-}
 
 
 def simulate(size: int) -> Path:
@@ -100,9 +93,9 @@ def _call(func, **avail):
 
 
 def run_case(name: str, size: int) -> dict:
-    import importlib
-
     from qsm_ci import qsm_eval
+
+    from qsmflow import registry
 
     d = dict(np.load(simulate(size)))
     vs = tuple(float(v) for v in d["voxel_size"])
@@ -111,19 +104,20 @@ def run_case(name: str, size: int) -> dict:
     common = dict(voxel_size=vs, b0_dir=(0.0, 0.0, 1.0), te_s=TE, b0_tesla=B0)
     res: dict = {"case": name, "baseline_rss_mb": peak_rss_mb()}
     if stage == "chain":
-        from qsmflow.algorithms import background, inversion, phase
+        from qsmflow.algorithms import phase
 
         unwrap, _, bfr, inv = method.split("+")
         t0 = time.perf_counter()
         field = phase.estimate_field_wls(d["phase"], d["mag"], mask=mask, unwrap=unwrap,
                                          **{k: common[k] for k in ("te_s", "voxel_size",
                                                                    "b0_tesla")})
-        local, m2 = background.METHODS[bfr](field, mask, voxel_size=vs)
-        chi = inversion.METHODS[inv](local, m2, voxel_size=vs, b0_dir=(0, 0, 1))
+        local, m2 = registry.method("bfr", bfr).function(field, mask, voxel_size=vs)
+        chi = registry.method("invert", inv).function(local, m2, voxel_size=vs,
+                                                      b0_dir=(0, 0, 1))
         res["seconds"] = time.perf_counter() - t0
         res.update(_metrics(qsm_eval, chi, d["chi"], m2, d["seg"]))
     else:
-        func = importlib.import_module(MODULES[stage]).METHODS[method]
+        func = registry.method(stage, method).function
         inputs = dict(common)
         if stage in ("unwrap", "combine"):
             inputs.update(phase=d["phase"], magnitude=d["mag"], mask=mask)

@@ -179,12 +179,13 @@ def run_case(name: str, size: int, iters: int, threads: int) -> dict:
                    s_per_iter=(h[-1]["seconds"] - h[0]["seconds"]) / max(len(h) - 1, 1),
                    residual_ppm=h[-1]["residual"])
     else:
-        from qsmflow.algorithms.inversion import METHODS
+        from qsmflow import registry
 
         kw = dict(settings)
         if method in ("medi", "ndi"):
             kw["magnitude"] = magnitude(size, variant, kw.pop("mag_snr", None))
-        chi = METHODS[method](d["local"], mask, voxel_size=vs, b0_dir=b0, **kw)
+        invert = registry.method("invert", method).function
+        chi = invert(d["local"], mask, voxel_size=vs, b0_dir=b0, **kw)
     res["seconds"] = time.perf_counter() - t0
     nrmse, _ = qsm_eval.nrmse_challenge(chi, d["chi"], mask)
     res.update(nrmse=nrmse, hfen=qsm_eval.hfen(chi, d["chi"], mask),

@@ -96,12 +96,15 @@ def find_runs(
     suffix: str = "MEGRE",
 ) -> list[MEGRERun]:
     """All MEGRE runs (unchecked); raises :class:`BIDSInputError` for dataset-level problems."""
-    from bids import BIDSLayout
+    from qsmflow.validation import bids_layout, check_json_tree
 
     root = Path(bids_dir)
     if not (root / "dataset_description.json").is_file():
         raise BIDSInputError([f"{root}: not a BIDS dataset (no dataset_description.json)"])
-    layout = BIDSLayout(str(root), validate=False, derivatives=False)
+    bad_json = check_json_tree(root)
+    if bad_json:
+        raise BIDSInputError(bad_json)
+    layout = bids_layout(root)
     subjects = sorted(layout.get_subjects())
     problems = []
     wanted = None
@@ -162,25 +165,32 @@ def _make_run(layout, entities, members) -> MEGRERun:
             problems.append(f"{_where(run, members)}: magnitude echoes {sorted(mag)} do not "
                             f"match phase echoes {sorted(phase)}")
     # sidecars
+    from qsmflow.validation import check_echo_times, check_field_strength
+
     tes, b0s = [], []
     for p in run.phase_files:
         md = layout.get_metadata(p) or {}
+        where = _sidecar_of(p)
         te = md.get("EchoTime")
         if te is None:
-            problems.append(f"{p}: EchoTime missing from the JSON sidecar")
-        elif not (isinstance(te, (int, float)) and 0 < te < 1):
-            problems.append(f"{p}: EchoTime {te!r} is not in seconds (0 < TE < 1)")
+            problems.append(f"{p}: EchoTime missing from the JSON sidecar{_named(where, p)}")
+        elif isinstance(te, list) or check_echo_times(te, where=where):
+            problems += check_echo_times(te, where=where) or [
+                f"{where}: EchoTime {te!r} must be one number per echo file"]
         else:
             tes.append(float(te))
         b0 = md.get("MagneticFieldStrength")
         if b0 is None:
-            problems.append(f"{p}: MagneticFieldStrength missing from the JSON sidecar")
+            problems.append(f"{p}: MagneticFieldStrength missing from the JSON sidecar"
+                            f"{_named(where, p)}")
+        elif check_field_strength(b0, where=where):
+            problems += check_field_strength(b0, where=where)
         else:
             b0s.append(float(b0))
     if len(tes) == len(run.phase_files) and tes:
         if any(b <= a for a, b in zip(tes, tes[1:])):
-            problems.append(f"{run.phase_files[0]}: echo times {tes} do not increase with the "
-                            "echo number")
+            problems.append(f"{run.phase_files[0]}: EchoTime values {tes} do not increase with "
+                            "the echo number")
         run.te_s = tuple(tes)
     if b0s:
         run.b0_tesla = b0s[0]
@@ -188,6 +198,20 @@ def _make_run(layout, entities, members) -> MEGRERun:
             problems.append(f"{run.phase_files[0]}: MagneticFieldStrength differs between echoes")
     run.problems = problems
     return run
+
+
+def _sidecar_of(path) -> str:
+    """The JSON sidecar next to an image (where its metadata is expected to come from)."""
+    p = str(path)
+    for ext in (".nii.gz", ".nii"):
+        if p.endswith(ext):
+            side = Path(p[: -len(ext)] + ".json")
+            return str(side) if side.is_file() else p
+    return p
+
+
+def _named(sidecar: str, image) -> str:
+    return f" {Path(sidecar).name}" if sidecar != str(image) else ""
 
 
 def _where(run, members) -> str:
@@ -201,20 +225,17 @@ def check_run(run: MEGRERun, *, check_phase_values: bool = True) -> list[str]:
     Fills ``shape``, ``voxel_size``, ``b0_dir`` and ``phase_scaling``; returns (and stores in
     ``run.problems``) the list of problems found, one message per problem naming the file.
     """
-    import nibabel as nib
-
+    from qsmflow import validation as v
     from qsmflow.algorithms.dipole import b0_dir_from_affine, voxel_size_from_affine
-    from qsmflow.algorithms.phase import scale_phase_to_radians
 
     problems = list(run.problems)
     ref = None
     notes = set()
     for kind, paths in (("phase", run.phase_files), ("magnitude", run.magnitude_files)):
         for p in paths:
-            try:
-                img = nib.load(p)
-            except Exception as exc:  # noqa: BLE001 - any reader failure is a bad input
-                problems.append(f"{p}: cannot read as NIfTI ({exc.__class__.__name__})")
+            img, data, bad = v.read_image(p, kind)
+            if bad:
+                problems += bad
                 continue
             shape = img.shape
             if len(shape) == 4 and shape[3] == 1:
@@ -230,16 +251,14 @@ def check_run(run: MEGRERun, *, check_phase_values: bool = True) -> list[str]:
                     problems.append(f"{p}: shape {shape} does not match {ref[0]} {ref[1]}")
                 elif not np.allclose(img.affine, ref[2], atol=1e-3, rtol=1e-4):
                     problems.append(f"{p}: affine does not match that of {ref[0]}")
-            if kind == "phase" and check_phase_values:
-                data = np.asarray(img.dataobj)
-                if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).any():
-                    problems.append(f"{p}: phase has no finite values")
-                    continue
-                try:
-                    _, note = scale_phase_to_radians(data)
+            bad = v.check_finite(data, where=p, what=kind)
+            if kind == "magnitude":
+                bad = bad or v.check_magnitude(data, where=p)
+            elif check_phase_values and not bad:
+                note, bad = v.check_phase_range(data, where=p)
+                if note:
                     notes.add(note.split(" (")[0].split(";")[0])
-                except ValueError as exc:
-                    problems.append(f"{p}: {exc}")
+            problems += bad
     if ref is not None:
         run.shape = tuple(int(n) for n in ref[1])
         run.voxel_size = tuple(float(v) for v in voxel_size_from_affine(ref[2]))

@@ -30,8 +30,8 @@ A configuration file (or a shipped preset, ``qsmflow/data/presets/<name>.toml``)
 
 Per-method tables (``[invert.tv]``) keep settings of several methods side by side, so changing
 only the method on the command line (``--inversion tv``) picks the right settings.  Settings are
-checked against the method's signature (:func:`qsmflow.stages.settable_parameters`).
-No argv or environment is read here.
+checked against the method's signature (:attr:`qsmflow.registry.Method.defaults`).  A stage a
+file leaves out gets the default preset's method.  No argv or environment is read here.
 """
 
 from __future__ import annotations
@@ -46,18 +46,12 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from qsmflow.stages import check_settings, get_method
+from qsmflow import registry
 
 #: pipeline stages, in order, as named in config files and on the command line
 STAGE_ORDER = ("unwrap", "combine", "mask", "bfr", "invert", "reference")
 DEFAULT_PRESET = "fast"
-#: deep-image-prior inversion methods (GPU capable; provided by ``qsmflow.algorithms.dip``)
-DIP_METHODS = ("modip", "dip", "inr")
 DEVICES = ("auto", "cpu", "cuda")
-_DEFAULT_METHODS = {
-    "unwrap": "romeo", "combine": "wls", "mask": "bet", "bfr": "vsharp", "invert": "rts",
-    "reference": "mean",
-}
 
 
 class ConfigError(ValueError):
@@ -126,6 +120,14 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in preset_dir().glob("*.toml"))
 
 
+def preset_text(name: str) -> str:
+    """The TOML text of a shipped preset, comments included (``qsmflow --dump-preset``)."""
+    path = preset_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; choose from: {', '.join(list_presets())}")
+    return path.read_text(encoding="utf-8")
+
+
 def load_preset(name: str) -> QSMConfig:
     path = preset_dir() / f"{name}.toml"
     if not path.is_file():
@@ -156,10 +158,13 @@ def config_from_dict(data: dict, *, where: str = "config") -> QSMConfig:
                           f"{', '.join(STAGE_ORDER)}, execution")
     stages = {}
     for s in STAGE_ORDER:
-        table = dict(data.get(s, {}))
+        table = data.get(s, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{s}] must be a table")
-        method = str(table.pop("method", _DEFAULT_METHODS[s]))
+        table = dict(table)
+        method = table.pop("method", None) or default_methods()[s]
+        if not isinstance(method, str):
+            raise ConfigError(f"{where}: [{s}] method = {method!r}: expected a method name")
         settings = {}
         for k, v in table.items():
             if not isinstance(v, dict):
@@ -168,12 +173,16 @@ def config_from_dict(data: dict, *, where: str = "config") -> QSMConfig:
                 )
             settings[k] = dict(v)
         stages[s] = StageConfig(method, settings)
-    ex = dict(data.get("execution", {}))
-    bad = set(ex) - {"seed", "device"}
-    if bad:
-        raise ConfigError(f"{where}: [execution] unknown key(s) {', '.join(sorted(bad))}")
+    from qsmflow.schema import parse_execution
+
+    ex = data.get("execution", {})
+    if not isinstance(ex, dict):
+        raise ConfigError(f"{where}: [execution] must be a table")
+    execution, problems = parse_execution(ex, where=where, devices=DEVICES)
+    if problems:
+        raise ConfigError("; ".join(problems))
     cfg = QSMConfig(
-        stages=stages, seed=int(ex.get("seed", 0)), device=str(ex.get("device", "cpu")),
+        stages=stages, seed=execution.seed, device=execution.device,
         description=str(data.get("description", "")),
     )
     problems = validate_config(cfg)
@@ -186,16 +195,16 @@ def default_config() -> QSMConfig:
     return load_preset(DEFAULT_PRESET)
 
 
+def default_methods() -> dict:
+    """``{stage: method}`` of the default preset (what a config file that omits a stage gets)."""
+    data = tomllib.loads((preset_dir() / f"{DEFAULT_PRESET}.toml").read_text(encoding="utf-8"))
+    return {s: data[s]["method"] for s in STAGE_ORDER}
+
+
 # --------------------------------------------------------------------------------------------
 def stage_method_names(stage: str) -> list[str]:
-    """Valid method names of a pipeline stage (``unwrap`` lists the field-mapping unwrappers)."""
-    from qsmflow.stages import load_methods
-
-    if stage == "unwrap":
-        from qsmflow.algorithms.phase import UNWRAP_METHODS
-
-        return list(UNWRAP_METHODS)
-    return list(load_methods(stage))
+    """Valid method names of a pipeline stage (``unwrap``: the field mapping's unwrappers)."""
+    return list(registry.methods_for(stage))
 
 
 def validate_config(cfg: QSMConfig) -> list[str]:
@@ -217,9 +226,11 @@ def validate_config(cfg: QSMConfig) -> list[str]:
                     problems.append(f"[unwrap.{meth}] takes no settings")
                 continue
             try:
-                check_settings(get_method(s, meth), sets)
+                registry.method(s, meth).check_settings(sets)
             except ValueError as exc:
                 problems.append(f"[{s}.{meth}] {exc}")
+                continue
+            problems += registry.method(s, meth).check_types(sets, where=f"[{s}.{meth}]")
     if cfg.device not in DEVICES:
         problems.append(f"[execution] device must be one of {', '.join(DEVICES)}, "
                         f"got {cfg.device!r}")

@@ -63,8 +63,11 @@ def test_usage_errors_exit_2(bids, tmp_path, capsys):
                    capsys)
     assert rc == 2 and "sub-09 not found" in err
     with pytest.raises(SystemExit) as e:
-        main([str(bids), str(tmp_path / "o"), "group"])
+        main([str(bids), str(tmp_path / "o"), "second-level"])
     assert e.value.code == 2
+    # the group level before any participant run: one-line error, nothing created
+    rc, err = _run([bids, tmp_path / "o", "group", *w], capsys)
+    assert rc == 2 and "output_dir not found" in err
     assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
 
 
@@ -96,29 +99,3 @@ def test_bad_inputs_listed_and_nothing_run(tmp_path, capsys):
     assert "sub-02_echo-3_part-phase_MEGRE.nii.gz" in err and "neither radians" in err
     assert "sub-02_echo-2_part-mag_MEGRE.nii.gz: magnitude image must be 3D" in err
     assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
-
-
-def test_slurmgraph_plugin_file_is_passed_to_nipype(tmp_path, monkeypatch):
-    """--use-plugin workflows/plugins/slurmgraph.yml hands SLURMGraph and its sbatch arguments
-    to Nipype (no SLURM here: the run itself is intercepted)."""
-    from pathlib import Path
-
-    import nipype.pipeline.engine as pe
-
-    repo = Path(__file__).resolve().parents[1]
-    bids = write_bids_dataset(tmp_path / "bids", subjects=("01",), shape=(24, 24, 24),
-                              voxel_size=(2.0, 2.0, 2.0), te_s=(0.004, 0.012))
-    seen = {}
-
-    def fake_run(self, plugin=None, plugin_args=None, **kw):
-        seen.update(plugin=plugin, plugin_args=dict(plugin_args or {}), name=self.name)
-        raise RuntimeError("stop here")
-
-    monkeypatch.setattr(pe.Workflow, "run", fake_run)
-    main([str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"),
-          "--use-plugin", str(repo / "workflows/plugins/slurmgraph.yml")])
-    assert seen["plugin"] == "SLURMGraph"
-    assert "--partition" in seen["plugin_args"]["sbatch_args"]
-    assert seen["plugin_args"]["dont_resubmit_completed_jobs"] is True
-    assert "status_callback" not in seen["plugin_args"]  # MultiProc-only
-    assert seen["name"].startswith("qsmflow_0_1")

@@ -175,7 +175,7 @@ def test_dip_method_writes_std_loss_curve_and_seeds(sim, tmp_path):
     rows = (tmp_path / "chi_loss.tsv").read_text().splitlines()
     assert rows[0].split("\t")[:4] == ["member", "seed", "iteration", "loss"]
     assert len(rows) == 1 + 2 * 3 and rows[-1].split("\t")[:3] == ["1", "6", "3"]
-    side = json.loads((tmp_path / "chi_fit.json").read_text())
+    side = json.loads((tmp_path / "chi.json").read_text())
     assert side["seeds"] == [5, 6] and side["settings"]["base"] == 8
 
 
@@ -191,7 +191,7 @@ def test_modip_medi_start_and_amp_through_the_stage(sim, tmp_path, capsys):
     rc, err = _err(capsys, base)
     assert rc != 0 and "magnitude" in err and "\n" not in err and not out.exists()
     assert main(base + ["--magnitude", paths["magnitude"], "--params", paths["params"]]) == 0
-    side = json.loads((tmp_path / "chi_fit.json").read_text())["settings"]
+    side = json.loads((tmp_path / "chi.json").read_text())["settings"]
     assert side["init"] == "medi" and side["amp"] == "off" and side["bf16"] is False
     m = ph.brain_mask
     r = np.corrcoef(_load(out)[m], f["chi_local"][m])[0, 1]

@@ -21,6 +21,8 @@ from qsmflow.sims.phantom import make_head_phantom  # noqa: E402
 N, VS = 32, 4.0  # 128 mm field of view, ~3200 brain voxels
 OBLIQUE = tuple(np.array([0.35, -0.25, 0.9]) / np.linalg.norm([0.35, -0.25, 0.9]))
 FAST = dict(device="cpu", threads=1)
+# MoDIP as published (the CPU defaults would warm-start from TV on a coarse network)
+PUBLISHED = dict(FAST, init="none", net_factor=1)
 
 
 @pytest.fixture(autouse=True)
@@ -56,11 +58,11 @@ def test_import_does_not_need_torch():
 
 
 def test_stage_settings_are_simple():
-    from qsmflow.stages import settable_parameters
+    from qsmflow import registry
 
-    for fn in (modip_mod.invert_modip, dip_mod.invert_dip, inr_mod.invert_inr):
-        for k, v in settable_parameters(fn).items():
-            assert v is None or isinstance(v, (int, float, str, bool)), (fn.__name__, k)
+    for name in registry.gpu_methods():
+        for k, v in registry.method("invert", name).defaults.items():
+            assert v is None or isinstance(v, (int, float, str, bool)), (name, k)
 
 
 def test_torch_dipole_matches_numpy(head):
@@ -77,7 +79,7 @@ def test_torch_dipole_matches_numpy(head):
 def test_modip_fits_and_is_accurate(head):
     m = head["mask"]
     r = modip_mod.fit_modip(head["field"], m, voxel_size=(VS,) * 3, base=16, max_iter=40,
-                            plateau_tol=0, **FAST)
+                            plateau_tol=0, **PUBLISHED)
     assert r.stopped_reason == "max_iter" and len(r.history) == 40
     l0, l1 = _first_last(r.history, "loss")
     r0, r1 = _first_last(r.history, "residual")
@@ -93,7 +95,7 @@ def test_modip_fits_and_is_accurate(head):
 
 
 def test_modip_bitwise_deterministic(head):
-    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=4, plateau_tol=0, **FAST)
+    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=4, plateau_tol=0, **PUBLISHED)
     a = modip_mod.invert_modip(head["field"], head["mask"], seed=7, **kw)
     b = modip_mod.invert_modip(head["field"], head["mask"], seed=7, **kw)
     c = modip_mod.invert_modip(head["field"], head["mask"], seed=8, **kw)
@@ -103,7 +105,7 @@ def test_modip_bitwise_deterministic(head):
 
 def test_stopping_rule_plateau_and_discrepancy(head):
     m = head["mask"]
-    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=200, **FAST)
+    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=200, **PUBLISHED)
     # plateau: a loose tolerance stops at the first check (2 windows)
     r = modip_mod.fit_modip(head["field"], m, window=5, plateau_tol=0.9, **kw)
     assert r.stopped_reason == "plateau" and len(r.history) == 10
@@ -129,7 +131,7 @@ def test_stopping_rule_plateau_and_discrepancy(head):
 
 def test_ensemble_std(head):
     m = head["mask"]
-    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=3, plateau_tol=0, **FAST)
+    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=3, plateau_tol=0, **PUBLISHED)
     same = modip_mod.fit_modip(head["field"], m, seeds=(3, 3), **kw)
     assert same.chi_std is not None and np.all(same.chi_std == 0)
     diff = modip_mod.fit_modip(head["field"], m, seed=3, ensemble=2, **kw)
@@ -146,7 +148,7 @@ def test_modip_respects_b0_direction(head):
     # dipole model by ~30-45 % for oblique B0 (reported), which would hide the effect tested
     f = simulate_fields(head["ph"], b0_dir=OBLIQUE, kind="continuous")["local"]
     kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=25, plateau_tol=0, dc_mode="kspace",
-              **FAST)
+              **PUBLISHED)
     good = modip_mod.invert_modip(f, m, b0_dir=OBLIQUE, **kw)
     bad = modip_mod.invert_modip(f, m, b0_dir=(0, 0, 1), **kw)
     e_good = qsm_eval.nrmse_challenge(good, head["chi"], m)[0]
@@ -156,7 +158,7 @@ def test_modip_respects_b0_direction(head):
 
 def test_modip_kspace_and_coarse_to_fine_modes(head):
     m = head["mask"]
-    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=12, plateau_tol=0, **FAST)
+    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=12, plateau_tol=0, **PUBLISHED)
     r = modip_mod.fit_modip(head["field"], m, dc_mode="kspace", **kw)
     assert _corr(r.chi, head["chi"], m) > 0.8
     r = modip_mod.fit_modip(head["field"], m, schedule="4:3,2:3", **kw)
@@ -248,7 +250,7 @@ def test_modip_bf16_autocast_costs_no_accuracy(head):
     float32 (64^3 benchmark: 11.09 vs 11.02 % NRMSE), a different map, recorded in the
     sidecar."""
     m = head["mask"]
-    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=40, plateau_tol=0, **FAST)
+    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=40, plateau_tol=0, **PUBLISHED)
     fits = {a: modip_mod.fit_modip(head["field"], m, amp=a, **kw) for a in ("off", "bf16")}
     err = {a: qsm_eval.nrmse_challenge(r.chi, head["chi"], m)[0] for a, r in fits.items()}
     assert abs(err["bf16"] - err["off"]) < 0.05 * err["off"], err
@@ -262,7 +264,7 @@ def test_modip_bf16_autocast_costs_no_accuracy(head):
 
 
 def test_modip_checkpointing_gives_the_same_fit(head):
-    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=3, plateau_tol=0, **FAST)
+    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=3, plateau_tol=0, **PUBLISHED)
     a = modip_mod.fit_modip(head["field"], head["mask"], **kw).chi
     b = modip_mod.fit_modip(head["field"], head["mask"], checkpoint=True, **kw).chi
     assert np.abs(a).max() > 0.01
@@ -272,7 +274,8 @@ def test_modip_checkpointing_gives_the_same_fit(head):
 def test_modip_warm_start_from_tv_and_medi(head):
     m, ph = head["mask"], head["ph"]
     mag = ph.m0 * np.exp(-0.02 * ph.r2star)
-    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=5, plateau_tol=0, magnitude=mag, **FAST)
+    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=5, plateau_tol=0, magnitude=mag, net_factor=1,
+              **FAST)
     err = {}
     for init in ("none", "tv", "medi"):
         chi = modip_mod.invert_modip(head["field"], m, init=init, **kw)
@@ -314,3 +317,22 @@ def test_modip_coarse_network_with_tv_start_beats_tv(head):
     assert r.sidecar()["settings"]["net_factor"] == 2
     with pytest.raises(ValueError, match="net_factor"):
         modip_mod.fit_modip(head["field"], m, net_factor=3, max_iter=1, **FAST)
+
+
+def test_modip_cpu_defaults_and_time_budget(head):
+    """device=auto without a GPU gets the CPU recipe (coarse network, TV start, a wall-clock
+    budget, recorded); a budget stops the fit with its own reason."""
+    m = head["mask"]
+    r = modip_mod.fit_modip(head["field"], m, voxel_size=(VS,) * 3, base=8, max_iter=3,
+                            plateau_tol=0, **FAST)
+    s = r.sidecar()["settings"]
+    assert (s["init"], s["net_factor"], s["device_defaults"]) == ("tv", 2, "cpu")
+    assert s["max_time_s"] == modip_mod.CPU_DEFAULTS["max_time_s"] <= 15 * 60
+    assert modip_mod.GPU_DEFAULTS == {"init": "none", "net_factor": 1, "dc_steps": 10,
+                                      "max_time_s": None}
+    t = modip_mod.fit_modip(head["field"], m, voxel_size=(VS,) * 3, base=8, max_iter=10**6,
+                            plateau_tol=0, max_time_s=1.0, **PUBLISHED)
+    assert t.stopped_reason == "time_budget"
+    assert len(t.history) < 10**6
+    with pytest.raises(ValueError, match="max_time_s"):
+        modip_mod.fit_modip(head["field"], m, max_time_s=0, max_iter=1, **FAST)

@@ -16,10 +16,9 @@ from qsmflow.interfaces.qsm import (
     PreparePhase,
     Reference,
     Unwrap,
-    split_inversion_result,
 )
 from qsmflow.interfaces.reports import methods_text
-from qsmflow.sims.bids import write_bids_dataset
+from qsmflow.sims.bids import truth_paths, write_bids_dataset
 
 qsm_eval = pytest.importorskip("qsm_ci.qsm_eval")
 
@@ -31,13 +30,11 @@ def data(tmp_path_factory):
                               voxel_size=(2.0, 2.0, 2.0), te_s=(0.004, 0.012),
                               phase_as_int=True, oblique_deg=10.0)
     anat = bids / "sub-01" / "anat"
-    truth = bids / "derivatives/qsmflow-sim/sub-01/anat"
     return {
         "root": root,
         "phase": sorted(str(p) for p in anat.glob("*part-phase_MEGRE.nii.gz")),
         "mag": sorted(str(p) for p in anat.glob("*part-mag_MEGRE.nii.gz")),
-        "truth": {k: truth / f"sub-01_{k}.nii.gz" for k in
-                  ("Chimap", "desc-total_fieldmap", "desc-local_fieldmap", "desc-brain_mask")},
+        "truth": truth_paths(bids, "01"),
     }
 
 
@@ -52,6 +49,7 @@ def _run(iface, tmp_path, name):
 
 
 def test_chain_of_stage_interfaces(data, tmp_path):
+    torch_before = "torch" in sys.modules  # other test modules may have imported it
     ref = nib.load(data["phase"][0])
     prep = _run(PreparePhase(phase_files=data["phase"], magnitude_files=data["mag"]), tmp_path,
                 "prep")
@@ -96,26 +94,32 @@ def test_chain_of_stage_interfaces(data, tmp_path):
     assert abs(chi[tm].mean()) < 1e-4
     nrmse = qsm_eval.nrmse_challenge(chi, truth, tm)[0]
     assert nrmse < 60, nrmse  # RTS from the true local field at 2 mm: ~45-50 %
-    assert "torch" not in sys.modules or "torch" in _preloaded
+    assert torch_before or "torch" not in sys.modules  # classical stages never import torch
 
     # derivatives writer
     out = tmp_path / "deriv"
     ds = _run(DerivativesWriter(output_dir=str(out), prefix="sub-01_ses-a_run-1", session="a",
                                 chi=rf.chi, mask=bf.mask, total_field=fm.field,
                                 local_field=bf.local_field, metadata={"RandomSeed": 3},
+                                chi_unreferenced=inv.chi, magnitude=prep.magnitude,
                                 phase_scaling=prep.phase_scaling, source_files=["x"]),
               tmp_path, "ds")
     names = sorted(p.split("/")[-1] for p in ds.out_files)
     assert names == sorted(f"sub-01_ses-a_run-1_{s}.{e}" for s in (
-        "Chimap", "desc-brain_mask", "desc-total_fieldmap", "desc-local_fieldmap")
-        for e in ("nii.gz", "json"))
-    assert all(p.startswith(str(out / "sub-01" / "ses-a" / "anat")) for p in ds.out_files)
-    side = json.loads((out / "sub-01/ses-a/anat/sub-01_ses-a_run-1_Chimap.json").read_text())
+        "Chimap", "desc-brain_mask", "desc-total_fieldmap", "desc-local_fieldmap",
+        "desc-total_magnitude", "desc-local_magnitude") for e in ("nii.gz", "json"))
+    ses = out / "sub-01" / "ses-a"
+    for p in ds.out_files:  # fieldmaps and their magnitude in fmap/ (BIDS), the rest in anat/
+        assert p.startswith(str(ses / ("fmap" if "_desc-total_" in p or "_desc-local_" in p
+                                       else "anat")))
+    side = json.loads((ses / "anat/sub-01_ses-a_run-1_Chimap.json").read_text())
     assert side["Units"] == "ppm" and side["RandomSeed"] == 3 and side["Sources"] == ["x"]
+    assert isinstance(side["SoftwareVersions"], str) and side["SkullStripped"] is True
+    # the offset the reference step subtracted (mean reference: the mean of chi in its mask)
+    assert side["ReferenceOffset"] == pytest.approx(float(_arr(inv.chi)[tm].mean()), abs=1e-5)
+    mag = _arr(ses / "fmap/sub-01_ses-a_run-1_desc-local_magnitude.nii.gz")
+    np.testing.assert_allclose(mag, _arr(prep.magnitude).mean(axis=3), rtol=1e-5)
     assert np.allclose(_arr(ds.chi), chi)
-
-
-_preloaded = set(sys.modules)
 
 
 def test_inversion_modip_writes_std_and_loss_curve(data, tmp_path):
@@ -127,24 +131,15 @@ def test_inversion_modip_writes_std_and_loss_curve(data, tmp_path):
                          mask=str(t["desc-brain_mask"]), seed=7, device="cpu",
                          settings={"max_iter": 4, "ensemble": 2, "threads": 1}),
                tmp_path, "dip")
-    log = json.loads(open(res.loss_history).read())
-    assert log["seeds"][0] == 7 and len(log["seeds"]) == 2 and log["device"] == "cpu"
-    assert log["stopped_reason"] and len(log["history"]) >= 4
-    assert all(np.isfinite(h["loss"]) for h in log["history"])
-    std = np.asarray(nib.load(res.chi_std).dataobj)
+    side = json.loads(open(res.sidecar).read())
+    assert side["seeds"][0] == 7 and len(side["seeds"]) == 2 and side["device"] == "cpu"
+    assert side["stopped_reason"] and side["method"] == "modip"
+    rows = open(res.loss).read().splitlines()
+    assert rows[0].split("\t")[:4] == ["member", "seed", "iteration", "loss"]
+    assert len(rows) - 1 >= 4 and all(np.isfinite(float(r.split("\t")[3])) for r in rows[1:])
+    std = np.asarray(nib.load(res.std).dataobj)
     mask = np.asarray(nib.load(str(t["desc-brain_mask"])).dataobj) > 0
     assert std.shape == (32, 32, 32) and std[mask].mean() > 0  # two seeds differ
-
-
-def test_split_inversion_result():
-    a = np.ones(3)
-    assert split_inversion_result(a)[1] == {}
-    assert set(split_inversion_result((a, a))[1]) == {"std"}
-
-    class R:
-        chi, std, loss_history = a, None, [1.0]
-
-    assert set(split_inversion_result(R())[1]) == {"loss_history"}
 
 
 def test_methods_text_cites_only_steps_run():

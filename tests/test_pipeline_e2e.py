@@ -14,7 +14,9 @@ from qsmflow.sims.bids import write_bids_dataset
 qsm_eval = pytest.importorskip("qsm_ci.qsm_eval")
 
 SUBJECTS = ("01", "02")
-STEMS = ("Chimap", "desc-brain_mask", "desc-total_fieldmap", "desc-local_fieldmap")
+STEMS = ("anat/{p}_Chimap", "anat/{p}_desc-brain_mask", "fmap/{p}_desc-total_fieldmap",
+         "fmap/{p}_desc-local_fieldmap", "fmap/{p}_desc-total_magnitude",
+         "fmap/{p}_desc-local_magnitude")
 
 
 def _hash_tree(root: Path) -> dict:
@@ -44,10 +46,11 @@ def test_pipeline_outputs_accuracy_and_cache(dataset, capsys):
     assert main(args) == 0
     # exact output file list
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    expected = ["dataset_description.json"]
+    expected = ["dataset_description.json", ".bidsignore", "index.html"]
     for s in SUBJECTS:
-        expected += [f"sub-{s}/anat/sub-{s}_{st}.{ext}" for st in STEMS for ext in
-                     ("json", "nii.gz")]
+        expected += [f"sub-{s}/" + st.format(p=f"sub-{s}") + f".{ext}" for st in STEMS
+                     for ext in ("json", "nii.gz")]
+        expected += [f"sub-{s}.html"]
         expected += [f"sub-{s}/log/methods.md", f"sub-{s}/log/qsmflow_config.toml"]
     assert files == sorted(expected)
     desc = json.loads((out / "dataset_description.json").read_text())
@@ -55,8 +58,11 @@ def test_pipeline_outputs_accuracy_and_cache(dataset, capsys):
     side = json.loads((out / "sub-01/anat/sub-01_Chimap.json").read_text())
     assert side["Units"] == "ppm" and side["QSMflowMethods"]["invert"]["Method"] == "rts"
     assert "max_iter" in side["QSMflowMethods"]["invert"]["Parameters"]
+    # every inversion records its data consistency (ground-truth free) in the Chimap sidecar
+    assert side["InversionFit"]["Rule"] == "fixed"
+    assert 0 < side["InversionFit"]["Residual"]["relative"] < 1
     assert side["RandomSeed"] == 0 and "integer phase" in side["PhaseScaling"]
-    assert side["SoftwareVersions"]["qsmflow"]
+    assert side["SoftwareVersions"].startswith("qsmflow ")  # BIDS: a string
     assert "Kames" in (out / "sub-01/log/methods.md").read_text()
 
     # accuracy against the simulated truth (fast preset on a tiny 2 mm head, 2 echoes)
@@ -80,13 +86,15 @@ def test_pipeline_outputs_accuracy_and_cache(dataset, capsys):
     assert main(args + ["--inversion", "tkd"]) == 0
     ran = _executed(work)
     want = sorted(f"sub_{s}_wf/{n}" for s in SUBJECTS
-                  for n in ("qsm_run_wf/invert", "qsm_run_wf/reference", "ds_run"))
+                  for n in ("qsm_run_wf/invert", "qsm_run_wf/reference", "ds_run",
+                            "report_run", "report_sections", "report_summaries",
+                            "report_subject"))
     assert ran == want
     side = json.loads((out / "sub-01/anat/sub-01_Chimap.json").read_text())
     assert side["QSMflowMethods"]["invert"]["Method"] == "tkd"
     assert 'method = "tkd"' in (out / "sub-01/log/qsmflow_config.toml").read_text()
     # no temporary files left behind, bids_dir untouched
-    assert not [p for p in out.rglob(".*") if p.is_file()]
+    assert not [p for p in out.rglob(".*") if p.is_file() and p.name != ".bidsignore"]
     assert _hash_tree(bids) == before
     err = capsys.readouterr().err
     assert "sub-01: ok" in err and "sub-02: ok" in err

@@ -250,8 +250,10 @@ def test_bids_writer_layout_and_sidecars(tmp_path):
         d = f"derivatives/qsmflow-sim/sub-{s}/anat/sub-{s}"
         expect |= {f"{d}_Chimap.nii.gz", f"{d}_Chimap.json", f"{d}_desc-brain_mask.nii.gz",
                    f"{d}_dseg.nii.gz"}
+        f = f"derivatives/qsmflow-sim/sub-{s}/fmap/sub-{s}"
         for k in ("total", "local"):
-            expect |= {f"{d}_desc-{k}_fieldmap.nii.gz", f"{d}_desc-{k}_fieldmap.json"}
+            for suffix in ("fieldmap", "magnitude"):
+                expect |= {f"{f}_desc-{k}_{suffix}.nii.gz", f"{f}_desc-{k}_{suffix}.json"}
     assert files == expect  # exactly: no temporary leftovers
     desc = json.loads((root / "dataset_description.json").read_text())
     assert desc["BIDSVersion"] and desc["Name"]
@@ -272,7 +274,7 @@ def test_bids_writer_layout_and_sidecars(tmp_path):
     assert mask.any() and np.all(chi[mask == 0] == 0)
     # the stored phase is consistent with the stored total field at 7 T (noise aside)
     tot = nib.load(
-        root / "derivatives/qsmflow-sim/sub-1/anat/sub-1_desc-total_fieldmap.nii.gz").get_fdata()
+        root / "derivatives/qsmflow-sim/sub-1/fmap/sub-1_desc-total_fieldmap.nii.gz").get_fdata()
     dphi = wrap_to_pi(d["phase"][..., 1] - d["phase"][..., 0])
     model = wrap_to_pi(2 * np.pi * GAMMA_BAR_HZ_PER_T * 7.0 * tot * 1e-6 * 0.004)
     err = wrap_to_pi(dphi - model)[mask > 0]
@@ -287,11 +289,12 @@ def test_bids_oblique_field_uses_tilted_b0(tmp_path):
     b = b0_dir_from_affine(d["affine"])
     assert b[1] == pytest.approx(np.sin(np.deg2rad(30)), abs=1e-5)
     der = root / "derivatives/qsmflow-sim/sub-1/anat/sub-1_"
+    fmap = root / "derivatives/qsmflow-sim/sub-1/fmap/sub-1_"
     chi = nib.load(f"{der}Chimap.nii.gz").get_fdata().astype(np.float32)
-    loc = nib.load(f"{der}desc-local_fieldmap.nii.gz").get_fdata()
+    loc = nib.load(f"{fmap}desc-local_fieldmap.nii.gz").get_fdata()
     np.testing.assert_allclose(loc, forward_field(chi, b0_dir=b, kind="integral"), atol=1e-5)
     assert np.abs(loc - forward_field(chi, kind="integral")).max() > 0.02  # axial B0 would be wrong
-    tot = nib.load(f"{der}desc-total_fieldmap.nii.gz").get_fdata()
+    tot = nib.load(f"{fmap}desc-total_fieldmap.nii.gz").get_fdata()
     mask = np.asarray(nib.load(f"{der}desc-brain_mask.nii.gz").dataobj) > 0
     dphi = wrap_to_pi(d["phase"][..., 1] - d["phase"][..., 0])
     model = 2 * np.pi * GAMMA_BAR_HZ_PER_T * 3.0 * tot * 1e-6 * 0.004

@@ -1,6 +1,5 @@
 """Graph construction (option grid, every preset), config files, BIDS discovery."""
 
-import filecmp
 import itertools
 import shutil
 from pathlib import Path
@@ -25,12 +24,22 @@ from qsmflow.workflows.qsm import INPUT_FIELDS, OUTPUT_FIELDS, init_qsm_wf
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_presets_shipped_and_identical_to_workflows_folder():
+def test_presets_shipped_once_and_dumped_editable(tmp_path, capsys):
+    from qsmflow.cli.run import main
+
     names = list_presets()
     assert {"fast", "accurate", "dip-gpu", "dip-cpu"} <= set(names)
+    assert not (REPO / "workflows/presets").exists()  # one copy: the packaged one
     for n in names:
-        assert filecmp.cmp(preset_dir() / f"{n}.toml", REPO / "workflows/presets" / f"{n}.toml",
-                           shallow=False), n
+        assert main(["--dump-preset", n]) == 0
+        text = capsys.readouterr().out
+        assert text == (preset_dir() / f"{n}.toml").read_text()
+        edited = tmp_path / f"{n}.toml"
+        edited.write_text(text.replace("seed = 0", "seed = 5"))
+        cfg = load_config_file(edited)
+        assert cfg.resolved() == load_preset(n).resolved() and cfg.seed == 5
+    assert main(["--dump-preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
     assert (REPO / "workflows/plugins/multiproc.yml").is_file()
     assert (REPO / "workflows/plugins/slurmgraph.yml").is_file()
 

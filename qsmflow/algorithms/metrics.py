@@ -8,7 +8,75 @@ import numpy as np
 
 from qsmflow.algorithms.dipole import DipoleOperator
 
-__all__ = ["data_consistency_residual", "score_against_truth", "METHODS"]
+__all__ = [
+    "data_consistency_residual",
+    "data_consistency_residual_map",
+    "score_against_truth",
+    "METHODS",
+]
+
+
+def _residual_inputs(chi, field, mask):
+    chi = np.asarray(chi, dtype=np.float32)
+    field = np.asarray(field, dtype=np.float32)
+    mask = np.asarray(mask)
+    if chi.ndim != 3 or field.shape != chi.shape or mask.shape != chi.shape:
+        raise ValueError(
+            f"chi, field and mask must be 3D of one shape, got {chi.shape}, {field.shape}, "
+            f"{mask.shape}"
+        )
+    mask = mask.astype(bool)
+    if not mask.any():
+        raise ValueError("mask is empty")
+    if not (np.all(np.isfinite(chi)) and np.all(np.isfinite(field[mask]))):
+        raise ValueError("chi or field contains non-finite values")
+    return chi, field, mask
+
+
+def data_consistency_residual_map(
+    chi: np.ndarray,
+    field: np.ndarray,
+    mask: np.ndarray,
+    *,
+    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+    b0_dir: Sequence[float] = (0.0, 0.0, 1.0),
+    pad_factor: float = 2.0,
+    kind: str = "continuous",
+) -> np.ndarray:
+    """Voxel-wise data-consistency residual ``M (D chi - f - c)`` (ppm).
+
+    The map whose norm :func:`data_consistency_residual` reports: the field ``D chi`` that the
+    susceptibility map predicts (zero-padded dipole convolution, Salomir et al. 2003; Marques
+    & Bowtell 2005) minus the measured local field, less the best constant ``c`` (its mean
+    over the mask; ``D(0) = 0``, so the field's mean is not measured).  Structure in this map
+    (rims at the mask edge, veins, streaks) shows where the inversion did not explain the data,
+    the visual check used in quality reports of model-based QSM (de Rochefort et al., MRM
+    2010; Liu et al., MRM 2012).
+
+    Parameters
+    ----------
+    chi : (X, Y, Z) array, ppm
+    field : (X, Y, Z) array, ppm (local field)
+    mask : (X, Y, Z) bool, non-empty
+    voxel_size : 3 floats, mm, keyword-only
+    b0_dir : unit 3-vector in array axes, keyword-only
+    pad_factor : float, keyword-only
+    kind : {"continuous", "discrete", "integral"}, keyword-only; dipole kernel discretisation.
+
+    Returns
+    -------
+    (X, Y, Z) float32 array, ppm; 0 outside the mask.
+    """
+    chi, field, mask = _residual_inputs(chi, field, mask)
+    op = DipoleOperator(
+        chi.shape, voxel_size=voxel_size, b0_dir=b0_dir, kind=kind, pad_factor=pad_factor,
+        dtype=np.float32,
+    )
+    r = (op.forward(chi)[mask] - field[mask]).astype(np.float64)
+    r -= r.mean()
+    out = np.zeros(chi.shape, dtype=np.float32)
+    out[mask] = r.astype(np.float32)
+    return out
 
 
 def data_consistency_residual(
@@ -30,7 +98,8 @@ def data_consistency_residual(
     metric is invariant to it.  The denominator uses the de-meaned field for the same reason.
     This is the data-fidelity term minimised by model-based QSM (e.g. de Rochefort et al.,
     MRM 2010; Liu et al., MRM 2012) and needs no ground truth.  ``chi`` is used as given
-    over the whole volume (normally 0 outside the mask).
+    over the whole volume (normally 0 outside the mask).  The voxel-wise map is
+    :func:`data_consistency_residual_map`.
 
     Parameters
     ----------
@@ -46,31 +115,15 @@ def data_consistency_residual(
     -------
     float >= 0 (0: ``chi`` explains the field exactly up to a constant).
     """
-    chi = np.asarray(chi, dtype=np.float32)
-    field = np.asarray(field, dtype=np.float32)
-    mask = np.asarray(mask)
-    if chi.ndim != 3 or field.shape != chi.shape or mask.shape != chi.shape:
-        raise ValueError(
-            f"chi, field and mask must be 3D of one shape, got {chi.shape}, {field.shape}, "
-            f"{mask.shape}"
-        )
-    mask = mask.astype(bool)
-    if not mask.any():
-        raise ValueError("mask is empty")
-    if not (np.all(np.isfinite(chi)) and np.all(np.isfinite(field[mask]))):
-        raise ValueError("chi or field contains non-finite values")
-    op = DipoleOperator(
-        chi.shape, voxel_size=voxel_size, b0_dir=b0_dir, kind=kind, pad_factor=pad_factor,
-        dtype=np.float32,
-    )
-    r = (op.forward(chi)[mask] - field[mask]).astype(np.float64)
-    r -= r.mean()
+    chi, field, mask = _residual_inputs(chi, field, mask)
     f = field[mask].astype(np.float64)
     f -= f.mean()
     den = float(np.linalg.norm(f))
     if den == 0.0:
         raise ValueError("field is constant over the mask; the residual is undefined")
-    return float(np.linalg.norm(r) / den)
+    r = data_consistency_residual_map(chi, field, mask, voxel_size=voxel_size, b0_dir=b0_dir,
+                                      pad_factor=pad_factor, kind=kind)
+    return float(np.linalg.norm(r[mask].astype(np.float64)) / den)
 
 
 def score_against_truth(

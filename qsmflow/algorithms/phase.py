@@ -101,7 +101,9 @@ def scale_phase_to_radians(phase: np.ndarray, *, tolerance: float = 0.01):
 
     1. If they lie within ``[-pi - tolerance, pi + tolerance]`` they are taken to be radians
        already (returned as float32).
-    2. Otherwise, if they are all integers, they are treated as an integer phase encoding
+    2. If they are not all integers and lie within ``[0, 2 pi]``, they are radians in
+       ``[0, 2 pi)`` and are wrapped to ``[-pi, pi)`` (the same angles).
+    3. Otherwise, if they are all integers, they are treated as an integer phase encoding
        whose full range maps linearly onto ``[-pi, pi)``:
 
        * non-negative values up to 4095: ``[0, 4096)`` (12-bit unsigned, e.g. Siemens
@@ -110,7 +112,7 @@ def scale_phase_to_radians(phase: np.ndarray, *, tolerance: float = 0.01):
          RescaleSlope 2 / RescaleIntercept -4096), ``rad = v * pi / 4096``;
        * other integer ranges: the smallest power-of-two range of the same kind that holds the
          data (``[0, N)`` if no value is negative, else ``[-N, N)``).
-    3. Otherwise ``ValueError``.
+    4. Otherwise ``ValueError``.
 
     Parameters
     ----------
@@ -139,6 +141,11 @@ def scale_phase_to_radians(phase: np.ndarray, *, tolerance: float = 0.01):
         if max(abs(lo), abs(hi)) < 0.1:
             note += "; WARNING: range is tiny, the data may be scaled (not radians)"
         return arr.astype(np.float32), note
+    if lo >= -tolerance and hi <= TWO_PI + tolerance and not np.all(vals == np.round(vals)):
+        # radians in [0, 2 pi) (e.g. Philips/GE exports): the same angles, wrapped to [-pi, pi)
+        rad = np.mod(arr.astype(np.float64) + np.pi, TWO_PI) - np.pi
+        return rad.astype(np.float32), f"phase in [0, 2pi) wrapped to [-pi, pi) (range " \
+            f"[{lo:.4g}, {hi:.4g}])"
     if not np.all(vals == np.round(vals)):
         raise ValueError(
             f"phase range [{lo:.4g}, {hi:.4g}] is neither radians nor integer-coded phase"

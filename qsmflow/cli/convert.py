@@ -28,6 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from qsmflow.validation import check_output_dir
+
+    problems = check_output_dir(args.bids_dir, what="BIDS_DIR")
+    if problems:
+        print(f"qsmflow-convert: {len(problems)} problem(s); nothing was written:",
+              file=sys.stderr)
+        for msg in problems:
+            print(f"  - {msg}", file=sys.stderr)
+        return 2
     try:
         result = convert_dicom_to_bids(
             args.dicom_dir, args.bids_dir, participant_label=args.participant_label,

@@ -34,14 +34,14 @@ def score_outputs(bids_dir, output_dir, subjects) -> dict:
     """``{subject: {"chi": path, "nrmse": %, "correlation": r}}`` against the simulated truth."""
     import nibabel as nib
 
+    from qsmflow.outputs import derivative_path
     from qsmflow.sims.bids import DERIV_NAME
 
     out = {}
     for s in subjects:
-        chi_p = Path(output_dir) / f"sub-{s}" / "anat" / f"sub-{s}_Chimap.nii.gz"
-        mask_p = chi_p.with_name(f"sub-{s}_desc-brain_mask.nii.gz")
-        truth_p = (Path(bids_dir) / "derivatives" / DERIV_NAME / f"sub-{s}" / "anat"
-                   / f"sub-{s}_Chimap.nii.gz")
+        chi_p = derivative_path(output_dir, f"sub-{s}", "chi")
+        mask_p = derivative_path(output_dir, f"sub-{s}", "brain_mask")
+        truth_p = derivative_path(Path(bids_dir) / "derivatives" / DERIV_NAME, f"sub-{s}", "chi")
         if not chi_p.is_file():
             out[s] = {"chi": None}
             continue
@@ -50,6 +50,22 @@ def score_outputs(bids_dir, output_dir, subjects) -> dict:
         truth = np.asarray(nib.load(truth_p).dataobj, dtype=np.float32)
         out[s] = {"chi": str(chi_p), **_score(chi, truth, mask)}
     return out
+
+
+def _check_args(args) -> list[str]:
+    from qsmflow.config import list_presets
+    from qsmflow.validation import check_output_dir
+
+    problems = []
+    if not 16 <= args.size <= 512:
+        problems.append(f"--size {args.size}: expected 16 to 512 voxels per axis")
+    if args.nprocs < 1:
+        problems.append(f"--nprocs {args.nprocs}: expected a positive integer")
+    if args.preset not in list_presets():
+        problems.append(f"--preset {args.preset!r}: unknown; choose from: "
+                        f"{', '.join(list_presets())}")
+    problems += check_output_dir(args.directory, what="demo directory")
+    return problems
 
 
 def main(argv=None) -> int:
@@ -64,6 +80,11 @@ def main(argv=None) -> int:
                    "1.67 mm voxels; 160 gives 1 mm)")
     p.add_argument("--preset", default="fast", help="preset to run (default: fast)")
     args = p.parse_args(argv)
+    problems = _check_args(args)
+    if problems:
+        for msg in problems:
+            print(f"qsmflow-demo: error: {msg}", file=sys.stderr)
+        return 2
 
     from qsmflow.cli.run import main as qsmflow_main
     from qsmflow.sims.bids import write_bids_dataset
@@ -98,6 +119,16 @@ def main(argv=None) -> int:
             print(f"  sub-{s}: {sc['chi']}\n          NRMSE {sc['nrmse']:.1f} %, "
                   f"correlation {sc['correlation']:.3f}")
     print(f"ground truth: {bids / 'derivatives' / 'qsmflow-sim'}")
+    from qsmflow.reports import subject_report_path
+
+    pages = [subject_report_path(deriv, s) for s in subjects]
+    pages = [p for p in pages if p.is_file()]
+    if pages:
+        print("QC reports (open in a browser; they work offline):")
+        for p in pages:
+            print(f"  {p}")
+        if (deriv / "index.html").is_file():
+            print(f"  {deriv / 'index.html'}  (all subjects)")
     return rc
 
 

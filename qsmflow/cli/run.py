@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from qsmflow import registry
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 _EPILOG = """\
@@ -25,11 +27,13 @@ examples:
   qsmflow /data/bids out participant --preset dip-gpu --device cuda
   qsmflow /data/bids out participant --preset dip-cpu              # MoDIP in minutes on a CPU
   qsmflow /data/bids out participant --use-plugin workflows/plugins/slurmgraph.yml
+  qsmflow /data/bids out group                    # index.html linking the subject reports
 
-Outputs (BIDS derivatives) per run, in output_dir/sub-X[/ses-Y]/anat/:
-  *_Chimap.nii.gz (ppm), *_desc-brain_mask.nii.gz, *_desc-total_fieldmap.nii.gz and
-  *_desc-local_fieldmap.nii.gz (ppm of B0), each with a JSON sidecar; the configuration
-  (TOML) and a methods text with references in output_dir/sub-X/log/.
+Outputs (BIDS derivatives) per run, in output_dir/sub-X[/ses-Y]/:
+  anat/*_Chimap.nii.gz (ppm), anat/*_desc-brain_mask.nii.gz, fmap/*_desc-total_fieldmap.nii.gz
+  and fmap/*_desc-local_fieldmap.nii.gz (ppm of B0) with their _magnitude, each with a JSON
+  sidecar; the configuration (TOML) and a methods text with references in output_dir/sub-X/log/;
+  a visual QC report per subject, output_dir/sub-X.html, and output_dir/index.html.
 
 Re-running the same command reuses the work directory (-w): finished steps are not repeated,
 and changing only one stage re-runs that stage and what follows it.
@@ -97,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bids_dir", type=Path, help="the input BIDS dataset (never modified)")
     p.add_argument("output_dir", type=Path,
                    help="where the derivatives go (must differ from bids_dir)")
-    p.add_argument("analysis_level", choices=["participant"],
-                   help="'participant': process each subject (the only level)")
+    p.add_argument("analysis_level", choices=["participant", "group"],
+                   help="'participant': process each subject; 'group': write the index page "
+                   "output_dir/index.html linking the subjects' reports (also written at the "
+                   "end of every participant run)")
     p.add_argument("--version", action="version", version=f"qsmflow {__version__}")
 
     g = p.add_argument_group("selecting data")
@@ -113,19 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a shipped preset: fast (default), accurate, dip-gpu, dip-cpu "
                    "(see --list-presets)")
     x.add_argument("--config-file", type=Path, metavar="FILE",
-                   help="a TOML configuration (format: workflows/presets/*.toml)")
+                   help="a TOML configuration (start from: qsmflow --dump-preset fast)")
     g.add_argument("--list-presets", action="store_true",
                    help="list the presets and their methods, then exit")
-    for flag, stage, what in (
-        ("--unwrap", "unwrap", "spatial phase unwrapping: romeo, laplacian"),
-        ("--combine", "combine", "field mapping / echo combination: wls, complexfit"),
-        ("--mask", "mask", "brain masking: bet, threshold, phase-quality"),
-        ("--bfr", "bfr", "background field removal: vsharp, pdf, lbv, resharp"),
-        ("--inversion", "invert",
-         "dipole inversion: rts, tkd, tikhonov, tv, ndi, medi, modip, dip, inr"),
-        ("--reference", "reference", "susceptibility reference: mean, csf"),
-    ):
-        g.add_argument(flag, dest=f"method_{stage}", metavar="METHOD", help=what)
+    g.add_argument("--dump-preset", metavar="NAME",
+                   help="print a preset as TOML (an editable copy for --config-file), then exit")
+    for flag, stage in (("--unwrap", "unwrap"), ("--combine", "combine"), ("--mask", "mask"),
+                        ("--bfr", "bfr"), ("--inversion", "invert"),
+                        ("--reference", "reference")):
+        names = list(registry.methods_for(stage))
+        g.add_argument(flag, dest=f"method_{stage}", metavar="METHOD",  # checked by config
+                       help=f"{registry.stage(stage).help}: {', '.join(names)}")
     g.add_argument("--seed", type=_int_at_least(0), metavar="N",
                    help="random seed of stochastic methods (default: from the preset, 0)")
 
@@ -162,10 +166,19 @@ def _is_within(path: Path, parent: Path) -> bool:
 
 
 def _check_paths(args) -> None:
+    from qsmflow.validation import check_output_dir
+
     bids = args.bids_dir.resolve()
     out = args.output_dir.resolve()
+    if bids.exists() and not bids.is_dir():
+        raise UsageError(f"{args.bids_dir}: bids_dir is a file, not a BIDS dataset folder")
     if not bids.is_dir():
         raise UsageError(f"{args.bids_dir}: bids_dir not found")
+    problems = check_output_dir(args.output_dir, what="output_dir")
+    if args.work_dir is not None:
+        problems += check_output_dir(args.work_dir, what="work directory (-w)")
+    if problems:
+        raise UsageError("\n".join(problems))
     if out == bids:
         raise UsageError("output_dir must differ from bids_dir (bids_dir is never modified)")
     if _is_within(out, bids) and not _is_within(out, bids / "derivatives"):
@@ -205,9 +218,7 @@ def _load_config(args):
 
 
 def _gpu_wanted(cfg) -> bool:
-    from qsmflow.config import DIP_METHODS
-
-    if cfg.method("invert") not in DIP_METHODS or cfg.device == "cpu":
+    if not registry.method("invert", cfg.method("invert")).gpu or cfg.device == "cpu":
         return False
     try:
         import torch
@@ -224,19 +235,14 @@ def _gpu_wanted(cfg) -> bool:
 def _plugin(args, use_gpu: bool, callback):
     plugin, pargs = "MultiProc", {}
     if args.use_plugin:
+        from qsmflow.cli._plugins import SLURM_PLUGINS, PluginError, check_slurm, load_plugin_file
+
         try:
-            import yaml
-        except ImportError:
-            raise UsageError("--use-plugin needs PyYAML (pip install pyyaml)") from None
-        if not args.use_plugin.is_file():
-            raise UsageError(f"{args.use_plugin}: plugin file not found")
-        try:
-            spec = yaml.safe_load(args.use_plugin.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UsageError(f"{args.use_plugin}: not valid YAML ({exc})") from None
-        if not isinstance(spec, dict) or "plugin" not in spec:
-            raise UsageError(f"{args.use_plugin}: needs a 'plugin:' key")
-        plugin, pargs = spec["plugin"], dict(spec.get("plugin_args") or {})
+            plugin, pargs = load_plugin_file(args.use_plugin)
+            if plugin in SLURM_PLUGINS:
+                check_slurm(plugin, pargs, where=str(args.use_plugin))
+        except PluginError as exc:
+            raise UsageError(str(exc)) from None
     if plugin in ("MultiProc", "LegacyMultiProc"):
         pargs.setdefault("n_procs", args.nprocs or os.cpu_count() or 1)
         if args.nprocs:
@@ -265,45 +271,46 @@ def _executed_nodes(wf_dir: Path, before: dict) -> list[str]:
                   for p, t in after.items() if before.get(p) != t)
 
 
-def run(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _list_presets() -> int:
     from qsmflow.config import list_presets, load_preset
 
-    if args.list_presets:
-        for name in list_presets():
-            cfg = load_preset(name)
-            print(f"{name}: {cfg.description}")
-        return EXIT_OK
-    _check_paths(args)
-    cfg = _load_config(args)
-    use_gpu = _gpu_wanted(cfg)
+    for name in list_presets():
+        print(f"{name}: {load_preset(name).description}")
+    return EXIT_OK
 
+
+def _dump_preset(name: str) -> int:
+    """Print a shipped preset (with its comments): an editable start for --config-file."""
+    from qsmflow.config import ConfigError, preset_text
+
+    try:
+        sys.stdout.write(preset_text(name))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return EXIT_OK
+
+
+def _collect_runs(args):
+    """The MEGRE runs to process; None after printing the problems (nothing runs)."""
     from qsmflow.bids_input import BIDSInputError, collect_runs
 
     try:
-        runs = collect_runs(args.bids_dir, participant_labels=args.participant_label,
+        return collect_runs(args.bids_dir, participant_labels=args.participant_label,
                             session_labels=args.session_label)
     except BIDSInputError as exc:
         print(f"qsmflow: {len(exc.problems)} problem(s) with the input data; nothing was run:",
               file=sys.stderr)
         for msg in exc.problems:
             print(f"  - {msg}", file=sys.stderr)
-        return EXIT_USAGE
+        return None
 
+
+def _configure_nipype(args) -> Path:
+    """Nipype's execution settings and log levels; returns the crash-file folder."""
     from nipype import config as ncfg
     from nipype import logging as nlog
 
-    from qsmflow import __version__
-    from qsmflow.cli.progress import Progress
-    from qsmflow.config import to_toml
-    from qsmflow.interfaces.derivatives import derivative_dataset_description, expected_files
-    from qsmflow.interfaces.reports import methods_text, write_subject_log
-    from qsmflow.workflows.base import init_qsmflow_wf, top_workflow_name
-    from qsmflow.workflows.qsm import effective_config
-
-    work = args.work_dir
-    crash = work / "crash"
+    crash = args.work_dir / "crash"
     ncfg.update_config({"execution": {
         "crashdump_dir": str(crash), "crashfile_format": "txt",
         "stop_on_first_crash": bool(args.stop_on_first_crash),
@@ -313,75 +320,173 @@ def run(argv=None) -> int:
     level = ["WARNING", "INFO", "DEBUG"][min(args.verbose, 2)]
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
         nlog.getLogger(name).setLevel(level)
+    if not args.verbose:  # failures: one line each in the summary, tracebacks in crash files
+        from qsmflow.cli._summary import quiet_nipype_errors
 
-    out = args.output_dir.resolve()
-    wf = init_qsmflow_wf(runs=runs, output_dir=out, config=cfg, bids_dir=args.bids_dir,
-                         omp_nthreads=args.omp_nthreads, use_gpu=use_gpu)
-    wf.base_dir = str(work)
+        quiet_nipype_errors()
+    return crash
 
-    # dataset-level and per-subject provenance (written before the run, atomically)
+
+def _write_provenance(out: Path, runs, cfg) -> None:
+    """Dataset description and every subject's log (config TOML, methods text), written
+    atomically before the run."""
+    from qsmflow.config import to_toml
+    from qsmflow.interfaces.derivatives import derivative_dataset_description
+    from qsmflow.interfaces.reports import write_subject_log
+    from qsmflow.workflows.base import subject_methods_text
+    from qsmflow.workflows.qsm import effective_config
+
     derivative_dataset_description(out)
-    subjects = sorted({r.subject for r in runs})
-    for sub in subjects:
-        sruns = [r for r in runs if r.subject == sub]
-        eff, notes = effective_config(cfg, has_magnitude=sruns[0].has_magnitude,
-                                      n_echoes=sruns[0].n_echoes)
-        text = methods_text(eff.resolved(), version=__version__, seed=eff.seed)
-        if notes:
-            text += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-        write_subject_log(out, sub, config_toml=to_toml(eff), methods=text)
+    for sub in sorted({r.subject for r in runs}):
+        first = next(r for r in runs if r.subject == sub)
+        eff, _ = effective_config(cfg, has_magnitude=first.has_magnitude,
+                                  n_echoes=first.n_echoes)
+        write_subject_log(out, sub, config_toml=to_toml(eff),
+                          methods=subject_methods_text(first, cfg))
 
-    from qsmflow.cli.progress import subject_of
+
+def _progress(wf, subjects):
+    """A progress view counting each subject's processing nodes."""
+    from qsmflow.cli.progress import Progress, subject_of
 
     nodes_per_sub = {s: 0 for s in subjects}
     for name in wf.list_node_names():
         s = subject_of(name)
         if s in nodes_per_sub and name.rsplit(".", 1)[-1] not in ("inputnode", "outputnode"):
             nodes_per_sub[s] += 1
-    progress = Progress(nodes_per_sub)
-    plugin, pargs = _plugin(args, use_gpu, progress)
-    print(f"qsmflow {__version__}: {len(runs)} run(s) of {len(subjects)} subject(s); "
-          f"methods: " + ", ".join(f"{s}={cfg.method(s)}" for s in cfg.stages)
-          + f"; work dir {work}", file=sys.stderr)
+    return Progress(nodes_per_sub)
+
+
+def _execute(wf, plugin, pargs, progress, work: Path):
+    """Run the workflow (Ctrl-C/SIGTERM stop it cleanly); returns ``(error or None, names of
+    the nodes that ran)`` and records them in ``work/qsmflow_last_run.json``."""
+    from qsmflow.cli._signals import handle_signals
+    from qsmflow.io import write_json_atomic
+    from qsmflow.workflows.base import top_workflow_name
+
     t0 = time.time()
     stamps = _result_stamps(work / top_workflow_name())
     error = None
-    try:
-        wf.run(plugin=plugin, plugin_args=pargs)
-    except Exception as exc:  # noqa: BLE001 - nipype raises RuntimeError for crashed nodes
-        error = exc
-    finally:
-        progress.close()
-    executed = _executed_nodes(work / top_workflow_name(), stamps)
-    from qsmflow.io import write_json_atomic
+    with handle_signals("qsmflow", hint=" (re-run the same command to resume)"):
+        try:
+            wf.run(plugin=plugin, plugin_args=pargs)
+        except Exception as exc:  # noqa: BLE001 - nipype raises RuntimeError for crashed nodes
+            error = exc
+        finally:
+            progress.close()
+        if plugin == "SLURMGraph":  # it returns once the jobs are submitted: wait for them
+            from qsmflow.cli._plugins import wait_for_slurm_jobs
 
+            wait_for_slurm_jobs(work / top_workflow_name() / "batch")
+    executed = _executed_nodes(work / top_workflow_name(), stamps)
     write_json_atomic({"executed": executed, "start": t0}, work / "qsmflow_last_run.json")
+    return error, executed, t0
+
+
+def _failed_subjects(runs, out: Path, progress) -> dict:
+    """``{subject: [what failed]}`` from the progress callback and the missing outputs."""
+    from qsmflow.interfaces.derivatives import expected_files
 
     failed = {}
     for r in runs:
-        missing = [str(p) for p in expected_files(out, r.bids_prefix, r.session)
-                   if not p.exists()]
+        missing = [p for p in expected_files(out, r.bids_prefix, r.session) if not p.exists()]
         if r.subject in progress.failed:
             failed.setdefault(r.subject, []).extend(progress.failed[r.subject])
         elif missing:
             failed.setdefault(r.subject, []).append(f"{r.bids_prefix}: outputs missing")
-        elif error is not None and plugin not in ("MultiProc", "LegacyMultiProc", "Linear"):
-            pass  # no callback: trust the outputs
-    print(f"\nqsmflow summary ({len(executed)} node(s) executed, work dir {work}):",
+    return failed
+
+
+def _summarise(args, out, subjects, failed, error, executed, crash, t0, plugin, pargs) -> int:
+    """Print the per-subject summary and the QC report paths; returns the exit status."""
+    from qsmflow.cli._summary import failures_by_subject, subject_lines
+    from qsmflow.reports import subject_report_path, write_group_index
+
+    crashes = {s: c for s, c in failures_by_subject(crash, t0).items() if s in failed}
+    print(f"\nqsmflow summary ({len(executed)} node(s) executed, work dir {args.work_dir}):",
           file=sys.stderr)
-    for sub in subjects:
-        if sub in failed:
-            nodes = ", ".join(sorted({n.rsplit('.', 1)[-1] for n in failed[sub]}))
-            print(f"  sub-{sub}: FAILED ({nodes}); crash files in {crash}", file=sys.stderr)
-        else:
-            print(f"  sub-{sub}: ok", file=sys.stderr)
+    for line in subject_lines(subjects, failed, crashes, verbose=bool(args.verbose)):
+        print(line, file=sys.stderr)
+    index = write_group_index(out)
+    pages = [str(p) for p in (subject_report_path(out, s) for s in subjects) if p.is_file()]
+    if pages:
+        print("qsmflow: QC report(s): " + ", ".join(pages)
+              + (f"; all subjects: {index}" if index is not None else ""), file=sys.stderr)
+    if error is not None and failed and "status_callback" not in pargs:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        print(f"qsmflow: the {plugin} plugin raised: {first}", file=sys.stderr)
     if error is not None and not failed:
-        print(f"qsmflow: the workflow raised: {error}", file=sys.stderr)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        print(f"qsmflow: the workflow raised: {first}", file=sys.stderr)
         return EXIT_FAILED
     if failed:
         print(f"qsmflow: {len(failed)} of {len(subjects)} subject(s) failed", file=sys.stderr)
         return EXIT_FAILED
     print(f"qsmflow: all {len(subjects)} subject(s) done; outputs in {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _info_request(argv):
+    """``--list-presets`` / ``--dump-preset NAME`` work without the positional arguments."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--list-presets", action="store_true")
+    pre.add_argument("--dump-preset")
+    known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else [str(a) for a in argv])
+    if known.list_presets:
+        return _list_presets()
+    if known.dump_preset:
+        return _dump_preset(known.dump_preset)
+    return None
+
+
+def run(argv=None) -> int:
+    info = _info_request(argv)
+    if info is not None:
+        return info
+    args = build_parser().parse_args(argv)
+    _check_paths(args)
+    if args.analysis_level == "group":
+        return _group(args)
+    cfg = _load_config(args)
+    use_gpu = _gpu_wanted(cfg)
+    plugin, pargs = _plugin(args, use_gpu, None)  # checked before anything runs
+    runs = _collect_runs(args)
+    if runs is None:
+        return EXIT_USAGE
+
+    from qsmflow import __version__
+    from qsmflow.workflows.base import init_qsmflow_wf
+
+    crash = _configure_nipype(args)
+    out = args.output_dir.resolve()
+    wf = init_qsmflow_wf(runs=runs, output_dir=out, config=cfg, bids_dir=args.bids_dir,
+                         omp_nthreads=args.omp_nthreads, use_gpu=use_gpu)
+    wf.base_dir = str(args.work_dir)
+    _write_provenance(out, runs, cfg)
+    subjects = sorted({r.subject for r in runs})
+    progress = _progress(wf, subjects)
+    if "status_callback" in pargs:
+        pargs["status_callback"] = progress
+    print(f"qsmflow {__version__}: {len(runs)} run(s) of {len(subjects)} subject(s); "
+          f"methods: " + ", ".join(f"{s}={cfg.method(s)}" for s in cfg.stages)
+          + f"; work dir {args.work_dir}", file=sys.stderr)
+    error, executed, t0 = _execute(wf, plugin, pargs, progress, args.work_dir)
+    failed = _failed_subjects(runs, out, progress)
+    return _summarise(args, out, subjects, failed, error, executed, crash, t0, plugin, pargs)
+
+
+def _group(args) -> int:
+    """``group`` level: the index page linking every ``sub-*.html`` in output_dir."""
+    from qsmflow.reports import write_group_index
+
+    if not args.output_dir.is_dir():
+        raise UsageError(f"{args.output_dir}: output_dir not found (run the participant "
+                         "level first)")
+    index = write_group_index(args.output_dir)
+    if index is None:
+        raise UsageError(f"{args.output_dir}: no subject reports (sub-*.html); run the "
+                         "participant level first")
+    print(f"qsmflow: {index}", file=sys.stderr)
     return EXIT_OK
 
 

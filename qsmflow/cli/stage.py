@@ -15,168 +15,101 @@ with either tool.  Examples::
 from __future__ import annotations
 
 import argparse
-import inspect
-import json
-import os
 import sys
 from pathlib import Path
 
-import numpy as np
+from qsmflow import registry
+from qsmflow.runner import StageInputError, run_stage
 
-from qsmflow.config import DIP_METHODS
-from qsmflow.io import load_nifti, write_json_atomic, write_nifti_atomic, write_text_atomic
-from qsmflow.stages import (
-    ALIASES,
-    ARG_NAME,
-    STAGES,
-    call_method,
-    coerce_setting,
-    get_stage,
-    load_methods,
-    settable_parameters,
-)
+#: a problem with the user's input: reported as one line, exit status 2
+StageError = StageInputError
+#: command-line flag -> algorithm input name
+FLAG_INPUTS = {"phase": "phase", "magnitude": "magnitude", "mask": "mask",
+               "totalfield": "field", "localfield": "field", "chimap": "chi", "noise": "noise",
+               "csf_mask": "csf_mask"}
+#: the flag that gives a stage's ``field``/``chi`` input
+_FIELD_FLAG = {"bfr": "totalfield", "invert": "localfield", "reference": "chimap"}
 
 
-class StageError(Exception):
-    """A problem with the user's input: reported as one line, exit status 2."""
-
-
-FOUR_D = {"phase", "magnitude"}
-
-
-# ---------------------------------------------------------------------------------------------
-# input loading and validation
-# ---------------------------------------------------------------------------------------------
-def _load_nifti(path: str, what: str):
-    if not Path(path).is_file():
-        raise StageError(f"{path}: {what} file not found")
-    try:
-        img, data = load_nifti(path)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad input
-        reason = exc.__class__.__name__
-        raise StageError(f"{path}: cannot read {what} as NIfTI ({reason})") from None
-    return img, data
-
-
-def _load_artifact(paths, what: str):
-    """Load one file, or several 3D per-echo files stacked along a 4th axis."""
-    if isinstance(paths, str):
-        paths = [paths]
-    imgs, arrays = [], []
-    for p in paths:
-        img, data = _load_nifti(p, what)
-        if data.ndim == 5 and data.shape[3] == 1:  # some writers put echoes on the 5th axis
-            data = data[:, :, :, 0, :]
-        if data.ndim not in (3, 4) or (data.ndim == 4 and what not in FOUR_D):
-            raise StageError(f"{p}: {what} must be 3D, got shape {data.shape}")
-        if len(paths) > 1 and data.ndim != 3:
-            raise StageError(f"{p}: several {what} files given, each must be 3D (one echo)")
-        imgs.append(img)
-        arrays.append(data)
-    for img, p, a in zip(imgs[1:], paths[1:], arrays[1:]):
-        _check_same_grid(imgs[0], arrays[0], paths[0], img, a, p)
-    data = arrays[0] if len(arrays) == 1 else np.stack(arrays, axis=-1)
-    if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
-        raise StageError(f"{paths[0]}: {what} contains NaN or infinite values")
-    return imgs[0], data, paths[0]
-
-
-def _check_same_grid(img0, a0, p0, img, a, p):
-    if a.shape[:3] != a0.shape[:3]:
-        raise StageError(f"{p}: shape {a.shape[:3]} does not match {p0} {a0.shape[:3]}")
-    if not np.allclose(img.affine, img0.affine, atol=1e-3, rtol=1e-4):
-        raise StageError(f"{p}: affine does not match that of {p0}")
-
-
-def _acquisition(args, ref_img) -> dict:
-    """TE, B0, B0_dir and voxel size from --params, the flags, or the NIfTI header."""
-    from qsmflow.algorithms.dipole import b0_dir_from_affine, voxel_size_from_affine
+def _acquisition(args) -> dict:
+    """TE, B0, B0_dir and voxel size from the flags or --params (None: from the NIfTI)."""
+    from qsmflow.schema import parse_params
+    from qsmflow.validation import check_echo_times, check_field_strength, check_json_file
 
     params = {}
     if args.params:
         p = Path(args.params)
         if not p.is_file():
             raise StageError(f"{args.params}: params file not found")
-        try:
-            params = json.loads(p.read_text())
-        except (ValueError, OSError) as exc:
-            raise StageError(f"{args.params}: not valid JSON ({exc})") from None
-        if "EchoTime" in params and "TE" not in params:  # a BIDS sidecar
-            params["TE"] = params["EchoTime"]
-        if "MagneticFieldStrength" in params and "B0" not in params:
-            params["B0"] = params["MagneticFieldStrength"]
+        data, problems = check_json_file(p)
+        if problems:
+            raise StageError(problems[0])
+        typed, problems = parse_params(data, where=str(p))  # also BIDS sidecar key names
+        if problems:
+            raise StageError(problems[0])
+        params = {"TE": typed.te_s, "B0": typed.b0_tesla, "B0_dir": typed.b0_dir,
+                  "voxel_size": typed.voxel_size}
+    if args.te is not None and check_echo_times(list(args.te), where="--te", key="value"):
+        raise StageError(check_echo_times(list(args.te), where="--te", key="value")[0])
+    if args.b0 is not None and check_field_strength(args.b0, where="--b0", key="value"):
+        raise StageError(check_field_strength(args.b0, where="--b0", key="value")[0])
     te = args.te if args.te is not None else params.get("TE")
     if te is not None and not isinstance(te, (list, tuple)):
         te = [te]
-    b0 = args.b0 if args.b0 is not None else params.get("B0")
-    b0_dir = args.b0_dir or params.get("B0_dir") or b0_dir_from_affine(ref_img.affine)
-    voxel = args.voxel_size or params.get("voxel_size") or voxel_size_from_affine(ref_img.affine)
-    out = {
-        "te_s": tuple(float(t) for t in te) if te is not None else None,
-        "b0_tesla": float(b0) if b0 is not None else None,
-        "b0_dir": tuple(float(x) for x in b0_dir),
-        "voxel_size": tuple(float(v) for v in voxel),
+    return {
+        "te_s": te,
+        "b0_tesla": args.b0 if args.b0 is not None else params.get("B0"),
+        "b0_dir": args.b0_dir or params.get("B0_dir"),
+        "voxel_size": args.voxel_size or params.get("voxel_size"),
     }
-    if out["te_s"] is not None and any(t <= 0 or t > 1 for t in out["te_s"]):
-        raise StageError(f"echo times must be in seconds (0 < TE < 1), got {list(out['te_s'])}")
-    if len(out["b0_dir"]) != 3 or np.linalg.norm(out["b0_dir"]) == 0:
-        raise StageError(f"B0_dir must be a non-zero 3-vector, got {list(out['b0_dir'])}")
-    if len(out["voxel_size"]) != 3 or min(out["voxel_size"]) <= 0:
-        raise StageError(f"voxel size must be 3 positive numbers (mm), got {out['voxel_size']}")
-    return out
 
 
-def _overrides(func, items) -> dict:
+def _overrides(meth: registry.Method, items) -> dict:
     out = {}
+    defaults = meth.defaults
     for item in items:
         if "=" not in item:
             raise StageError(f"--set expects NAME=VALUE, got {item!r}")
         k, v = item.split("=", 1)
-        settable = settable_parameters(func)
-        if k not in settable:
-            raise StageError(f"unknown parameter {k!r}; valid: {', '.join(settable) or 'none'}")
+        if k not in defaults:
+            raise StageError(f"unknown parameter {k!r}; valid: {', '.join(defaults) or 'none'}")
         try:
-            out[k] = coerce_setting(v, settable[k])
+            out[k] = registry.coerce_setting(v, defaults[k])
         except ValueError:
             raise StageError(f"--set {k}: cannot read {v!r} as a value") from None
+        bad = meth.check_types({k: out[k]}, where="--set")
+        if bad:
+            raise StageError(bad[0])
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# output
-# ---------------------------------------------------------------------------------------------
-def _out_path(out: str | None, default_name: str) -> Path:
-    if out is None:
-        return Path(default_name)
-    p = Path(out)
-    if p.is_dir() or out.endswith(("/", os.sep)):
-        return p / default_name
-    return p
+def _check_outputs(stage: str, out, files: dict, args) -> None:
+    """Before computing: no output (nor a companion) may be an input, nor lie under a file."""
+    from qsmflow.runner import output_paths
+    from qsmflow.validation import check_output_file
 
-
-def _extra_path(main: Path, suffix: str, ext: str | None = None) -> Path:
-    """``chi.nii.gz`` -> ``chi_<suffix>.nii.gz`` (or ``chi_<suffix><ext>``)."""
-    name = main.name
-    for e in (".nii.gz", ".nii"):
-        if name.endswith(e):
-            return main.with_name(name[: -len(e)] + f"_{suffix}{ext or e}")
-    return main.with_name(name + f"_{suffix}{ext or ''}")
+    inputs = [str(p) for v in files.values() for p in ([v] if isinstance(v, str) else v)]
+    inputs += [args.params] if args.params else []
+    for path in output_paths(out, stage).values():
+        bad = check_output_file(path, inputs=inputs)
+        if bad:
+            raise StageError(bad[0])
 
 
 # ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    stages = "\n".join(f"  {k:10s} {v.help}" for k, v in STAGES.items())
+    stages = "\n".join(f"  {k:10s} {v.help}" for k, v in registry.STAGES.items())
     p = argparse.ArgumentParser(
         prog="qsmflow-stage",
         description="Run one QSM stage on NIfTI files (qsm-ci 'run' flag conventions).",
         epilog=f"stages:\n{stages}\n\nqsm-ci stage names are accepted too: "
-        + ", ".join(f"{a} = {b}" for a, b in ALIASES.items())
+        + ", ".join(f"{a} = {b}" for a, b in registry.ALIASES.items())
         + "\nList a stage's methods and their parameters: qsmflow-stage STAGE --list-methods",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("stage", choices=sorted(STAGES) + sorted(ALIASES), metavar="STAGE")
+    p.add_argument("stage", choices=list(registry.STAGES) + list(registry.ALIASES), metavar="STAGE")
     p.add_argument("--method", help="method name (see --list-methods)")
     p.add_argument("--list-methods", action="store_true", help="list methods and parameters")
     g = p.add_argument_group("inputs (NIfTI)")
@@ -208,12 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _list_methods(stage) -> str:
+def _list_methods(stage: str) -> str:
     lines = []
-    for name, func in load_methods(stage).items():
-        doc = (inspect.getdoc(func) or "").splitlines()
-        lines.append(f"{name}: {doc[0] if doc else ''}")
-        for n, default in settable_parameters(func).items():
+    for name, meth in registry.methods_for(stage).items():
+        needs = sorted(meth.inputs - {"voxel_size", "b0_dir"})
+        gpu = ", GPU" if meth.gpu else ""
+        lines.append(f"{name}: {meth.summary}  [inputs: {', '.join(needs)}{gpu}; "
+                     f"cites: {', '.join(meth.citations) or '-'}]")
+        for n, default in meth.defaults.items():
             lines.append(f"    --set {n}={default!r}")
     return "\n".join(lines)
 
@@ -221,96 +156,47 @@ def _list_methods(stage) -> str:
 def run(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    stage = get_stage(args.stage)
-    stage_name = stage.name
+    stage = registry.stage(args.stage)
     if args.list_methods:
-        print(_list_methods(stage))
+        print(_list_methods(stage.name))
         return 0
-    methods = load_methods(stage)
+    methods = registry.methods_for(stage.name)
     if not args.method:
         raise StageError(f"--method is required; choose from: {', '.join(methods)}")
     if args.method not in methods:
-        raise StageError(f"unknown {stage_name} method {args.method!r}; choose from: "
+        raise StageError(f"unknown {stage.name} method {args.method!r}; choose from: "
                          f"{', '.join(methods)}")
-    func = methods[args.method]
-    required = {n for n, p in inspect.signature(func).parameters.items() if p.default is p.empty}
+    meth = methods[args.method]
+    files = {}
+    for flag, name in FLAG_INPUTS.items():
+        value = getattr(args, flag)
+        if value is None or name not in stage.requires + stage.accepts:
+            continue
+        if name in ("field", "chi") and flag != _FIELD_FLAG[stage.name]:
+            raise StageError(f"{stage.name} takes --{_FIELD_FLAG[stage.name]}, not --{flag}")
+        files[name] = value[0] if isinstance(value, list) and len(value) == 1 else value
+    for name in stage.requires:
+        if name not in files:
+            flag = _FIELD_FLAG.get(stage.name) if name in ("field", "chi") else name
+            raise StageError(f"{stage.name} needs --{flag.replace('_', '-')}")
+    if not files:
+        raise StageError(f"{stage.name} needs --magnitude or --phase")
+    settings = _overrides(meth, args.overrides)
+    acquisition = _acquisition(args)
+    _check_outputs(stage.name, args.out, files, args)
+    from qsmflow.cli._signals import handle_signals
 
-    given = {a: getattr(args, a) for a in stage.requires + stage.accepts if getattr(args, a)}
-    for art in stage.requires:
-        if art not in given:
-            raise StageError(f"{stage_name} needs --{art.replace('_', '-')}")
-    if stage_name == "mask" and not given:
-        raise StageError("mask needs --magnitude or --phase")
-    loaded, ref = {}, None
-    for art, paths in given.items():
-        img, data, first = _load_artifact(paths, art)
-        if ref is None:
-            ref = (img, data, first)
-        else:
-            _check_same_grid(ref[0], ref[1], ref[2], img, data, first)
-        loaded[art] = (img, data, first)
-    acq = _acquisition(args, ref[0])
-
-    kwargs = {}
-    for art, (_, data, first) in loaded.items():
-        if art in ("mask", "csf_mask"):
-            m = data.astype(bool)
-            if not m.any():
-                raise StageError(f"{first}: {art.replace('_', ' ')} is empty")
-            kwargs[art] = m
-        elif art == "phase":
-            from qsmflow.algorithms.phase import scale_phase_to_radians
-
-            try:
-                kwargs["phase"], note = scale_phase_to_radians(data)
-            except ValueError as exc:
-                raise StageError(f"{first}: {exc}") from None
-            print(f"qsmflow-stage: phase {note}", file=sys.stderr)
-        else:
-            kwargs[ARG_NAME.get(art, art)] = np.asarray(data, dtype=np.float32)
-    kwargs.update({k: v for k, v in acq.items() if v is not None})
-    if "te_s" in required and acq["te_s"] is None:
-        raise StageError(f"{args.method} needs echo times: --te, or TE in --params")
-    if "b0_tesla" in required and acq["b0_tesla"] is None:
-        raise StageError(f"{args.method} needs the field strength: --b0, or B0 in --params")
-    if "phase" in kwargs and kwargs["phase"].ndim == 4 and acq["te_s"] is not None:
-        if len(acq["te_s"]) != kwargs["phase"].shape[3]:
-            raise StageError(f"{loaded['phase'][2]}: {kwargs['phase'].shape[3]} echoes but "
-                             f"{len(acq['te_s'])} echo times")
-    settings = _overrides(func, args.overrides)
-    dip = None
-    if stage_name == "invert" and args.method in DIP_METHODS:
-        # the rich entry point: the ensemble std map, the loss curve and the seeds too
-        from qsmflow.algorithms.dip import _load
-
-        func = getattr(_load(args.method), f"fit_{args.method}")
-    try:
-        result = call_method(func, kwargs, settings)
-    except ValueError as exc:
-        raise StageError(f"{args.method}: {exc}") from None
-
-    extras = {}
-    if hasattr(result, "history_tsv"):
-        dip, result = result, result.chi
-        if dip.chi_std is not None:
-            extras["std"] = dip.chi_std
-    if isinstance(result, tuple):
-        result, *rest = result
-        if stage_name == "bfr" and rest:
-            extras["mask"] = rest[0]
-        elif stage_name == "combine" and rest:
-            extras["noise"] = rest[0]
-    out = _out_path(args.out, stage.default_out)
-    dtype = np.uint8 if stage.produces == "mask" else np.float32
-    ref_img = ref[0]
-    write_nifti_atomic(result, ref_img, out, dtype=dtype)
-    for suffix, arr in extras.items():
-        write_nifti_atomic(arr, ref_img, _extra_path(out, suffix),
-                           dtype=np.uint8 if suffix == "mask" else np.float32)
-    if dip is not None:  # loss curve (TSV) and provenance (seeds, stop reasons, settings)
-        write_text_atomic(dip.history_tsv(), _extra_path(out, "loss", ext=".tsv"))
-        write_json_atomic(dip.sidecar(), _extra_path(out, "fit", ext=".json"))
-    print(f"qsmflow-stage: wrote {out}")
+    with handle_signals("qsmflow-stage", hint=" (nothing was written)"):
+        try:
+            result, written = run_stage(stage.name, args.method, files, args.out,
+                                        settings=settings, **acquisition)
+        except StageError:
+            raise
+        except ValueError as exc:  # a method rejecting its inputs or settings
+            raise StageError(f"{args.method}: {exc}") from None
+    if "phase_scaling" in result.provenance:
+        print(f"qsmflow-stage: phase {result.provenance['phase_scaling']}", file=sys.stderr)
+    print(f"qsmflow-stage: wrote {written['main']}")
     return 0
 
 

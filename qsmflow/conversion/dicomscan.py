@@ -227,12 +227,28 @@ def _expected_pixel_bytes(ds) -> int | None:
         return None
 
 
+def _looks_like_dicom(path: Path) -> bool:
+    """A file pydicom refuses that still looks like DICOM: a DICOM extension, the 'DICM'
+    magic, or a DICOM UID root (1.2.840.10008) in its first kilobytes."""
+    if Path(path).suffix.lower() in (".dcm", ".ima", ".dicom"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM" or b"1.2.840.10008." in head
+
+
 def read_dicom_file(path: Path, report: Report) -> DicomFile | None:
     """Header summary of ``path``; ``None`` (with a note or a problem) when not usable."""
     try:
         ds = pydicom.dcmread(path)
-    except InvalidDicomError:
-        report.note(f"ignored (not DICOM): {path}")
+    except InvalidDicomError as exc:
+        if _looks_like_dicom(path):
+            report.problem(f"damaged DICOM header: {path} ({exc})")
+        else:
+            report.note(f"ignored (not DICOM): {path}")
         return None
     except Exception as exc:  # noqa: BLE001 - truncated / corrupt file
         where = ""

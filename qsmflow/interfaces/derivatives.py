@@ -1,16 +1,27 @@
 """Write one run's results as BIDS derivatives (atomically: temporary name, then rename).
 
-Files, under ``output_dir/sub-X[/ses-Y]/anat/`` with the run's entities as prefix::
+Files, under ``output_dir/sub-X[/ses-Y]/`` with the run's entities as prefix::
 
-    <prefix>_Chimap.nii.gz (+ .json)               susceptibility (ppm)
-    <prefix>_desc-brain_mask.nii.gz (+ .json)      mask where chi is valid
-    <prefix>_desc-total_fieldmap.nii.gz (+ .json)  total field (ppm of B0)
-    <prefix>_desc-local_fieldmap.nii.gz (+ .json)  local field (ppm of B0)
-    <prefix>_desc-std_Chimap.nii.gz                (DIP methods) chi standard deviation
+    anat/<prefix>_Chimap.nii.gz (+ .json)              susceptibility (ppm)
+    anat/<prefix>_desc-brain_mask.nii.gz (+ .json)     mask where chi is valid
+    anat/<prefix>_desc-std_Chimap.nii.gz (+ .json)     (DIP ensembles) chi standard deviation
+    anat/<prefix>_desc-losshistory_Chimap.tsv          (DIP methods) loss curve
+    fmap/<prefix>_desc-total_fieldmap.nii.gz (+ .json)   total field (ppm of B0)
+    fmap/<prefix>_desc-local_fieldmap.nii.gz (+ .json)   local (tissue) field (ppm of B0)
+    fmap/<prefix>_desc-{total,local}_magnitude.nii.gz (+ .json)  the fieldmaps' magnitude
+
+Sidecars pass the BIDS validator (``bids-validator-deno``): ``Units``, ``SkullStripped``,
+``Sources``, ``SoftwareVersions`` (a string), and on the Chimap the quantitative-MRI keys
+``EstimationAlgorithm`` and ``EstimationReference`` plus ``ReferenceRegion`` and
+``ReferenceOffset`` (ppm subtracted from the unreferenced map).  Fieldmaps are in ``fmap/``
+(BIDS allows ``_fieldmap`` only there), each with its ``_magnitude`` companion: the
+echo-averaged magnitude (all ones for phase-only data, as stated in its sidecar).
+``output_dir/.bidsignore`` lists the non-BIDS files: the HTML reports and ``sub-*/log/``.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +36,42 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from qsmflow.io import copy_file_atomic, load_nifti, write_json_atomic, write_nifti_atomic
+from qsmflow.io import (
+    copy_file_atomic,
+    load_nifti,
+    write_json_atomic,
+    write_nifti_atomic,
+    write_text_atomic,
+)
+from qsmflow.outputs import REQUIRED, derivative_path
+from qsmflow.reports.regions import REFERENCE_REGIONS, reference_offset
+
+#: not BIDS, kept out of validation: the QC reports and the per-subject logs
+BIDSIGNORE = ("*.html", "sub-*/log")
+
+#: EstimationAlgorithm of the Chimap sidecar, by inversion method
+INVERSION_NAMES = {
+    "tkd": "TKD (thresholded k-space division)",
+    "tikhonov": "closed-form Tikhonov-regularised inversion",
+    "tv": "total-variation regularised inversion (ADMM)",
+    "rts": "RTS (rapid two-step dipole inversion)",
+    "ndi": "NDI (nonlinear dipole inversion)",
+    "medi": "MEDI (morphology enabled dipole inversion, nonlinear)",
+    "modip": "MoDIP (model-based deep image prior)",
+    "dip": "deep image prior",
+    "inr": "INR-QSM (implicit neural representation)",
+}
 
 
 def derivative_dataset_description(output_dir) -> Path:
-    """Write ``output_dir/dataset_description.json`` (DatasetType derivative, GeneratedBy)."""
-    from qsmflow import __version__
+    """Write ``output_dir/dataset_description.json`` (DatasetType derivative, GeneratedBy)
+    and ``output_dir/.bidsignore``."""
+    from qsmflow import BIDS_VERSION, __version__
 
     path = Path(output_dir) / "dataset_description.json"
     write_json_atomic({
         "Name": "qsmflow outputs",
-        "BIDSVersion": "1.9.0",
+        "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
         "GeneratedBy": [{
             "Name": "qsmflow",
@@ -43,16 +79,36 @@ def derivative_dataset_description(output_dir) -> Path:
             "CodeURL": "https://github.com/qsmflow/qsmflow",
         }],
     }, path)
+    write_text_atomic("\n".join(BIDSIGNORE) + "\n", Path(output_dir) / ".bidsignore")
     return path
 
 
 def expected_files(output_dir, prefix: str, session=None) -> list[Path]:
     """The final files a successful run writes (NIfTI and JSON)."""
-    sub = prefix.split("_")[0]
-    anat = Path(output_dir) / sub / (f"ses-{session}" if session else "") / "anat"
-    out = []
-    for stem in ("Chimap", "desc-brain_mask", "desc-total_fieldmap", "desc-local_fieldmap"):
-        out += [anat / f"{prefix}_{stem}.nii.gz", anat / f"{prefix}_{stem}.json"]
+    return [derivative_path(output_dir, prefix, key, session=session, ext=ext)
+            for key in REQUIRED for ext in (".nii.gz", ".json")]
+
+
+def chimap_qmri_keys(meta: dict) -> dict:
+    """``EstimationAlgorithm``, ``EstimationReference`` and ``ReferenceRegion`` from the
+    run's ``QSMflowMethods``."""
+    from qsmflow import registry
+    from qsmflow.references import REFERENCES
+
+    methods = meta.get("QSMflowMethods") or {}
+    inv = (methods.get("invert") or {}).get("Method")
+    ref = (methods.get("reference") or {}).get("Method")
+    out = {}
+    if inv:
+        out["EstimationAlgorithm"] = INVERSION_NAMES.get(inv, inv)
+        try:
+            keys = registry.method("invert", inv).citations
+        except (KeyError, ValueError):  # a method no longer registered: no citation
+            keys = ()
+        if keys:
+            out["EstimationReference"] = " ".join(REFERENCES[k] for k in keys if k in REFERENCES)
+    if ref:
+        out["ReferenceRegion"] = REFERENCE_REGIONS.get(ref, ref)
     return out
 
 
@@ -61,12 +117,19 @@ class _DSInputSpec(BaseInterfaceInputSpec):
     prefix = traits.Str(mandatory=True, desc="BIDS entities of the run, sub-X[_ses-Y]...")
     session = traits.Str(desc="session label (without ses-)")
     chi = File(exists=True, mandatory=True, desc="susceptibility (ppm)")
+    chi_unreferenced = File(exists=True, desc="susceptibility before referencing (ppm): "
+                            "gives the ReferenceOffset")
     mask = File(exists=True, mandatory=True, desc="mask where chi is valid")
     total_field = File(exists=True, mandatory=True, desc="total field (ppm)")
     local_field = File(exists=True, mandatory=True, desc="local field (ppm)")
+    magnitude = File(exists=True, desc="magnitude (X,Y,Z[,E]); echo-averaged for the "
+                     "fieldmaps' _magnitude companion (ones when absent)")
     chi_std = File(exists=True, desc="chi standard deviation (ppm), if any")
-    loss_history = File(exists=True, desc="JSON loss history, if any")
+    loss_history = File(exists=True, desc="loss curve (TSV), if any")
     phase_scaling = traits.Str(desc="how the phase was converted to radians")
+    inversion_sidecar = File(exists=True, desc="the inversion's provenance JSON: its "
+                             "InversionFit (chosen regularisation, data-consistency residual) "
+                             "goes into the Chimap sidecar")
     metadata = traits.Dict(desc="provenance for the Chimap sidecar (methods, settings, seed, "
                            "acquisition)")
     source_files = InputMultiObject(traits.Str, desc="input files (BIDS URIs or paths)")
@@ -84,24 +147,23 @@ class DerivativesWriter(SimpleInterface):
     output_spec = _DSOutputSpec
 
     def _run_interface(self, runtime):
-        from qsmflow.interfaces.reports import software_versions
+        from qsmflow.interfaces.reports import software_versions_text
 
         inp = self.inputs
         session = inp.session if isdefined(inp.session) and inp.session else None
-        sub = inp.prefix.split("_")[0]
-        anat = Path(inp.output_dir) / sub / (f"ses-{session}" if session else "") / "anat"
         meta = dict(inp.metadata) if isdefined(inp.metadata) else {}
         sources = list(inp.source_files) if isdefined(inp.source_files) else []
-        common = {"Sources": sources, "SoftwareVersions": software_versions()}
+        common = {"Sources": sources, "SoftwareVersions": software_versions_text()}
         written = []
 
-        def nii(src, stem, sidecar, *, mask=False):
-            img, data = load_nifti(src)
-            dst = anat / f"{inp.prefix}_{stem}.nii.gz"
+        def nii(src, key, sidecar, *, mask=False, data=None):
+            img, arr = load_nifti(src)
+            arr = arr if data is None else data
+            dst = derivative_path(inp.output_dir, inp.prefix, key, session=session)
             if mask:
-                write_nifti_atomic(np.asarray(data) != 0, img, dst, dtype=np.uint8)
+                write_nifti_atomic(np.asarray(arr) != 0, img, dst, dtype=np.uint8)
             else:
-                write_nifti_atomic(np.asarray(data, dtype=np.float32), img, dst)
+                write_nifti_atomic(np.asarray(arr, dtype=np.float32), img, dst)
             js = dst.with_name(dst.name.replace(".nii.gz", ".json"))
             write_json_atomic({**sidecar, **common}, js)
             written.extend([str(dst), str(js)])
@@ -111,26 +173,62 @@ class DerivativesWriter(SimpleInterface):
             "Units": "ppm",
             "Description": "magnetic susceptibility (chi) relative to the reference region",
             "SkullStripped": True,
-            **meta,
+            **chimap_qmri_keys(meta),
         }
+        if isdefined(inp.chi_unreferenced) and inp.chi_unreferenced:
+            chi_meta["ReferenceOffset"] = _reference_offset(inp.chi_unreferenced, inp.chi,
+                                                            inp.mask)
+        chi_meta.update(meta)
+        if isdefined(inp.inversion_sidecar) and inp.inversion_sidecar:
+            fit = json.loads(Path(inp.inversion_sidecar).read_text()).get("InversionFit")
+            if fit:
+                chi_meta["InversionFit"] = fit
         if isdefined(inp.phase_scaling):
             chi_meta["PhaseScaling"] = inp.phase_scaling
-        self._results["chi"] = nii(inp.chi, "Chimap", chi_meta)
-        nii(inp.mask, "desc-brain_mask", {"Type": "Brain", "Description":
-                                          "mask where chi and the local field are valid"},
+        self._results["chi"] = nii(inp.chi, "chi", chi_meta)
+        nii(inp.mask, "brain_mask", {
+            "Type": "Brain", "Description": "mask where chi and the local field are valid"},
             mask=True)
         b0 = {k: meta[k] for k in ("MagneticFieldStrength", "B0Direction") if k in meta}
-        nii(inp.total_field, "desc-total_fieldmap",
-            {"Units": "ppm", "Description": "total field, ppm of B0", **b0})
-        nii(inp.local_field, "desc-local_fieldmap",
-            {"Units": "ppm", "Description": "local (tissue) field after background removal, "
-             "ppm of B0", **b0})
+        nii(inp.total_field, "total_field", {
+            "Units": "ppm", "Description": "total field, ppm of B0 (multiply by "
+            "gamma/2pi * B0 = 42.577 MHz/T * B0 * 1e-6 for Hz)", "SkullStripped": True,
+            **b0})
+        nii(inp.local_field, "local_field", {
+            "Units": "ppm", "Description": "local (tissue) field after background removal, "
+            "ppm of B0", "SkullStripped": True, **b0})
+        mag, mag_desc = self._magnitude()
+        for kind in ("total", "local"):
+            nii(inp.mask, f"{kind}_magnitude", {
+                "Units": "arbitrary", "Description": mag_desc, "SkullStripped": False},
+                data=mag)
         if isdefined(inp.chi_std) and inp.chi_std:
-            nii(inp.chi_std, "desc-std_Chimap", {"Units": "ppm", "Description":
-                                                 "standard deviation of chi"})
+            nii(inp.chi_std, "chi_std", {
+                "Units": "ppm", "Description": "voxel-wise standard deviation of chi over the "
+                "ensemble", "SkullStripped": True})
         if isdefined(inp.loss_history) and inp.loss_history:
-            dst = anat / f"{inp.prefix}_desc-losshistory_Chimap.json"
+            ext = "".join(Path(inp.loss_history).suffixes) or ".tsv"
+            dst = derivative_path(inp.output_dir, inp.prefix, "loss", session=session, ext=ext)
             copy_file_atomic(inp.loss_history, dst)
             written.append(str(dst))
         self._results["out_files"] = written
         return runtime
+
+    def _magnitude(self):
+        inp = self.inputs
+        if isdefined(inp.magnitude) and inp.magnitude:
+            _, m = load_nifti(inp.magnitude)
+            m = np.asarray(m, dtype=np.float32)
+            return (m.mean(axis=3) if m.ndim == 4 else m,
+                    "magnitude averaged over echoes (the fieldmap's companion)")
+        _, mk = load_nifti(inp.mask)
+        return (np.ones(np.asarray(mk).shape[:3], dtype=np.float32),
+                "phase-only input: no magnitude was measured; unit magnitude")
+
+
+
+def _reference_offset(chi_unreferenced, chi, mask) -> float:
+    """Offset (ppm) the reference step subtracted (:func:`~qsmflow.reports.regions.
+    reference_offset`)."""
+    return reference_offset(load_nifti(chi_unreferenced)[1], load_nifti(chi)[1],
+                            np.asarray(load_nifti(mask)[1]) != 0)

@@ -8,31 +8,34 @@ Layout (BIDS 1.9, MEGRE suffix with ``echo`` and ``part`` entities)::
     root/derivatives/qsmflow-sim/dataset_description.json
     root/derivatives/qsmflow-sim/sub-<label>/anat/
         sub-<label>_Chimap.nii.gz                  chi inside the brain mask (ppm)
-        sub-<label>_desc-total_fieldmap.nii.gz     total field (ppm of B0)
-        sub-<label>_desc-local_fieldmap.nii.gz     local field (ppm of B0)
         sub-<label>_desc-brain_mask.nii.gz         uint8 0/1
         sub-<label>_dseg.nii.gz                    int16 labels (see qsmflow.sims.phantom)
+    root/derivatives/qsmflow-sim/sub-<label>/fmap/
+        sub-<label>_desc-total_fieldmap.nii.gz     total field (ppm of B0)
+        sub-<label>_desc-local_fieldmap.nii.gz     local field (ppm of B0)
+        sub-<label>_desc-{total,local}_magnitude.nii.gz  their magnitude (echo average)
 
-Sidecars carry ``EchoTime`` in seconds and ``MagneticFieldStrength`` in tesla, as BIDS requires.
+(:func:`truth_paths` gives these paths.)  Sidecars carry ``EchoTime`` in seconds and
+``MagneticFieldStrength`` in tesla, as BIDS requires; phase sidecars carry ``Units`` ("rad",
+or "arbitrary" for scanner integers); both the raw dataset and the ground-truth derivatives
+pass the BIDS validator.
 Every file is written atomically (temporary name in the same folder, then ``os.replace``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from qsmflow import __version__
+from qsmflow import BIDS_VERSION, __version__
 from qsmflow.algorithms.dipole import b0_dir_from_affine
 from qsmflow.algorithms.units import GAMMA_BAR_HZ_PER_T
-from qsmflow.io import new_file_mode
+from qsmflow.io import write_atomic, write_json_atomic, write_text_atomic
 from qsmflow.sims.field import simulate_fields
 from qsmflow.sims.phantom import TISSUES, make_head_phantom
 from qsmflow.sims.signal import oblique_affine, simulate_megre
@@ -61,44 +64,20 @@ def siemens_int_to_phase(values: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, writer) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.fchmod(fd, new_file_mode())
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, xyzt_units="mm") -> None:
     img = nib.Nifti1Image(np.asarray(data), affine)
     img.header.set_xyzt_units(xyzt_units, "sec")
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
-    _atomic_write_bytes(path, lambda tmp: nib.save(img, tmp))
+    write_atomic(path, lambda tmp: nib.save(img, tmp), suffix="".join(Path(path).suffixes))
 
 
 def _save_json(path: Path, obj) -> None:
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-
-    _atomic_write_bytes(path, w)
+    write_json_atomic(obj, path)
 
 
 def _save_text(path: Path, text: str) -> None:
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    _atomic_write_bytes(path, w)
+    write_text_atomic(text, path)
 
 
 def _subject_seed(seed: int, index: int) -> int:
@@ -162,7 +141,7 @@ def write_bids_dataset(
         root / "dataset_description.json",
         {
             "Name": "qsmflow simulated multi-echo GRE head phantom",
-            "BIDSVersion": "1.9.0",
+            "BIDSVersion": BIDS_VERSION,
             "DatasetType": "raw",
             "License": "CC0",
             "GeneratedBy": [{"Name": "qsmflow-sim", "Version": __version__}],
@@ -177,7 +156,7 @@ def write_bids_dataset(
         deriv / "dataset_description.json",
         {
             "Name": "qsmflow simulation ground truth",
-            "BIDSVersion": "1.9.0",
+            "BIDSVersion": BIDS_VERSION,
             "DatasetType": "derivative",
             "GeneratedBy": [{"Name": "qsmflow-sim", "Version": __version__}],
             "TissueLabels": {str(k): v[0] for k, v in TISSUES.items()},
@@ -221,25 +200,49 @@ def write_bids_dataset(
             else:
                 pdata = phase[..., e].astype(np.float32)
             pside = {**common, "ImageType": ["ORIGINAL", "PRIMARY", "P", "ND"]}
-            if not phase_as_int:
-                pside["Units"] = "rad"
+            # BIDS requires Units for part-phase: "rad", or "arbitrary" for scanner integers
+            pside["Units"] = "arbitrary" if phase_as_int else "rad"
             _save_nifti(anat / f"{stem}phase_MEGRE.nii.gz", pdata, affine)
             _save_json(anat / f"{stem}phase_MEGRE.json", pside)
 
-        danat = deriv / f"sub-{sub}" / "anat"
-        _save_nifti(danat / f"sub-{sub}_Chimap.nii.gz", fields["chi_local"], affine)
-        _save_json(danat / f"sub-{sub}_Chimap.json", {"Units": "ppm", "Reference": "water"})
+        truth = truth_paths(root, sub)
+        _save_nifti(truth["Chimap"], fields["chi_local"], affine)
+        _save_json(_sidecar(truth["Chimap"]),
+                   {"Units": "ppm", "Reference": "water", "SkullStripped": True})
+        outside = ~np.asarray(ph.brain_mask, dtype=bool)
+        mag_mean = np.mean(mag, axis=-1).astype(np.float32)
         for kind in ("total", "local"):
-            _save_nifti(danat / f"sub-{sub}_desc-{kind}_fieldmap.nii.gz", fields[kind], affine)
+            _save_nifti(truth[f"desc-{kind}_fieldmap"], fields[kind], affine)
             _save_json(
-                danat / f"sub-{sub}_desc-{kind}_fieldmap.json",
-                {"Units": "ppm", "B0Direction": [float(v) for v in b0_dir]},
+                _sidecar(truth[f"desc-{kind}_fieldmap"]),
+                {"Units": "ppm", "B0Direction": [float(v) for v in b0_dir],
+                 "SkullStripped": bool(np.all(np.asarray(fields[kind])[outside] == 0))},
             )
-        _save_nifti(
-            danat / f"sub-{sub}_desc-brain_mask.nii.gz", ph.brain_mask.astype(np.uint8), affine
-        )
-        _save_nifti(danat / f"sub-{sub}_dseg.nii.gz", ph.labels.astype(np.int16), affine)
+            _save_nifti(truth[f"desc-{kind}_magnitude"], mag_mean, affine)
+            _save_json(_sidecar(truth[f"desc-{kind}_magnitude"]),
+                       {"Units": "arbitrary", "SkullStripped": False,
+                        "Description": "simulated magnitude averaged over echoes"})
+        _save_nifti(truth["desc-brain_mask"], ph.brain_mask.astype(np.uint8), affine)
+        _save_nifti(truth["dseg"], ph.labels.astype(np.int16), affine)
     return root
+
+
+def truth_paths(root, subject: str) -> dict:
+    """Paths of one subject's ground truth written by :func:`write_bids_dataset`:
+    ``{"Chimap", "desc-brain_mask", "dseg", "desc-total_fieldmap", "desc-local_fieldmap",
+    "desc-total_magnitude", "desc-local_magnitude": Path}`` (NIfTI)."""
+    base = Path(root) / "derivatives" / DERIV_NAME / f"sub-{subject}"
+    out = {k: base / "anat" / f"sub-{subject}_{k}.nii.gz"
+           for k in ("Chimap", "desc-brain_mask", "dseg")}
+    for kind in ("total", "local"):
+        for suffix in ("fieldmap", "magnitude"):
+            key = f"desc-{kind}_{suffix}"
+            out[key] = base / "fmap" / f"sub-{subject}_{key}.nii.gz"
+    return out
+
+
+def _sidecar(nifti: Path) -> Path:
+    return nifti.with_name(nifti.name.replace(".nii.gz", ".json"))
 
 
 def read_bids_megre(root, subject: str = "1", *, suffix: str = "MEGRE") -> dict:

@@ -74,6 +74,7 @@ def init_single_subject_wf(
     bids_dir=None,
     omp_nthreads: int = 1,
     use_gpu: bool = False,
+    report: bool = True,
     name: str | None = None,
 ) -> pe.Workflow:
     """One :func:`~qsmflow.workflows.qsm.init_qsm_wf` and one derivatives writer per run.
@@ -94,12 +95,29 @@ def init_single_subject_wf(
         Threads per node.
     use_gpu : bool
         Run GPU-capable inversions as GPU nodes.
+    report : bool
+        Write the visual QC report ``output_dir/sub-<subject>.html`` (one section per run)
+        and refresh ``output_dir/index.html``.
     """
+    from nipype.interfaces import utility as niu
+
     from qsmflow.interfaces.derivatives import DerivativesWriter
+    from qsmflow.interfaces.qc import RunReport, SubjectReport
 
     config = config if config is not None else default_config()
     wf = pe.Workflow(name=name or subject_workflow_name(subject))
-    for run in runs:
+    if report and runs:
+        merge_frag = pe.Node(niu.Merge(len(runs)), name="report_sections",
+                             run_without_submitting=True)
+        merge_sum = pe.Node(niu.Merge(len(runs)), name="report_summaries",
+                            run_without_submitting=True)
+        sub_report = pe.Node(SubjectReport(output_dir=os.path.abspath(output_dir),
+                                           subject=subject,
+                                           methods=subject_methods_text(runs[0], config)),
+                             name="report_subject", n_procs=1)
+        wf.connect([(merge_frag, sub_report, [("out", "fragments")]),
+                    (merge_sum, sub_report, [("out", "summaries")])])
+    for i, run in enumerate(runs):
         if run.subject != subject:
             raise ValueError(f"run {run.bids_prefix} does not belong to subject {subject}")
         mem_gb = max(1, _prod(run.shape)) * max(run.n_echoes, 1) * 4 / 1e9
@@ -126,8 +144,36 @@ def init_single_subject_wf(
             ("outputnode.total_field", "total_field"), ("outputnode.local_field", "local_field"),
             ("outputnode.chi_std", "chi_std"), ("outputnode.loss_history", "loss_history"),
             ("outputnode.phase_scaling", "phase_scaling"),
+            ("outputnode.magnitude", "magnitude"),
+            ("outputnode.chi_unreferenced", "chi_unreferenced"),
+            ("outputnode.inversion_sidecar", "inversion_sidecar"),
         ])])
+        if report:
+            run_report = pe.Node(
+                RunReport(prefix=run.bids_prefix, metadata=meta,
+                          qsm_workflow_name=qsm_wf.name),
+                name=f"report_{run.node_name}", mem_gb=6 * mem_gb, n_procs=1)
+            wf.connect([
+                (qsm_wf, run_report, [(f"outputnode.{f}", f) for f in (
+                    "chi", "chi_unreferenced", "mask", "brain_mask", "total_field",
+                    "local_field", "phase", "magnitude", "chi_std", "loss_history")]),
+                (run_report, merge_frag, [("fragment", f"in{i + 1}")]),
+                (run_report, merge_sum, [("summary", f"in{i + 1}")]),
+            ])
     return wf
+
+
+def subject_methods_text(run, config: QSMConfig) -> str:
+    """The methods text (Markdown, with references) of ``run`` under ``config``, with a note
+    for every method substitution (as written to ``sub-X/log/methods.md``)."""
+    from qsmflow.interfaces.reports import methods_text
+
+    eff, notes = effective_config(config, has_magnitude=run.has_magnitude,
+                                  n_echoes=run.n_echoes)
+    text = methods_text(eff.resolved(), version=__version__, seed=eff.seed)
+    if notes:
+        text += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    return text
 
 
 def _prod(shape) -> int:
@@ -145,11 +191,13 @@ def init_qsmflow_wf(
     bids_dir=None,
     omp_nthreads: int = 1,
     use_gpu: bool = False,
+    report: bool = True,
     name: str | None = None,
 ) -> pe.Workflow:
     """Top workflow: one :func:`init_single_subject_wf` per subject in ``runs``.
 
-    Its name (default :func:`top_workflow_name`) carries the major.minor version.
+    Its name (default :func:`top_workflow_name`) carries the major.minor version; ``report``
+    as in :func:`init_single_subject_wf`.
     """
     wf = pe.Workflow(name=name or top_workflow_name())
     by_subject: dict = {}
@@ -158,6 +206,6 @@ def init_qsmflow_wf(
     for subject, sruns in sorted(by_subject.items()):
         wf.add_nodes([init_single_subject_wf(
             subject=subject, runs=sruns, output_dir=output_dir, config=config,
-            bids_dir=bids_dir, omp_nthreads=omp_nthreads, use_gpu=use_gpu,
+            bids_dir=bids_dir, omp_nthreads=omp_nthreads, use_gpu=use_gpu, report=report,
         )])
     return wf

@@ -18,15 +18,17 @@ import copy
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from qsmflow.config import DIP_METHODS, QSMConfig, default_config
+from qsmflow import registry
+from qsmflow.config import QSMConfig, default_config
 
 INPUT_FIELDS = ("phase_files", "magnitude_files", "te_s", "b0_tesla")
 OUTPUT_FIELDS = (
     "chi", "mask", "brain_mask", "total_field", "local_field", "noise", "chi_std",
-    "loss_history", "phase_scaling", "phase", "magnitude",
+    "loss_history", "phase_scaling", "phase", "magnitude", "chi_unreferenced",
+    "inversion_sidecar",
 )
-#: mask methods that need a magnitude image
-_MAG_MASKS = ("bet", "threshold")
+#: the method a stage falls back to when its method needs a magnitude and the data have none
+PHASE_ONLY_FALLBACK = {"mask": "phase-quality", "combine": "wls"}
 
 
 def effective_config(
@@ -37,13 +39,11 @@ def effective_config(
     cfg = copy.deepcopy(config)
     notes = []
     if not has_magnitude:
-        if cfg.method("mask") in _MAG_MASKS:
-            notes.append(f"no magnitude: mask method {cfg.method('mask')!r} replaced by "
-                         "'phase-quality'")
-            cfg.stages["mask"].method = "phase-quality"
-        if cfg.method("combine") == "complexfit":
-            notes.append("no magnitude: field mapping 'complexfit' replaced by 'wls'")
-            cfg.stages["combine"].method = "wls"
+        for stage, fallback in PHASE_ONLY_FALLBACK.items():
+            meth = cfg.method(stage)
+            if "magnitude" in registry.method(stage, meth).required_inputs:
+                notes.append(f"no magnitude: {stage} method {meth!r} replaced by {fallback!r}")
+                cfg.stages[stage].method = fallback
     if n_echoes is not None and n_echoes < 3 and cfg.method("combine") == "complexfit":
         notes.append(f"{n_echoes} echo(es): field mapping 'complexfit' (needs >= 3) replaced "
                      "by 'wls'")
@@ -53,9 +53,7 @@ def effective_config(
 
 def full_settings(stage: str, method: str, settings: dict) -> dict:
     """Every parameter of a method: its defaults updated with ``settings`` (for provenance)."""
-    from qsmflow.stages import get_method, settable_parameters
-
-    out = dict(settable_parameters(get_method(stage, method)))
+    out = dict(registry.method(stage, method).defaults)
     out.update(settings)
     return out
 
@@ -121,9 +119,11 @@ def init_qsm_wf(
     brain_mask : brain mask before background removal
     total_field, local_field : field maps (ppm of B0)
     noise : field noise map (ppm), when the field mapping estimates one
-    chi_std, loss_history : from inversions that provide them (DIP)
+    chi_std, loss_history : from inversions that provide them (network fits; the loss
+        curve is a TSV file)
     phase_scaling : how the phase was converted to radians
     phase, magnitude : the stacked 4D inputs (rad, a.u.)
+    chi_unreferenced : chi before referencing (ppm; gives the reference offset)
     """
     from qsmflow.interfaces.qsm import (
         BackgroundRemoval,
@@ -149,70 +149,62 @@ def init_qsm_wf(
     outputnode = pe.Node(niu.IdentityInterface(fields=list(OUTPUT_FIELDS)), name="outputnode")
 
     prepare = pe.Node(PreparePhase(), name="prepare", mem_gb=3 * mem, n_procs=1)
-    mask_node = pe.Node(
-        Mask(method=cfg.method("mask"), settings=cfg.settings("mask"), n_threads=nthr),
-        name="mask", mem_gb=4 * mem, n_procs=nthr)
+    # a GPU node only when the method can use one and the device is not pinned to the CPU
+    gpu = bool(use_gpu) and registry.method("invert", cfg.method("invert")).gpu \
+        and device != "cpu"
+
+    def stage_node(iface, stage, node_name, mem_factor, settings=None, **extra):
+        n_procs = 1 if extra.get("use_gpu") else nthr
+        return pe.Node(
+            iface(method=cfg.method(stage), settings=settings or cfg.settings(stage),
+                  n_threads=n_procs, **extra),
+            name=node_name, mem_gb=mem_factor * mem, n_procs=n_procs)
+
+    mask_node = stage_node(Mask, "mask", "mask", 4)
     combine_settings = cfg.settings("combine")
     combine_settings.setdefault("unwrap", cfg.method("unwrap"))
-    fieldmap = pe.Node(
-        FieldMap(method=cfg.method("combine"), settings=combine_settings, n_threads=nthr),
-        name="fieldmap", mem_gb=8 * mem, n_procs=nthr)
-    bfr_node = pe.Node(
-        BackgroundRemoval(method=cfg.method("bfr"), settings=cfg.settings("bfr"),
-                          n_threads=nthr),
-        name="bfr", mem_gb=12 * mem, n_procs=nthr)
-    # a GPU node only when the method can use one and the device is not pinned to the CPU
-    gpu = bool(use_gpu) and cfg.method("invert") in DIP_METHODS and device != "cpu"
-    invert = pe.Node(
-        Inversion(method=cfg.method("invert"), settings=cfg.settings("invert"), seed=seed,
-                  use_gpu=gpu, device=device, n_threads=nthr),
-        name="invert", mem_gb=16 * mem, n_procs=1 if gpu else nthr)
-    ref_node = pe.Node(
-        Reference(method=cfg.method("reference"), settings=cfg.settings("reference")),
-        name="reference", mem_gb=2 * mem, n_procs=1)
+    fieldmap = stage_node(FieldMap, "combine", "fieldmap", 8, combine_settings)
+    bfr_node = stage_node(BackgroundRemoval, "bfr", "bfr", 12)
+    invert = stage_node(Inversion, "invert", "invert", 16, seed=seed, use_gpu=gpu,
+                        device=device)
+    ref_node = stage_node(Reference, "reference", "reference", 2)
+
+    # what every node may get; each node gets what its method's signature takes (registry)
+    common = {"phase": (prepare, "phase"), "te_s": (inputnode, "te_s"),
+              "b0_tesla": (inputnode, "b0_tesla"), "b0_dir": (prepare, "b0_dir")}
+    if has_magnitude:
+        common["magnitude"] = (prepare, "magnitude")
+    if "noise" in registry.method("combine", cfg.method("combine")).provides:
+        common["noise"] = (fieldmap, "noise")
+    chain = {
+        "mask": (mask_node, {}),
+        "combine": (fieldmap, {"mask": (mask_node, "mask")}),
+        "bfr": (bfr_node, {"field": (fieldmap, "field"), "mask": (mask_node, "mask")}),
+        "invert": (invert, {"field": (bfr_node, "local_field"), "mask": (bfr_node, "mask")}),
+        "reference": (ref_node, {"chi": (invert, "chi"), "mask": (bfr_node, "mask")}),
+    }
+    for stage, (node, upstream) in chain.items():
+        meth = registry.method(stage, cfg.method(stage))
+        sources = {**{k: v for k, v in common.items() if v[0] is not node}, **upstream}
+        missing = meth.required_inputs - set(sources) - {"voxel_size"}
+        if missing:
+            raise ValueError(f"{stage} method {meth.name!r} needs {', '.join(sorted(missing))}, "
+                             "which this workflow does not have")
+        for name in sorted(meth.inputs & set(sources)):
+            src, out = sources[name]
+            wf.connect(src, out, node, name)
 
     wf.connect([
         (inputnode, prepare, [("phase_files", "phase_files"),
                               ("magnitude_files", "magnitude_files")]),
-        (inputnode, fieldmap, [("te_s", "te_s"), ("b0_tesla", "b0_tesla")]),
-        (prepare, fieldmap, [("phase", "phase")]),
-        (mask_node, fieldmap, [("mask", "mask")]),
-        (fieldmap, bfr_node, [("field", "field")]),
-        (mask_node, bfr_node, [("mask", "mask")]),
-        (prepare, bfr_node, [("b0_dir", "b0_dir")]),
-        (bfr_node, invert, [("local_field", "field"), ("mask", "mask")]),
-        (prepare, invert, [("b0_dir", "b0_dir")]),
-        (invert, ref_node, [("chi", "chi")]),
-        (bfr_node, ref_node, [("mask", "mask")]),
+        (invert, outputnode, [("chi", "chi_unreferenced")]),
         (ref_node, outputnode, [("chi", "chi")]),
         (bfr_node, outputnode, [("mask", "mask"), ("local_field", "local_field")]),
         (mask_node, outputnode, [("mask", "brain_mask")]),
         (fieldmap, outputnode, [("field", "total_field"), ("noise", "noise")]),
-        (invert, outputnode, [("chi_std", "chi_std"), ("loss_history", "loss_history")]),
+        (invert, outputnode, [("std", "chi_std"), ("loss", "loss_history"),
+                              ("sidecar", "inversion_sidecar")]),
         (prepare, outputnode, [("phase_scaling", "phase_scaling"), ("phase", "phase"),
                                ("magnitude", "magnitude")]),
     ])
-    if cfg.method("mask") == "phase-quality":
-        wf.connect([(prepare, mask_node, [("phase", "phase")]),
-                    (inputnode, mask_node, [("te_s", "te_s")])])
-    if has_magnitude:
-        wf.connect([(prepare, mask_node, [("magnitude", "magnitude")]),
-                    (prepare, fieldmap, [("magnitude", "magnitude")])])
-        if cfg.method("invert") == "medi":
-            wf.connect(prepare, "magnitude", invert, "magnitude")
-        if cfg.method("reference") == "csf":
-            wf.connect(prepare, "magnitude", ref_node, "magnitude")
-    if cfg.method("combine") == "complexfit":
-        # the fit's field-noise map weights the data terms (PDF, TV, MEDI: 1/noise)
-        for node, stage in ((bfr_node, "bfr"), (invert, "invert")):
-            if "noise" in _method_params(stage, cfg.method(stage)):
-                wf.connect(fieldmap, "noise", node, "noise")
     return wf
-
-
-def _method_params(stage: str, method: str) -> set:
-    import inspect
-
-    from qsmflow.stages import get_method
-
-    return set(inspect.signature(get_method(stage, method)).parameters)

@@ -36,11 +36,12 @@ decay 5e-4), learning rate x0.8 every 50 iterations, input = the local field.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from qsmflow.algorithms.dip._torch_ops import import_torch, resolve_amp
+from qsmflow.algorithms.dip._torch_ops import import_torch, resolve_amp, resolve_device
 from qsmflow.algorithms.dip.runner import (
     DIPResult,
     Problem,
@@ -51,6 +52,12 @@ from qsmflow.algorithms.dip.runner import (
 from qsmflow.algorithms.inversion_direct import invert_tkd
 from qsmflow.algorithms.inversion_medi import invert_medi
 from qsmflow.algorithms.inversion_tv import invert_tv
+
+#: ``"auto"`` settings on a GPU: the published MoDIP configuration
+GPU_DEFAULTS = {"init": "none", "net_factor": 1, "dc_steps": 10, "max_time_s": None}
+#: ``"auto"`` settings on a CPU: the ``dip-cpu`` recipe with a wall-clock budget (13 min, so a
+#: 1 mm brain finishes in <= 15 min on 2 cores with input/output; benchmarks/RESULTS.md)
+CPU_DEFAULTS = {"init": "tv", "net_factor": 2, "dc_steps": 10, "max_time_s": 780.0}
 
 #: classical warm starts of ``init``: ``none`` or a method returning chi (ppm)
 INITS = {"none": None, "tkd": invert_tkd, "tv": invert_tv, "medi": invert_medi}
@@ -257,7 +264,7 @@ def fit_modip(
     depth: int = 1,
     base: int = 32,
     decoder_blocks: int = 1,
-    dc_steps: int = 10,
+    dc_steps: int | str = "auto",
     dc_step_size: float = 1.2,
     dc_mode: str = "masked",
     lap_weight: float = 0.0,
@@ -270,7 +277,7 @@ def fit_modip(
     plateau_tol: float = 0.01,
     map_tol: float = 0.0,
     schedule: str = "",
-    init: str = "none",
+    init: str = "auto",
     margin: int = 4,
     pad_factor: float = 1.5,
     kernel: str = "continuous",
@@ -278,7 +285,8 @@ def fit_modip(
     amp: bool | str = "auto",
     compile_net: bool = False,
     checkpoint: bool = False,
-    net_factor: int = 1,
+    net_factor: int | str = "auto",
+    max_time_s: float | str | None = "auto",
     progress: Callable | None = None,
 ) -> DIPResult:
     """MoDIP dipole inversion with the loss curve, seeds and (ensemble) std map.
@@ -301,6 +309,7 @@ def fit_modip(
         L2 weight decay, and step decay of the learning rate (x ``lr_gamma`` every ``lr_step``)
     depth, base, decoder_blocks : U-Net size (:class:`~qsmflow.algorithms.dip.unet.UNet3D`)
     dc_steps, dc_step_size : unrolled data-consistency gradient steps ``K`` and size ``a``
+        (``"auto"``: see :data:`CPU_DEFAULTS` / :data:`GPU_DEFAULTS`)
     dc_mode : {"masked", "kspace"} - exact masked steps (4 FFTs each) or the unmasked closed form
     lap_weight : float - weight of the Laplacian-of-residual L1 term (0 = off)
     average : float in [0, 1) - EMA weight for late-iterate averaging (0 = last iterate)
@@ -310,7 +319,7 @@ def fit_modip(
         coarser grid (block averages of field, mask and weight), the next 100 on a 2x coarser
         one, then the rest on the full grid, with the same network (the dipole model is
         scale-free, so the learnt field-to-chi map transfers); ``""`` = full grid only
-    init : {"none", "tkd", "tv", "medi"} - warm start: the network output is added to this
+    init : {"auto", "none", "tkd", "tv", "medi"} - warm start: the network output is added to this
         classical solution before the data-consistency steps, so it only learns the correction
         ("medi" needs ``magnitude`` and uses ``noise`` as MEDI's data weight)
     margin, pad_factor, kernel : crop margin (voxels), FFT zero-padding factor, dipole kernel
@@ -326,13 +335,23 @@ def fit_modip(
         :func:`net_pooling`), its output is upsampled (trilinear) before the data-consistency
         steps and the loss, which stay on the full grid: ``net_factor**3`` x fewer network
         FLOPs and activations; the network then supplies the magic cone's content only up to
-        the coarse grid's resolution (1 = the published design)
+        the coarse grid's resolution (1 = the published design; ``"auto"``: see below)
+    max_time_s : float, None or "auto" - wall-clock budget of the whole fit (warm start
+        included), stop reason ``"time_budget"``; None = no budget
     progress : callable or None - called every iteration with a dict (member, seed, iteration,
         loss, residual (ppm), seconds, eta_s, max_iter)
 
     Returns
     -------
     :class:`~qsmflow.algorithms.dip.runner.DIPResult` (chi in ppm, 0 outside the mask).
+
+    Notes
+    -----
+    ``"auto"`` settings depend on the device the fit runs on (``device="auto"``: CUDA if
+    available): on a GPU the published configuration (:data:`GPU_DEFAULTS`: full-resolution
+    network from scratch, 10 unrolled steps, no time budget); on a CPU the ``dip-cpu`` recipe
+    (:data:`CPU_DEFAULTS`: network on a 2x coarser grid, warm start from TV-ADMM, a 13-minute
+    budget) so a 1 mm brain finishes on a laptop.
 
     References
     ----------
@@ -341,6 +360,19 @@ def fit_modip(
     (arXiv:2308.09467).
     Ulyanov D, Vedaldi A, Lempitsky V. Deep image prior. CVPR 2018.
     """
+    dev = resolve_device(device) if not hasattr(device, "type") else device
+    auto = CPU_DEFAULTS if dev.type == "cpu" else GPU_DEFAULTS
+    if isinstance(init, str) and init == "auto":
+        init = auto["init"]
+    if isinstance(net_factor, str) and net_factor == "auto":
+        net_factor = auto["net_factor"]
+    if isinstance(dc_steps, str) and dc_steps == "auto":
+        dc_steps = auto["dc_steps"]
+    if isinstance(max_time_s, str) and max_time_s == "auto":
+        max_time_s = auto["max_time_s"]
+    if max_time_s is not None and not float(max_time_s) > 0:
+        raise ValueError(f"max_time_s must be positive or None, got {max_time_s}")
+    t_start = time.perf_counter()
     if dc_mode not in ("masked", "kspace"):
         raise ValueError(f"dc_mode must be 'masked' or 'kspace', got {dc_mode!r}")
     for name, v in (("lr", lr), ("dc_step_size", dc_step_size), ("lr_gamma", lr_gamma)):
@@ -361,7 +393,7 @@ def fit_modip(
         raise ValueError(f"net_factor must be a power of 2 >= 1, got {net_factor}")
     multiple = 2 ** int(depth) * max([fac for fac, _ in levels] + [1]) * int(net_factor)
     problem = Problem(field, mask, voxel_size=voxel_size, b0_dir=b0_dir, magnitude=magnitude,
-                      noise=noise, device=device, margin=margin, multiple=multiple,
+                      noise=noise, device=dev, margin=margin, multiple=multiple,
                       pad_factor=pad_factor, kernel=kernel)
     bf16 = resolve_amp(amp, problem.device)
     init_t = None
@@ -377,7 +409,8 @@ def fit_modip(
                     window=window, plateau_tol=plateau_tol, map_tol=map_tol,
                     schedule=str(schedule), init=init,
                     margin=margin, pad_factor=pad_factor, kernel=kernel, amp=amp, bf16=bf16,
-                    checkpoint=checkpoint, net_factor=net_factor,
+                    checkpoint=checkpoint, net_factor=net_factor, max_time_s=max_time_s,
+                    device_defaults="cpu" if dev.type == "cpu" else "gpu",
                     field_scale_ppm=problem.scale, crop_shape=list(problem.shape))
 
     def make(pr, s):
@@ -391,9 +424,11 @@ def fit_modip(
 
     min_iter = n_coarse + 2 * int(window) if n_coarse else 0
     stop = dict(max_iter=max_iter, tau=tau, window=window, plateau_tol=plateau_tol,
-                map_tol=map_tol, min_iter=min_iter)
+                map_tol=map_tol, min_iter=min_iter,
+                max_time_s=None if max_time_s is None else float(max_time_s))
     return fit_ensemble(problem, make, seeds=member_seeds, stop_kwargs=stop, average=average,
-                        threads=threads, progress=progress, settings=settings)
+                        threads=threads, progress=progress, settings=settings,
+                        elapsed0=time.perf_counter() - t_start)
 
 
 invert_modip = chi_only(

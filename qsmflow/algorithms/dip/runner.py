@@ -21,7 +21,9 @@ The data residual ``r_k = sqrt(mean_mask((D chi_k - f)^2))`` (ppm) is recorded e
   of the averaged map over the last window (``map_change`` in the history) is compared with
   ``map_tol``: the map a user gets has stopped moving.  Noise-free or noise-poor fields never
   reach their discrepancy and keep lowering the residual slowly; this stops them.
-* ``max_iter`` caps the iterations.
+* ``max_iter`` caps the iterations, and ``max_time_s`` (optional) the wall-clock time of the
+  whole fit including a warm start (stop reason ``"time_budget"``): a CPU user gets a map in a
+  known time; the ETA of the progress line accounts for it.
 
 The returned map is the exponential moving average of the iterates (weight ``average`` on the
 past, bias corrected; Ulyanov et al.'s ``exp_weight`` smoothing), which removes the
@@ -58,7 +60,8 @@ class DIPResult:
         (residual: RMS of ``D chi - f`` in the mask, ppm; seconds since the member started)
     seed : int - the first seed; ``seeds`` lists all members' seeds
     device : str
-    stopped_reason : str - ``"discrepancy"``, ``"converged"``, ``"plateau"`` or ``"max_iter"``
+    stopped_reason : str - ``"discrepancy"``, ``"converged"``, ``"plateau"``, ``"max_iter"`` or
+        ``"time_budget"``
         (per member, comma-separated when members differ)
     """
 
@@ -202,7 +205,8 @@ class StopRule:
     """Discrepancy principle / residual plateau / max_iter (see the module docstring)."""
 
     def __init__(self, *, max_iter: int, tau: float = 1.0, window: int = 25,
-                 plateau_tol: float = 0.01, map_tol: float = 0.0, min_iter: int = 0):
+                 plateau_tol: float = 0.01, map_tol: float = 0.0, min_iter: int = 0,
+                 max_time_s: float | None = None):
         if int(max_iter) < 1:
             raise ValueError(f"max_iter must be >= 1, got {max_iter}")
         if int(window) < 1:
@@ -210,10 +214,13 @@ class StopRule:
         self.max_iter, self.tau, self.window = int(max_iter), float(tau), int(window)
         self.plateau_tol, self.min_iter = float(plateau_tol), int(min_iter)
         self.map_tol = float(map_tol)
+        if max_time_s is not None and not max_time_s > 0:
+            raise ValueError(f"max_time_s must be positive, got {max_time_s}")
+        self.max_time_s = None if max_time_s is None else float(max_time_s)
         self.res: list = []
 
     def update(self, iteration: int, residual: float, discrepancy: float | None,
-               map_change: float | None = None) -> str | None:
+               map_change: float | None = None, seconds: float | None = None) -> str | None:
         self.res.append(residual)
         n = iteration + 1
         early = n < self.min_iter
@@ -229,7 +236,16 @@ class StopRule:
                 return "plateau"
         if n >= self.max_iter:
             return "max_iter"
+        if self.max_time_s is not None and seconds is not None and seconds >= self.max_time_s:
+            return "time_budget"
         return None
+
+    def eta(self, iteration: int, seconds: float) -> float:
+        """Seconds left until ``max_iter`` at the current pace, capped by the time budget."""
+        left = seconds / (iteration + 1) * (self.max_iter - iteration - 1)
+        if self.max_time_s is not None:
+            left = min(left, max(self.max_time_s - seconds, 0.0))
+        return left
 
 
 @contextmanager
@@ -255,9 +271,11 @@ def torch_threads(threads: int):
 
 
 def fit(problem: Problem, stepper, *, stop: StopRule, average: float = 0.9, member: int = 0,
-        seed: int = 0, progress: Callable | None = None, log_every: int = 25):
+        seed: int = 0, progress: Callable | None = None, log_every: int = 25,
+        elapsed0: float = 0.0):
     """Run ``stepper.step(it) -> (loss, chi, D chi)`` (tensors in scaled units; chi and D chi
-    detached, chi masked) until ``stop`` says so.
+    detached, chi masked) until ``stop`` says so.  ``elapsed0``: seconds already spent (warm
+    start, earlier members), counted against ``stop.max_time_s``.
 
     Returns ``(chi_tensor (averaged), history, stopped_reason)``.
     """
@@ -294,8 +312,8 @@ def fit(problem: Problem, stepper, *, stop: StopRule, average: float = 0.9, memb
                     rec["map_change"] = change
                 ema_prev = ema.clone()
         hist.append(rec)
-        r = stop.update(it, res, disc, change)
-        eta = sec / (it + 1) * (stop.max_iter - it - 1)
+        r = stop.update(it, res, disc, change, seconds=elapsed0 + sec)
+        eta = stop.eta(it, elapsed0 + sec) if stop.max_time_s else stop.eta(it, sec)
         if progress is not None:
             progress(dict(rec, eta_s=eta, max_iter=stop.max_iter))
         if log_every and ((it + 1) % log_every == 0 or r is not None):
@@ -310,19 +328,22 @@ def fit(problem: Problem, stepper, *, stop: StopRule, average: float = 0.9, memb
 
 def fit_ensemble(problem: Problem, make_stepper: Callable, *, seeds: Sequence[int],
                  stop_kwargs: dict, average: float = 0.9, threads: int = 0,
-                 progress: Callable | None = None, settings: dict | None = None) -> DIPResult:
+                 progress: Callable | None = None, settings: dict | None = None,
+                 elapsed0: float = 0.0) -> DIPResult:
     """Fit one member per seed (``make_stepper(problem, seed)`` is called under the seeded RNG)
     and combine them: mean map, voxel-wise std (ddof 0) when there are >= 2 members."""
     seeds = tuple(int(s) for s in seeds)
     if not seeds:
         raise ValueError("need at least one seed")
     chis, hist, reasons = [], [], []
+    t_start = time.perf_counter()
     with torch_threads(threads):
         for k, s in enumerate(seeds):
             with seeded(s, problem.device):
                 stepper = make_stepper(problem, s)
                 chi_t, h, r = fit(problem, stepper, stop=StopRule(**stop_kwargs),
-                                  average=average, member=k, seed=s, progress=progress)
+                                  average=average, member=k, seed=s, progress=progress,
+                                  elapsed0=elapsed0 + time.perf_counter() - t_start)
             chis.append(problem.paste(chi_t))
             hist.extend(h)
             reasons.append(r)

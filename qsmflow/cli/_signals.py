@@ -1,0 +1,108 @@
+"""Ctrl-C and SIGTERM: stop every worker process and exit 130 / 143.
+
+Nipype's MultiProc runs nodes in a process pool; an interrupt of the main process alone would
+leave those workers computing (and Nipype catches exceptions in its loop, so the run could end
+with exit 0).  :func:`handle_signals` installs handlers that terminate the workers (and their
+children), print one line and leave with the conventional status; finished nodes stay cached
+in the work directory, so the same command resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import sys
+import time
+
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids of every descendant of ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    children: dict = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for e in entries:
+        if not e.isdigit():
+            continue
+        try:
+            with open(f"/proc/{e}/stat") as f:
+                stat = f.read()
+            ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(e))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def stop_workers(grace_s: float = 2.0) -> None:
+    """Terminate every descendant process, then kill those still alive after ``grace_s``."""
+    pids = _descendants(os.getpid())
+    for p in multiprocessing.active_children():
+        if p.pid and p.pid not in pids:
+            pids.append(p.pid)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def handle_signals(prog: str, *, hint: str = ""):
+    """Within the block, SIGINT/SIGTERM stop the workers and exit 130/143 (no traceback)."""
+    if multiprocessing.current_process().name != "MainProcess":
+        yield
+        return
+
+    main_pid = os.getpid()
+
+    def handler(signum, frame):
+        code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+        if os.getpid() != main_pid:  # a forked worker inherited the handler: just stop
+            stop_workers(grace_s=0.5)
+            os._exit(code)
+        # ignore repeats while stopping
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        name = "interrupted" if signum == signal.SIGINT else "terminated"
+        try:
+            sys.stderr.write(f"\n{prog}: {name}; stopping worker processes{hint}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        stop_workers()
+        os._exit(code)  # the pool's shutdown could wait for results that never come
+
+    try:
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

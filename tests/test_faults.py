@@ -1,0 +1,151 @@
+"""Faults at scale: one broken subject among eight, Ctrl-C / SIGTERM mid-run and the resumed
+rerun, reproducibility (same data and seed -> bitwise the same maps), and no hang on a bad
+work directory.  qsmflow runs as a subprocess here, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qsmflow.sims.bids import write_bids_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SUBJECTS = tuple(f"{i:02d}" for i in range(1, 9))
+KW = {"shape": (20, 20, 20), "voxel_size": (3.0,) * 3, "te_s": (0.004, 0.012)}
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(":")
+    return env
+
+
+def _cmd(bids, out, work, *extra):
+    return [sys.executable, "-m", "qsmflow.cli.run", str(bids), str(out), "participant",
+            "-w", str(work), "--nprocs", "2", *map(str, extra)]
+
+
+def _run(bids, out, work, *extra, timeout=600):
+    res = subprocess.run(_cmd(bids, out, work, *extra), capture_output=True, text=True,
+                         env=_env(), timeout=timeout)
+    return res.returncode, res.stdout + res.stderr
+
+
+def _chi(out, sub):
+    return np.asarray(nib.load(out / f"sub-{sub}" / "anat" / f"sub-{sub}_Chimap.nii.gz")
+                      .dataobj)
+
+
+def _break_subject(bids, sub):
+    """A magnitude that passes the input checks but holds no head: the mask node fails."""
+    for e in (1, 2):
+        p = bids / f"sub-{sub}" / "anat" / f"sub-{sub}_echo-{e}_part-mag_MEGRE.nii.gz"
+        img = nib.load(p)
+        d = np.zeros(img.shape, np.float32)
+        d[0, 0, 0] = 1.0
+        nib.save(nib.Nifti1Image(d, img.affine), p)
+
+
+@pytest.fixture(scope="module")
+def eight(tmp_path_factory):
+    """8 subjects, sub-05 broken, run once with MultiProc."""
+    root = tmp_path_factory.mktemp("faults")
+    bids = write_bids_dataset(root / "bids", subjects=SUBJECTS, **KW)
+    _break_subject(bids, "05")
+    out, work = root / "out", root / "work"
+    rc, text = _run(bids, out, work)
+    return root, out, rc, text
+
+
+def test_one_broken_subject_of_eight(eight):
+    _, out, rc, text = eight
+    assert rc == 1, text
+    for s in SUBJECTS:
+        if s == "05":
+            continue
+        assert f"sub-{s}: ok" in text, text
+        assert (out / f"sub-{s}" / "anat" / f"sub-{s}_Chimap.nii.gz").is_file()
+    assert "sub-05: FAILED at mask:" in text and "1 of 8 subject(s) failed" in text, text
+    crash = [ln for ln in text.splitlines() if "crash file:" in ln]
+    assert len(crash) == 1 and Path(crash[0].split("crash file:")[1].strip()).is_file()
+    assert "Traceback" not in text  # the traceback is in the crash file, not the terminal
+    assert not (out / "sub-05" / "anat" / "sub-05_Chimap.nii.gz").exists()
+
+
+def test_verbose_shows_the_traceback(eight, tmp_path):
+    root, _, _, _ = eight
+    rc, text = _run(root / "bids", tmp_path / "out", root / "work", "--participant-label",
+                    "05", "-v")
+    assert rc == 1 and "Traceback" in text and "sub-05: FAILED" in text
+
+
+def _descendants(pid):
+    from qsmflow.cli._signals import _descendants as desc
+
+    return desc(pid)
+
+
+def _alive(pid):
+    from qsmflow.cli._signals import _alive as alive
+
+    return alive(pid)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_stops_workers_and_rerun_resumes(sig, code, eight, tmp_path):
+    """Stop mid-run: exit 130/143 at once, no worker left computing, no truncated output; the
+    rerun completes, reusing the finished nodes, and gives the maps of an uninterrupted run
+    (same data, same seed: bitwise)."""
+    _, ref_out, _, _ = eight
+    bids = write_bids_dataset(tmp_path / "bids", subjects=SUBJECTS[:2], **KW)
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.Popen(_cmd(bids, out, work), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_env())
+    deadline = time.monotonic() + 300
+    wf = work / "qsmflow_0_1_wf"
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = list(wf.rglob("result_*.pklz")) if wf.is_dir() else []
+        if len(done) >= 4:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    workers = _descendants(proc.pid)
+    assert workers
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    text = proc.communicate(timeout=60)[0]
+    assert proc.returncode == code, text
+    assert time.monotonic() - t0 < 30
+    assert "Traceback" not in text
+    time.sleep(0.5)
+    assert not [p for p in workers if _alive(p)]  # every worker stopped
+    finished = {p.parent.relative_to(wf).as_posix() for p in wf.rglob("result_*.pklz")}
+    for f in out.rglob("*.nii.gz"):  # whatever is under a final name is complete
+        np.asarray(nib.load(f).dataobj)
+    if sig == signal.SIGTERM:
+        return  # the resumed rerun is checked once (after Ctrl-C)
+
+    rc, text = _run(bids, out, work)
+    assert rc == 0, text
+    executed = set(json.loads((work / "qsmflow_last_run.json").read_text())["executed"])
+    assert finished and not (finished & executed), "finished nodes were run again"
+    for s in SUBJECTS[:2]:
+        np.testing.assert_array_equal(_chi(out, s), _chi(ref_out, s))
+
+
+def test_work_dir_a_file_does_not_hang(tmp_path):
+    bids = write_bids_dataset(tmp_path / "bids", subjects=("01",), shape=(12, 12, 12),
+                              voxel_size=(4.0,) * 3, te_s=(0.004, 0.012))
+    (tmp_path / "w").write_text("not a folder")
+    rc, text = _run(bids, tmp_path / "out", tmp_path / "w", timeout=120)
+    assert rc == 2 and "work directory (-w) is a file" in text and "Traceback" not in text
+    assert (tmp_path / "w").read_text() == "not a folder"

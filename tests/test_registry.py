@@ -1,0 +1,197 @@
+"""The method registry and the one stage runner: every registered method gives the same map
+through both front ends, the pipeline gives methods the inputs their signatures take (real TE
+and B0 for MEDI/NDI, the magnitude for MoDIP's MEDI start), every citation reaches methods.md."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qsmflow import registry
+from qsmflow.cli.stage import main as stage_main
+from qsmflow.references import REFERENCES
+
+TE = (0.004, 0.008, 0.012)
+B0 = 7.0  # not 3 T: a method that assumes 3 T gives a different map
+VOX = 2.0
+#: small settings of the slow methods (the test is about wiring, not accuracy)
+FAST = {("invert", "modip"): {"max_iter": 3, "base": 4},
+        ("invert", "dip"): {"max_iter": 3, "base": 4, "depth": 1, "in_channels": 2},
+        ("invert", "inr"): {"max_iter": 3, "hidden": 16, "layers": 2},
+        ("invert", "medi"): {"max_iter": 2, "cg_max_iter": 10},
+        ("invert", "ndi"): {"maxit": 10},
+        ("invert", "tv"): {"max_iter": 10},
+        ("bfr", "lbv"): {"max_iter": 50}}
+
+
+@pytest.fixture(scope="module")
+def files(head_files):
+    head = head_files["head"]
+    assert head.te_s == TE and head.b0_tesla == B0 and head.voxel_size == (VOX,) * 3
+    return head_files
+
+
+def _arr(p):
+    return np.asarray(nib.load(str(p)).dataobj)
+
+
+#: stage -> (CLI flags, interface inputs) of the image inputs
+_STAGE_INPUTS = {
+    "unwrap": {"phase": "phase", "magnitude": "magnitude", "mask": "mask"},
+    "combine": {"phase": "phase", "magnitude": "magnitude", "mask": "mask"},
+    "mask": {"magnitude": "magnitude", "phase": "phase"},
+    "bfr": {"totalfield": "field", "mask": "mask"},
+    "invert": {"localfield": "field", "mask": "mask", "magnitude": "magnitude"},
+    "reference": {"chimap": "chi", "mask": "mask", "magnitude": "magnitude",
+                  "csf-mask": "csf_mask"},
+}
+
+
+@pytest.mark.parametrize("stage,name", [(m.stage, m.name) for m in registry.METHODS])
+def test_every_method_same_map_through_both_front_ends(files, tmp_path, stage, name):
+    """qsmflow-stage and the Nipype interface run the registry's method the same way."""
+    from qsmflow.interfaces.qsm import STAGE_INTERFACES
+
+    meth = registry.method(stage, name)
+    if meth.gpu:
+        pytest.importorskip("torch")
+    settings = FAST.get((stage, name), {})
+    flags = [stage, "--method", name, "--te", *map(str, TE), "--b0", str(B0),
+             "-o", str(tmp_path / "cli" / "out.nii.gz")]
+    ifc_inputs = {"method": name, "settings": settings, "te_s": list(TE), "b0_tesla": B0,
+                  "n_threads": 1}
+    for flag, trait in _STAGE_INPUTS[stage].items():
+        flags += [f"--{flag}", files[flag]]
+        ifc_inputs[trait] = files[flag]
+    if meth.gpu:
+        settings = {**settings, "device": "cpu", "threads": 1}  # same torch reduction order
+        ifc_inputs["settings"] = settings
+    for k, v in settings.items():
+        flags += ["--set", f"{k}={v}"]
+    assert stage_main(flags) == 0
+    cli = _arr(tmp_path / "cli" / "out.nii.gz")
+
+    (tmp_path / "ifc").mkdir()
+    iface = STAGE_INTERFACES[stage](**ifc_inputs)
+    res = iface.run(cwd=str(tmp_path / "ifc")).outputs
+    main = getattr(res, registry.stage(stage).produces)
+    ours = _arr(main)
+    assert cli.shape == ours.shape and cli.dtype == ours.dtype
+    assert np.abs(cli.astype(float)).max() > 0
+    np.testing.assert_array_equal(cli, ours)
+    assert Path(res.sidecar).is_file()
+
+
+def _run_pipeline(tmp_path, *, inversion, settings=None, n_echoes=3):
+    """The QSM workflow on the simulated MEGRE data at 7 T; returns its inversion node's
+    inputs and chi map."""
+    from qsmflow.config import default_config
+    from qsmflow.workflows.qsm import init_qsm_wf
+
+    bids = tmp_path / "bids"
+    from qsmflow.sims.bids import write_bids_dataset
+
+    write_bids_dataset(bids, subjects=("01",), shape=(24, 24, 24), voxel_size=(VOX,) * 3,
+                       te_s=TE[:n_echoes], b0_tesla=B0)
+    anat = bids / "sub-01" / "anat"
+    cfg = default_config().with_methods(invert=inversion)
+    if settings:
+        cfg.stages["invert"].settings[inversion] = dict(settings)
+    wf = init_qsm_wf(config=cfg, n_echoes=n_echoes)
+    wf.base_dir = str(tmp_path / "work")
+    wf.inputs.inputnode.phase_files = sorted(str(p) for p in anat.glob("*part-phase*.nii.gz"))
+    wf.inputs.inputnode.magnitude_files = sorted(str(p) for p in anat.glob("*part-mag*.nii.gz"))
+    wf.inputs.inputnode.te_s = list(TE[:n_echoes])
+    wf.inputs.inputnode.b0_tesla = B0
+    graph = wf.run()
+    node = next(n for n in graph.nodes() if n.name == "invert")
+    return node, _arr(node.result.outputs.chi)
+
+
+@pytest.mark.parametrize("inversion", ["medi", "ndi"])
+def test_medi_ndi_in_the_pipeline_get_real_te_and_b0(tmp_path, inversion):
+    """The pipeline passes TE and B0 to MEDI/NDI: its map equals qsmflow-stage's with the same
+    TE/B0 and differs from qsmflow-stage's without them (3 T, unit echo spacing)."""
+    settings = FAST[("invert", inversion)]
+    node, chi = _run_pipeline(tmp_path, inversion=inversion, settings=settings)
+    ins = node.inputs
+    assert list(ins.te_s) == list(TE) and ins.b0_tesla == B0
+    base = ["invert", "--method", inversion, "--localfield", ins.field, "--mask", ins.mask,
+            "--magnitude", ins.magnitude, "--b0-dir", *map(str, ins.b0_dir)]
+    base += [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
+    assert stage_main(base + ["--te", *map(str, TE), "--b0", str(B0),
+                              "-o", str(tmp_path / "with.nii.gz")]) == 0
+    np.testing.assert_array_equal(chi, _arr(tmp_path / "with.nii.gz"))
+    assert stage_main(base + ["-o", str(tmp_path / "without.nii.gz")]) == 0
+    assert np.abs(chi - _arr(tmp_path / "without.nii.gz")).max() > 1e-4
+
+
+def test_modip_medi_start_runs_in_the_pipeline(tmp_path):
+    """MoDIP with init=medi needs the magnitude; the pipeline gives it (tiny iteration count)."""
+    pytest.importorskip("torch")
+    node, chi = _run_pipeline(tmp_path, inversion="modip",
+                              settings={"init": "medi", "max_iter": 2, "base": 4})
+    assert Path(node.inputs.magnitude).is_file()
+    mask = _arr(node.inputs.mask) > 0
+    assert np.isfinite(chi).all() and np.abs(chi[mask]).max() > 0
+
+
+def test_every_citation_is_in_the_bibliography_and_in_methods_text():
+    from qsmflow.interfaces.reports import methods_text
+
+    for m in registry.METHODS:
+        assert set(m.citations) <= set(REFERENCES), m.name
+        for key in m.citations:
+            assert f"[{key}" in m.sentence or f"; {key}]" in m.sentence, (m.name, key)
+    base = {"unwrap": "romeo", "combine": "wls", "mask": "bet", "bfr": "lbv", "invert": "rts",
+            "reference": "mean"}
+    for m in registry.METHODS:
+        if m.stage == "unwrap":
+            continue
+        resolved = {s: {"method": (m.name if s == m.stage else v), "settings": {}}
+                    for s, v in base.items()}
+        refs = methods_text(resolved, version="x").split("## References")[1]
+        for key in m.citations:
+            assert REFERENCES[key] in refs, (m.name, key)
+    for name in ("romeo", "laplacian"):
+        resolved = {s: {"method": v, "settings": {}} for s, v in base.items()}
+        resolved["combine"]["settings"] = {"unwrap": name}
+        refs = methods_text(resolved, version="x").split("## References")[1]
+        assert all(REFERENCES[k] in refs for k in registry.method("unwrap", name).citations)
+
+
+def test_registry_defaults_come_from_the_signature():
+    tv = registry.method("invert", "tv")
+    assert tv.defaults["max_iter"] == 150 and "field" not in tv.defaults
+    assert {"magnitude", "noise"} <= tv.inputs and "te_s" not in tv.inputs
+    assert {"te_s", "b0_tesla", "magnitude"} <= registry.method("invert", "medi").inputs
+    assert "magnitude" in registry.method("invert", "modip").inputs
+    assert registry.method("combine", "wls").required_inputs >= {"phase", "te_s"}
+    with pytest.raises(ValueError, match="choose from"):
+        registry.method("invert", "nope")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        tv.check_settings({"lambda": 1})
+
+
+def test_omitted_stage_gets_the_default_preset_method():
+    from qsmflow.config import config_from_dict, default_config
+
+    cfg = config_from_dict({"invert": {"method": "tkd"}})
+    for s in ("unwrap", "combine", "mask", "bfr", "reference"):
+        assert cfg.method(s) == default_config().method(s)
+    assert cfg.method("bfr") == "lbv"
+
+
+def test_algorithms_import_neither_nipype_nor_config():
+    code = ("import sys, pkgutil, importlib, qsmflow.algorithms as a\n"
+            "for m in pkgutil.walk_packages(a.__path__, 'qsmflow.algorithms.'):\n"
+            "    importlib.import_module(m.name)\n"
+            "bad = [n for n in sys.modules if n.split('.')[0] == 'nipype' "
+            "or n in ('qsmflow.config', 'qsmflow.registry', 'qsmflow.runner')]\n"
+            "assert not bad, bad\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

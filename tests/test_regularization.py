@@ -1,0 +1,146 @@
+"""Automatic regularisation: rules on analytic curves, and the choice on the realistic case."""
+
+import numpy as np
+import pytest
+
+from qsmflow.algorithms import regularization as reg
+from qsmflow.algorithms.inversion_direct import fit_tikhonov, invert_tikhonov
+from qsmflow.algorithms.inversion_tv import fit_tv, invert_tv
+from qsmflow.sims.invivo_case import make_invivo_case
+
+N = 64
+VOXEL = 160.0 / N  # the 160^3 at 1 mm head, on a 64^3 grid
+
+
+def _nrmse(x, truth, mask):
+    return 100.0 * np.linalg.norm((x - truth)[mask]) / np.linalg.norm(truth[mask])
+
+
+@pytest.fixture(scope="module")
+def case():
+    return make_invivo_case((N,) * 3, voxel_size=(VOXEL,) * 3, seed=0)
+
+
+# --------------------------------------------------------------------------------------------
+# rules on curves with a known answer
+# --------------------------------------------------------------------------------------------
+def test_lcurve_corner_of_a_sharp_l():
+    # two straight branches meeting at t = 0 (log weight): vertical-ish then horizontal-ish
+    t = np.linspace(-3, 3, 25)
+    x = np.log1p(np.exp(2.0 * t))  # residual: flat, then grows
+    y = np.log1p(np.exp(-2.0 * t))  # regulariser: falls, then flat
+    k = reg.lcurve_corner(np.exp(t), np.exp(x), np.exp(y))
+    assert abs(t[k]) <= 0.26
+
+
+def test_discrepancy_interpolates_and_clips():
+    v = np.array([1e-3, 1e-2, 1e-1, 1.0])
+    chi2 = np.array([0.1, 0.5, 2.0, 8.0])
+    val, k = reg.discrepancy_choice(v, chi2, tau=1.0)
+    # log-log interpolation between 1e-2 (0.5) and 1e-1 (2.0): half way -> 10^-1.5
+    assert val == pytest.approx(10**-1.5, rel=1e-6)
+    assert reg.discrepancy_choice(v, chi2 + 10)[0] == 1e-3
+    assert reg.discrepancy_choice(v, chi2 / 100)[0] == 1.0
+
+
+def test_noise_estimate_from_field(case):
+    # the field's own noise estimate lands near the true (noise-map) level: smooth tissue
+    # field plus white noise; texture and edges bias it upwards, never by more than 2x
+    est = reg.estimate_field_noise(case.field, case.mask)
+    true = float(np.median(case.noise[case.mask]))
+    assert true * 0.8 < est < true * 2.0
+    rng = np.random.default_rng(3)
+    pure = rng.normal(scale=0.01, size=(32, 32, 32))
+    assert reg.estimate_field_noise(pure, np.ones(pure.shape, bool)) == pytest.approx(0.01,
+                                                                                        rel=0.05)
+
+
+def test_data_residual_is_noise_level_for_the_truth(case):
+    # the true map explains the field to the noise level in the interior (chi2 ~ 1) with the
+    # kernel that made it, and a zero map does not
+    good = reg.data_residual(case.chi, case.field, case.mask, voxel_size=case.voxel_size,
+                             noise=case.noise, kernel="integral")
+    assert 0.8 < good["chi2_interior"] < 1.3
+    zero = reg.data_residual(np.zeros_like(case.chi), case.field, case.mask,
+                             voxel_size=case.voxel_size, noise=case.noise)
+    assert zero["chi2"] > 100 * good["chi2"]
+    assert zero["relative"] == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# the automatic choice on the realistic case (model mismatch, texture, SNR 30, partial volume)
+# --------------------------------------------------------------------------------------------
+def test_tikhonov_auto_within_factor_3_of_best(case):
+    fit = fit_tikhonov(case.field, case.mask, voxel_size=case.voxel_size, noise=case.noise)
+    lams = np.logspace(-4, 0, 33)
+    errs = [_nrmse(invert_tikhonov(case.field, case.mask, lam=v, voxel_size=case.voxel_size),
+                   case.chi, case.mask) for v in lams]
+    best = lams[int(np.argmin(errs))]
+    assert fit.rule == "lcurve-corner"
+    assert best / 3 <= fit.value <= best * 3, (fit.value, best)
+    assert _nrmse(fit.chi, case.chi, case.mask) < min(errs) + 3.0
+    # provenance: the curve and the residual are recorded and JSON-friendly
+    side = fit.sidecar()
+    assert side["Parameter"] == "lam" and len(side["Curve"]["values"]) == 17
+    assert side["Residual"]["chi2"] > 0
+    fixed = fit_tikhonov(case.field, case.mask, lam=0.1, voxel_size=case.voxel_size)
+    assert fixed.rule == "fixed" and fixed.value == 0.1 and not fixed.curve
+
+
+def test_tv_auto_within_factor_3_of_best(case):
+    fit = fit_tv(case.field, case.mask, voxel_size=case.voxel_size, noise=case.noise)
+    alphas = [1e-6, 2e-6, 4e-6, 8e-6, 1.6e-5]
+    errs = [_nrmse(invert_tv(case.field, case.mask, alpha=a, voxel_size=case.voxel_size,
+                             noise=case.noise), case.chi, case.mask) for a in alphas]
+    best = alphas[int(np.argmin(errs))]
+    assert 0 < int(np.argmin(errs)) < len(alphas) - 1  # the best is bracketed
+    assert best / 3 <= fit.value <= best * 3, (fit.value, best)
+    assert _nrmse(fit.chi, case.chi, case.mask) < min(errs) + 3.0
+    assert fit.sidecar()["Rule"] == fit.rule != "fixed"
+
+
+# --------------------------------------------------------------------------------------------
+# provenance: qsmflow-stage records the chosen weight, the curve and the residual
+# --------------------------------------------------------------------------------------------
+def test_stage_sidecar_records_the_choice_and_the_residual(tmp_path):
+    import json
+
+    import nibabel as nib
+
+    from qsmflow.cli.stage import main as stage_main
+
+    c = make_invivo_case((32,) * 3, voxel_size=(5.0,) * 3, seed=1)
+    aff = np.diag([5.0, 5.0, 5.0, 1.0])
+    paths = {}
+    for name, arr in (("local", c.field), ("mask", c.mask.astype(np.uint8)),
+                      ("noise", c.noise)):
+        paths[name] = str(tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(np.asarray(arr), aff), paths[name])
+    base = ["invert", "--localfield", paths["local"], "--mask", paths["mask"]]
+
+    def run(method, *extra):
+        out = tmp_path / method / "chi.nii.gz"
+        assert stage_main(base + ["--method", method, "-o", str(out), *extra]) == 0
+        return json.loads(out.with_name("chi.json").read_text())["InversionFit"]
+
+    tv = run("tv", "--set", "max_iter=30", "--set", "sweep_iter=20")
+    assert tv["Rule"] == "lcurve-knee" and tv["Parameter"] == "alpha"
+    assert tv["Value"] in tv["Curve"]["values"] and len(tv["Curve"]["residual"]) == 9
+    assert tv["Residual"]["rms_ppm"] > 0 and "chi2" not in tv["Residual"]  # no noise map given
+    fixed = run("tikhonov", "--set", "lam=0.02")
+    assert fixed["Rule"] == "fixed" and fixed["Value"] == 0.02 and fixed["Curve"] == {}
+    rts = run("rts")  # a method without a choice still records its data consistency
+    assert rts["Rule"] == "fixed" and 0 < rts["Residual"]["relative"] < 1
+    assert rts["Residual"]["rms_interior_ppm"] > 0
+
+
+def test_ndi_stops_at_the_discrepancy_and_beats_the_fixed_count():
+    from qsmflow.algorithms.inversion_ndi import fit_ndi, invert_ndi
+
+    c = make_invivo_case((48,) * 3, voxel_size=(160.0 / 48,) * 3, seed=0)
+    kw = dict(magnitude=c.magnitude, voxel_size=c.voxel_size, te_s=c.te_s, b0_tesla=c.b0_tesla)
+    fit = fit_ndi(c.field, c.mask, noise=c.noise, **kw)
+    assert fit.rule == "discrepancy" and 50 < fit.value < 1000
+    assert fit.curve["chi2"][-1] <= 1.0 < fit.curve["chi2"][-2]
+    published = invert_ndi(c.field, c.mask, **kw)  # 200 iterations / gradient rule
+    assert _nrmse(fit.chi, c.chi, c.mask) < _nrmse(published, c.chi, c.mask)

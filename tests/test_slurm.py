@@ -1,0 +1,149 @@
+"""qsmflow on a real single-node SLURM cluster (munged, slurmctld, slurmd: .ci/slurm.sh).
+
+SLURMGraph and SLURM give the same maps as MultiProc, the right exit status and summary; a
+failing subject cancels its dependent jobs (none left pending) and is named with its reason.
+CI exports QSMFLOW_REQUIRE_SLURM=1 after starting the daemons, so there these tests cannot
+skip; elsewhere they skip (with the reason) when no SLURM is reachable.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from qsmflow.sims.bids import write_bids_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _slurm_up() -> str | None:
+    """None when a SLURM controller answers, else why not."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return "SLURM is not installed (run .ci/slurm.sh)"
+    try:
+        res = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
+                             timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"sinfo failed: {exc}"
+    if res.returncode != 0 or not res.stdout.strip():
+        return f"no SLURM controller answers (sinfo: {res.stderr.strip()})"
+    return None
+
+
+_WHY = _slurm_up()
+if _WHY is not None:
+    if os.environ.get("QSMFLOW_REQUIRE_SLURM"):
+        raise RuntimeError(f"QSMFLOW_REQUIRE_SLURM is set but {_WHY}")
+    pytest.skip(_WHY, allow_module_level=True)
+
+SBATCH = "--partition=normal --time=00:20:00 --cpus-per-task=1 --kill-on-invalid-dep=yes"
+
+
+def _qsmflow(bids, out, work, *extra, env_drop=()):
+    """qsmflow as a user runs it (a subprocess; SLURM jobs import qsmflow via PYTHONPATH)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(":")
+    env.setdefault("LOGNAME", "root")
+    for k in env_drop:
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "qsmflow.cli.run", str(bids), str(out), "participant",
+           "-w", str(work), *map(str, extra)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900,
+                         cwd=str(work.parent))
+    return res.returncode, res.stdout + res.stderr
+
+
+def _chi(out, sub):
+    return np.asarray(nib.load(out / f"sub-{sub}" / "anat" / f"sub-{sub}_Chimap.nii.gz")
+                      .dataobj)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm")
+    bids = write_bids_dataset(root / "bids", subjects=("01",), shape=(24, 24, 24),
+                              voxel_size=(2.5,) * 3, te_s=(0.004, 0.012))
+    out = root / "ref_out"
+    rc, text = _qsmflow(bids, out, root / "ref_work", "--nprocs", "2")
+    assert rc == 0, text
+    return bids, root, _chi(out, "01")
+
+
+def _plugin_file(tmp, name):
+    p = tmp / f"{name}.yml"
+    args = f'  sbatch_args: "{SBATCH}"\n'
+    if name == "SLURMGraph":
+        args += "  dont_resubmit_completed_jobs: true\n"
+    p.write_text(f"plugin: {name}\nplugin_args:\n{args}")
+    return p
+
+
+def _no_jobs_left(work):
+    from qsmflow.cli._plugins import slurm_jobs_under
+
+    return slurm_jobs_under(work / "qsmflow_0_1_wf" / "batch") == []
+
+
+@pytest.mark.parametrize("plugin", ["SLURMGraph", "SLURM"])
+def test_slurm_plugins_give_the_multiproc_maps(plugin, dataset, tmp_path):
+    bids, _, ref = dataset
+    out, work = tmp_path / "out", tmp_path / "work"
+    rc, text = _qsmflow(bids, out, work, "--use-plugin", _plugin_file(tmp_path, plugin))
+    assert rc == 0, text
+    assert "sub-01: ok" in text and "all 1 subject(s) done" in text, text
+    np.testing.assert_array_equal(_chi(out, "01"), ref)  # same code, same seed: same map
+    assert _no_jobs_left(work)
+
+
+def test_slurmgraph_failure_is_named_and_cancels_dependants(tmp_path):
+    """One broken subject (no usable magnitude contrast: the mask job fails): the other
+    completes, exit 1, the summary names the subject and the reason, no job left pending."""
+    bids = write_bids_dataset(tmp_path / "bids", subjects=("01", "02"), shape=(24, 24, 24),
+                              voxel_size=(2.5,) * 3, te_s=(0.004, 0.012))
+    for e in (1, 2):
+        p = bids / "sub-02" / "anat" / f"sub-02_echo-{e}_part-mag_MEGRE.nii.gz"
+        img = nib.load(p)
+        d = np.zeros(img.shape, np.float32)
+        d[0, 0, 0] = 1.0  # plausible as a file (not all zero), but no head in it
+        nib.save(nib.Nifti1Image(d, img.affine), p)
+    out, work = tmp_path / "out", tmp_path / "work"
+    rc, text = _qsmflow(bids, out, work, "--use-plugin", _plugin_file(tmp_path, "SLURMGraph"))
+    assert rc == 1, text
+    assert "sub-01: ok" in text, text
+    assert "sub-02: FAILED" in text and "1 of 2 subject(s) failed" in text, text
+    assert "Traceback" not in text
+    assert (out / "sub-01" / "anat" / "sub-01_Chimap.nii.gz").is_file()
+    assert not (out / "sub-02" / "anat" / "sub-02_Chimap.nii.gz").exists()
+    assert _no_jobs_left(work)
+
+
+def test_slurm_settings_checked_before_submitting(dataset, tmp_path):
+    """A partition SLURM does not have, and the SLURM plugin without LOGNAME: one line each,
+    exit 2, nothing submitted or written."""
+    bids, _, _ = dataset
+    bad = tmp_path / "bad.yml"
+    bad.write_text('plugin: SLURMGraph\nplugin_args:\n  sbatch_args: "--partition=nope"\n')
+    rc, text = _qsmflow(bids, tmp_path / "out", tmp_path / "work", "--use-plugin", bad)
+    assert rc == 2 and "SLURM refuses the job settings" in text and "bad.yml" in text, text
+    rc, text = _qsmflow(bids, tmp_path / "out", tmp_path / "work", "--use-plugin",
+                        _plugin_file(tmp_path, "SLURM"), env_drop=("LOGNAME",))
+    assert rc == 2 and "LOGNAME" in text, text
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work" / "qsmflow_0_1_wf").exists()
+
+
+def test_shipped_plugin_files_are_accepted_by_slurm():
+    from qsmflow.cli._plugins import check_slurm, load_plugin_file
+
+    for name in ("slurmgraph.yml", "slurm.yml"):
+        path = REPO / "workflows" / "plugins" / name
+        plugin, args = load_plugin_file(path)
+        check_slurm(plugin, args, where=str(path), environ={"LOGNAME": "root"})
+    assert "--kill-on-invalid-dep=yes" in load_plugin_file(
+        REPO / "workflows" / "plugins" / "slurmgraph.yml")[1]["sbatch_args"]
