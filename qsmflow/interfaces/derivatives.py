@@ -21,6 +21,7 @@ echo-averaged magnitude (all ones for phase-only data, as stated in its sidecar)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,9 @@ class _DSInputSpec(BaseInterfaceInputSpec):
     chi_std = File(exists=True, desc="chi standard deviation (ppm), if any")
     loss_history = File(exists=True, desc="loss curve (TSV), if any")
     phase_scaling = traits.Str(desc="how the phase was converted to radians")
+    inversion_sidecar = File(exists=True, desc="the inversion's provenance JSON: its "
+                             "InversionFit (chosen regularisation, data-consistency residual) "
+                             "goes into the Chimap sidecar")
     metadata = traits.Dict(desc="provenance for the Chimap sidecar (methods, settings, seed, "
                            "acquisition)")
     source_files = InputMultiObject(traits.Str, desc="input files (BIDS URIs or paths)")
@@ -176,6 +180,10 @@ class DerivativesWriter(SimpleInterface):
             chi_meta["ReferenceOffset"] = _reference_offset(inp.chi_unreferenced, inp.chi,
                                                             inp.mask)
         chi_meta.update(meta)
+        if isdefined(inp.inversion_sidecar) and inp.inversion_sidecar:
+            fit = json.loads(Path(inp.inversion_sidecar).read_text()).get("InversionFit")
+            if fit:
+                chi_meta["InversionFit"] = fit
         if isdefined(inp.phase_scaling):
             chi_meta["PhaseScaling"] = inp.phase_scaling
         self._results["chi"] = nii(inp.chi, "chi", chi_meta)
