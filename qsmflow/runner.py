@@ -65,17 +65,20 @@ class StageResult:
 # ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def limit_threads(n_threads: int | None):
-    """Limit BLAS/OpenMP pools (threadpoolctl) and torch's intra-op threads to ``n_threads``
-    inside the block (``None``: no limit)."""
+    """Within the block, use at most ``n_threads`` threads (``None``/0: no limit): BLAS and
+    OpenMP pools (threadpoolctl), ``scipy.fft`` workers (:mod:`qsmflow.algorithms._threads`)
+    and torch's intra-op pool (if torch is loaded; the network methods also get ``threads``)."""
     if not n_threads:
         yield
         return
     n = max(int(n_threads), 1)
     from threadpoolctl import threadpool_limits
 
-    torch = sys.modules.get("torch")  # only if a method already imported it
+    from qsmflow.algorithms._threads import limit_fft_workers
+
+    torch = sys.modules.get("torch")
     before = torch.get_num_threads() if torch is not None else None
-    with threadpool_limits(limits=n):
+    with threadpool_limits(limits=n), limit_fft_workers(n):
         if torch is not None:
             torch.set_num_threads(n)
         try:
