@@ -217,15 +217,19 @@ METHODS = (
        "Background fields were removed with RESHARP [resharp].", provides=("mask",)),
     _m("invert", "tkd", _A + "inversion_direct:invert_tkd", ["tkd"],
        "Susceptibility was computed by thresholded k-space division [tkd]."),
-    _m("invert", "tikhonov", _A + "inversion_direct:invert_tikhonov", ["tikhonov"],
-       "Susceptibility was computed by closed-form Tikhonov-regularised inversion [tikhonov]."),
-    _m("invert", "tv", _A + "inversion_tv:invert_tv", ["tv"],
+    _m("invert", "tikhonov", _A + "inversion_direct:fit_tikhonov", ["tikhonov"],
+       "Susceptibility was computed by closed-form Tikhonov-regularised inversion [tikhonov], "
+       "the weight chosen from the data at the L-curve corner unless set (value in the "
+       "sidecar's InversionFit)."),
+    _m("invert", "tv", _A + "inversion_tv:fit_tv", ["tv"],
        "Susceptibility was computed by total-variation regularised inversion solved with ADMM "
-       "[tv]."),
+       "[tv], the weight chosen from the data at the L-curve knee unless set (value in the "
+       "sidecar's InversionFit)."),
     _m("invert", "rts", _A + "inversion_rts:invert_rts", ["rts"],
        "Susceptibility was computed with rapid two-step (RTS) inversion [rts]."),
-    _m("invert", "ndi", _A + "inversion_ndi:invert_ndi", ["ndi"],
-       "Susceptibility was computed by nonlinear dipole inversion [ndi]."),
+    _m("invert", "ndi", _A + "inversion_ndi:fit_ndi", ["ndi"],
+       "Susceptibility was computed by nonlinear dipole inversion [ndi], stopped by the "
+       "discrepancy principle unless set (iterations in the sidecar's InversionFit)."),
     _m("invert", "medi", _A + "inversion_medi:invert_medi", ["medi"],
        "Susceptibility was computed with nonlinear morphology-enabled dipole inversion (MEDI) "
        "[medi]."),

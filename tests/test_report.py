@@ -249,3 +249,25 @@ def test_regional_table_values_and_reference_offset():
     assert rows["reference: whole brain"]["offset"] == 0.02
     assert rows["diamagnetic tail (chi < -0.1 ppm)"]["voxels"] == 0
     assert reference_offset(chi + 0.07 * mask, chi, mask) == pytest.approx(0.07)
+
+
+def test_phase_only_run_is_valid_and_reported(tmp_path):
+    """Without magnitude the fieldmaps' _magnitude companion is a unit image (said so in its
+    sidecar), the outputs still validate and the report says what the mask is drawn over."""
+    bids = write_bids_dataset(tmp_path / "bids", subjects=("01",), shape=(32, 32, 32),
+                              voxel_size=(2.0, 2.0, 2.0), te_s=(0.004, 0.008, 0.012),
+                              phase_as_int=True)
+    for p in (bids / "sub-01" / "anat").glob("*part-mag_MEGRE.*"):
+        p.unlink()
+    out = tmp_path / "out"
+    assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "w"),
+                 "--nprocs", "2"]) == 0
+    assert _validator_errors(out) == []
+    fmap = out / "sub-01" / "fmap"
+    mag = np.asarray(nib.load(fmap / "sub-01_desc-total_magnitude.nii.gz").dataobj)
+    assert np.all(mag == 1)
+    assert "phase-only" in json.loads((fmap / "sub-01_desc-total_magnitude.json")
+                                      .read_text())["Description"]
+    page = (out / "sub-01.html").read_text()
+    assert "phase-only data: shown over |total field|" in page
+    assert "magnitude class" not in page  # no intensity clusters without a magnitude

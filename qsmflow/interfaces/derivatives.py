@@ -21,6 +21,7 @@ echo-averaged magnitude (all ones for phase-only data, as stated in its sidecar)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -91,10 +92,8 @@ def expected_files(output_dir, prefix: str, session=None) -> list[Path]:
 def chimap_qmri_keys(meta: dict) -> dict:
     """``EstimationAlgorithm``, ``EstimationReference`` and ``ReferenceRegion`` from the
     run's ``QSMflowMethods``."""
-    try:
-        from qsmflow.references import REFERENCES
-    except ImportError:  # before the method registry
-        from qsmflow.interfaces.reports import REFS as REFERENCES
+    from qsmflow import registry
+    from qsmflow.references import REFERENCES
 
     methods = meta.get("QSMflowMethods") or {}
     inv = (methods.get("invert") or {}).get("Method")
@@ -102,7 +101,12 @@ def chimap_qmri_keys(meta: dict) -> dict:
     out = {}
     if inv:
         out["EstimationAlgorithm"] = INVERSION_NAMES.get(inv, inv)
-        out["EstimationReference"] = REFERENCES.get(inv) or REFERENCES["dip"]
+        try:
+            keys = registry.method("invert", inv).citations
+        except (KeyError, ValueError):  # a method no longer registered: no citation
+            keys = ()
+        if keys:
+            out["EstimationReference"] = " ".join(REFERENCES[k] for k in keys if k in REFERENCES)
     if ref:
         out["ReferenceRegion"] = REFERENCE_REGIONS.get(ref, ref)
     return out
@@ -121,8 +125,11 @@ class _DSInputSpec(BaseInterfaceInputSpec):
     magnitude = File(exists=True, desc="magnitude (X,Y,Z[,E]); echo-averaged for the "
                      "fieldmaps' _magnitude companion (ones when absent)")
     chi_std = File(exists=True, desc="chi standard deviation (ppm), if any")
-    loss_history = File(exists=True, desc="loss curve (TSV; JSON before), if any")
+    loss_history = File(exists=True, desc="loss curve (TSV), if any")
     phase_scaling = traits.Str(desc="how the phase was converted to radians")
+    inversion_sidecar = File(exists=True, desc="the inversion's provenance JSON: its "
+                             "InversionFit (chosen regularisation, data-consistency residual) "
+                             "goes into the Chimap sidecar")
     metadata = traits.Dict(desc="provenance for the Chimap sidecar (methods, settings, seed, "
                            "acquisition)")
     source_files = InputMultiObject(traits.Str, desc="input files (BIDS URIs or paths)")
@@ -172,6 +179,10 @@ class DerivativesWriter(SimpleInterface):
             chi_meta["ReferenceOffset"] = _reference_offset(inp.chi_unreferenced, inp.chi,
                                                             inp.mask)
         chi_meta.update(meta)
+        if isdefined(inp.inversion_sidecar) and inp.inversion_sidecar:
+            fit = json.loads(Path(inp.inversion_sidecar).read_text()).get("InversionFit")
+            if fit:
+                chi_meta["InversionFit"] = fit
         if isdefined(inp.phase_scaling):
             chi_meta["PhaseScaling"] = inp.phase_scaling
         self._results["chi"] = nii(inp.chi, "chi", chi_meta)
