@@ -352,16 +352,6 @@ def output_paths(out, stage: str) -> dict:
     return paths
 
 
-def loss_tsv(rows: list) -> str:
-    """The loss curve as tab-separated text, header first (the one loss-curve format)."""
-    cols = list(rows[0]) if rows else ["member", "seed", "iteration", "loss"]
-    lines = ["\t".join(cols)]
-    for r in rows:
-        lines.append("\t".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c])
-                               for c in cols))
-    return "\n".join(lines) + "\n"
-
-
 def write_result(result: StageResult, ref_img, out) -> dict:
     """Write ``result`` (main output at ``out``; see :func:`output_paths`); returns
     ``{output name: path}`` of the files written."""
@@ -376,7 +366,9 @@ def write_result(result: StageResult, ref_img, out) -> dict:
                            dtype=mask_dtype if arr.dtype == bool else np.float32)
         written[name] = str(paths[name])
     if result.loss is not None:
-        write_text_atomic(loss_tsv(result.loss), paths["loss"])
+        from qsmflow.algorithms.dip.runner import history_tsv
+
+        write_text_atomic(history_tsv(result.loss), paths["loss"])
         written["loss"] = str(paths["loss"])
     write_json_atomic(result.provenance, paths["sidecar"])
     written["sidecar"] = str(paths["sidecar"])
