@@ -120,6 +120,14 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in preset_dir().glob("*.toml"))
 
 
+def preset_text(name: str) -> str:
+    """The TOML text of a shipped preset, comments included (``qsmflow --dump-preset``)."""
+    path = preset_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; choose from: {', '.join(list_presets())}")
+    return path.read_text(encoding="utf-8")
+
+
 def load_preset(name: str) -> QSMConfig:
     path = preset_dir() / f"{name}.toml"
     if not path.is_file():
@@ -222,10 +230,7 @@ def validate_config(cfg: QSMConfig) -> list[str]:
             except ValueError as exc:
                 problems.append(f"[{s}.{meth}] {exc}")
                 continue
-            from qsmflow.schema import check_setting_types
-
-            problems += check_setting_types(
-                sets, registry.method(s, meth).defaults, where=f"[{s}.{meth}]")
+            problems += registry.method(s, meth).check_types(sets, where=f"[{s}.{meth}]")
     if cfg.device not in DEVICES:
         problems.append(f"[execution] device must be one of {', '.join(DEVICES)}, "
                         f"got {cfg.device!r}")

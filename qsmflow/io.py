@@ -25,7 +25,10 @@ def new_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _atomic(path: Path, writer, *, suffix: str = "") -> None:
+def write_atomic(path, writer, *, suffix: str = "") -> None:
+    """Write ``path`` atomically: ``writer(tmp)`` writes a temporary file in the destination
+    folder (made if missing), which then replaces ``path``; on any failure the temporary file
+    is removed and ``path`` is untouched.  The one atomic-write helper: others build on it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
@@ -50,7 +53,7 @@ def write_nifti_atomic(data: np.ndarray, ref_img, path, *, dtype=np.float32) -> 
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), ref_img.affine, hdr)
     img.header.set_slope_inter(1.0, 0.0)
     suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
-    _atomic(path, lambda tmp: nib.save(img, tmp), suffix=suffix)
+    write_atomic(path, lambda tmp: nib.save(img, tmp), suffix=suffix)
 
 
 def write_json_atomic(obj, path) -> None:
@@ -59,7 +62,7 @@ def write_json_atomic(obj, path) -> None:
             json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default)
             fh.write("\n")
 
-    _atomic(Path(path), w, suffix=".json")
+    write_atomic(Path(path), w, suffix=".json")
 
 
 def write_text_atomic(text: str, path) -> None:
@@ -67,13 +70,14 @@ def write_text_atomic(text: str, path) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
 
-    _atomic(Path(path), w)
+    write_atomic(Path(path), w)
 
 
 def copy_file_atomic(src, dst) -> None:
     import shutil
 
-    _atomic(Path(dst), lambda tmp: shutil.copyfile(src, tmp), suffix="".join(Path(dst).suffixes))
+    write_atomic(Path(dst), lambda tmp: shutil.copyfile(src, tmp),
+                 suffix="".join(Path(dst).suffixes))
 
 
 def _json_default(o):

@@ -143,6 +143,39 @@ class Method:
                 raise ValueError(f"unknown parameter {k!r}; valid: {', '.join(valid) or 'none'}")
         return dict(settings)
 
+    def check_types(self, settings: dict, *, where: str) -> list:
+        """One message per setting whose value has the wrong type: the default's type, or for
+        a parameter annotated with several types (``int | str``) any of them."""
+        from qsmflow.schema import check_setting_types
+
+        params, plain, problems = self.parameters, {}, []
+        for key, value in settings.items():
+            note = params[key].annotation if key in params else None
+            if isinstance(note, str) and "|" in note:
+                if not _matches_union(value, note):
+                    problems.append(f"{where} {key} = {value!r}: expected {note}")
+            else:
+                plain[key] = value
+        return problems + check_setting_types(plain, self.defaults, where=where)
+
+
+def _matches_union(value, annotation: str) -> bool:
+    """Whether ``value`` fits an annotation written as ``A | B | ...`` (simple types)."""
+    names = {n.strip().split("[")[0] for n in annotation.split("|")}
+    if value is None:
+        return "None" in names
+    if isinstance(value, bool):
+        return "bool" in names
+    if isinstance(value, int):
+        return bool({"int", "float"} & names)
+    if isinstance(value, float):
+        return "float" in names
+    if isinstance(value, str):
+        return "str" in names
+    if isinstance(value, (list, tuple)):
+        return bool({"list", "tuple", "Sequence"} & names)
+    return True
+
 
 def _m(stage, name, target, citations, sentence, **kw) -> Method:
     return Method(stage, name, target, tuple(citations), sentence, **kw)
@@ -172,6 +205,10 @@ METHODS = (
        "A brain mask was computed by thresholding the magnitude [threshold]."),
     _m("mask", "phase-quality", _A + "masking:mask_phase_quality", ["romeo"],
        "A brain mask was computed from a ROMEO phase-quality map [romeo]."),
+    _m("mask", "reliable", _A + "masking:mask_reliable", ["threshold"],
+       "A brain mask was computed by thresholding the magnitude [threshold] and excluding "
+       "voxels with a high multi-echo field noise or R2*, followed by hole filling and "
+       "boundary smoothing."),
     _m("bfr", "vsharp", _A + "background:remove_background_vsharp", ["vsharp", "sharp"],
        "Background fields were removed with V-SHARP [vsharp; sharp].", provides=("mask",)),
     _m("bfr", "pdf", _A + "background:remove_background_pdf", ["pdf"],
@@ -182,17 +219,25 @@ METHODS = (
        provides=("mask",)),
     _m("bfr", "resharp", _A + "background:remove_background_resharp", ["resharp"],
        "Background fields were removed with RESHARP [resharp].", provides=("mask",)),
+    _m("bfr", "lbv-robust", _A + "background:remove_background_lbv_robust", ["lbv"],
+       "Background fields were removed with the Laplacian boundary value method [lbv] after "
+       "removing mask boundary voxels whose field was inconsistent with a harmonic background "
+       "field (Laplacian test).", provides=("mask",)),
     _m("invert", "tkd", _A + "inversion_direct:invert_tkd", ["tkd"],
        "Susceptibility was computed by thresholded k-space division [tkd]."),
-    _m("invert", "tikhonov", _A + "inversion_direct:invert_tikhonov", ["tikhonov"],
-       "Susceptibility was computed by closed-form Tikhonov-regularised inversion [tikhonov]."),
-    _m("invert", "tv", _A + "inversion_tv:invert_tv", ["tv"],
+    _m("invert", "tikhonov", _A + "inversion_direct:fit_tikhonov", ["tikhonov"],
+       "Susceptibility was computed by closed-form Tikhonov-regularised inversion [tikhonov], "
+       "the weight chosen from the data at the L-curve corner unless set (value in the "
+       "sidecar's InversionFit)."),
+    _m("invert", "tv", _A + "inversion_tv:fit_tv", ["tv"],
        "Susceptibility was computed by total-variation regularised inversion solved with ADMM "
-       "[tv]."),
+       "[tv], the weight chosen from the data at the L-curve knee unless set (value in the "
+       "sidecar's InversionFit)."),
     _m("invert", "rts", _A + "inversion_rts:invert_rts", ["rts"],
        "Susceptibility was computed with rapid two-step (RTS) inversion [rts]."),
-    _m("invert", "ndi", _A + "inversion_ndi:invert_ndi", ["ndi"],
-       "Susceptibility was computed by nonlinear dipole inversion [ndi]."),
+    _m("invert", "ndi", _A + "inversion_ndi:fit_ndi", ["ndi"],
+       "Susceptibility was computed by nonlinear dipole inversion [ndi], stopped by the "
+       "discrepancy principle unless set (iterations in the sidecar's InversionFit)."),
     _m("invert", "medi", _A + "inversion_medi:invert_medi", ["medi"],
        "Susceptibility was computed with nonlinear morphology-enabled dipole inversion (MEDI) "
        "[medi]."),

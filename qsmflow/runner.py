@@ -65,17 +65,20 @@ class StageResult:
 # ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def limit_threads(n_threads: int | None):
-    """Limit BLAS/OpenMP pools (threadpoolctl) and torch's intra-op threads to ``n_threads``
-    inside the block (``None``: no limit)."""
+    """Within the block, use at most ``n_threads`` threads (``None``/0: no limit): BLAS and
+    OpenMP pools (threadpoolctl), ``scipy.fft`` workers (:mod:`qsmflow.algorithms._threads`)
+    and torch's intra-op pool (if torch is loaded; the network methods also get ``threads``)."""
     if not n_threads:
         yield
         return
     n = max(int(n_threads), 1)
     from threadpoolctl import threadpool_limits
 
-    torch = sys.modules.get("torch")  # only if a method already imported it
+    from qsmflow.algorithms._threads import limit_fft_workers
+
+    torch = sys.modules.get("torch")
     before = torch.get_num_threads() if torch is not None else None
-    with threadpool_limits(limits=n):
+    with threadpool_limits(limits=n), limit_fft_workers(n):
         if torch is not None:
             torch.set_num_threads(n)
         try:
@@ -272,7 +275,30 @@ def execute(stage: str, method: str, inputs: dict, settings: dict | None = None,
                          **({"phase_scaling": inputs["phase_scaling"]}
                             if "phase_scaling" in inputs and "phase" in call else {}),
                          **result.provenance}
+    if st.name == "invert":
+        _record_inversion_fit(result, inputs)
     return result
+
+
+def _record_inversion_fit(result: StageResult, inputs: dict) -> None:
+    """``provenance["InversionFit"]``: the regularisation actually used (chosen value, rule and
+    curve of the methods that choose it from the data) and, for every inversion, the
+    data-consistency residual of the map (:func:`qsmflow.algorithms.regularization.
+    data_residual`: RMS of ``D chi - f`` in the mask and its interior, reduced chi-square with a
+    noise map), so methods can be compared without ground truth."""
+    from qsmflow.algorithms.regularization import data_residual
+
+    fit = dict(result.provenance.get("InversionFit") or {"Method": result.method,
+                                                         "Rule": "fixed"})
+    if not fit.get("Residual") and inputs.get("field") is not None \
+            and inputs.get("mask") is not None:
+        fit["Residual"] = data_residual(
+            result.data, inputs["field"], inputs["mask"],
+            voxel_size=inputs.get("voxel_size", (1.0, 1.0, 1.0)),
+            b0_dir=inputs.get("b0_dir", (0.0, 0.0, 1.0)), noise=inputs.get("noise"))
+    if "stopped_reason" in result.provenance:
+        fit.setdefault("StoppedReason", result.provenance["stopped_reason"])
+    result.provenance["InversionFit"] = fit
 
 
 def _decode(st: registry.Stage, method: str, out) -> StageResult:
@@ -284,6 +310,8 @@ def _decode(st: registry.Stage, method: str, out) -> StageResult:
         if getattr(out, "chi_std", None) is not None:
             extras["std"] = out.chi_std
         prov = out.sidecar() if hasattr(out, "sidecar") else {}
+    elif hasattr(out, "chi") and hasattr(out, "rule"):  # regularisation chosen from the data
+        data, prov = out.chi, {"InversionFit": out.sidecar()}
     elif isinstance(out, tuple):
         data, rest = out[0], out[1:]
         if len(rest) > len(st.extras):

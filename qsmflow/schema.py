@@ -18,6 +18,8 @@ def _is_number(v) -> bool:
 
 
 def _type_name(default) -> str:
+    if default == "auto":  # chosen from the data / the device unless set
+        return 'a number or "auto"'
     if isinstance(default, bool):
         return "true or false"
     if isinstance(default, int):
@@ -33,8 +35,9 @@ def _type_name(default) -> str:
 
 def value_matches(value, default) -> bool:
     """Whether ``value`` has the type the ``default`` implies."""
-    if default is None:
-        return True
+    if default is None or default == "auto":  # "auto" settings are numbers or names
+        return True if default is None else (isinstance(value, str) or _is_number(value)
+                                             or value is None)
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):

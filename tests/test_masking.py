@@ -39,7 +39,7 @@ def head():
 
 
 def test_methods_keys():
-    assert set(METHODS) == {"threshold", "phase-quality", "bet"}
+    assert set(METHODS) == {"threshold", "phase-quality", "bet", "reliable"}
 
 
 def test_threshold_gets_brain_when_skull_is_dark(head):

@@ -58,6 +58,9 @@ def test_pipeline_outputs_accuracy_and_cache(dataset, capsys):
     side = json.loads((out / "sub-01/anat/sub-01_Chimap.json").read_text())
     assert side["Units"] == "ppm" and side["QSMflowMethods"]["invert"]["Method"] == "rts"
     assert "max_iter" in side["QSMflowMethods"]["invert"]["Parameters"]
+    # every inversion records its data consistency (ground-truth free) in the Chimap sidecar
+    assert side["InversionFit"]["Rule"] == "fixed"
+    assert 0 < side["InversionFit"]["Residual"]["relative"] < 1
     assert side["RandomSeed"] == 0 and "integer phase" in side["PhaseScaling"]
     assert side["SoftwareVersions"].startswith("qsmflow ")  # BIDS: a string
     assert "Kames" in (out / "sub-01/log/methods.md").read_text()

@@ -29,29 +29,10 @@ FAST = {("invert", "modip"): {"max_iter": 3, "base": 4},
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    from qsmflow.sims.field import simulate_fields
-    from qsmflow.sims.phantom import make_head_phantom
-    from qsmflow.sims.signal import simulate_megre
-
-    d = tmp_path_factory.mktemp("registry")
-    ph = make_head_phantom(shape=(24, 24, 24), voxel_size=(VOX,) * 3)
-    f = simulate_fields(ph)
-    mag, phase = simulate_megre(ph, total_field_ppm=f["total"], te_s=TE, b0_tesla=B0, snr=200)
-    aff = np.diag([VOX, VOX, VOX, 1.0])
-
-    def save(name, arr, dtype=np.float32):
-        p = d / name
-        nib.save(nib.Nifti1Image(np.asarray(arr, dtype=dtype), aff), p)
-        return str(p)
-
-    return {"phase": save("phase.nii.gz", phase), "magnitude": save("mag.nii.gz", mag),
-            "mask": save("mask.nii.gz", ph.brain_mask, np.uint8),
-            "totalfield": save("total.nii.gz", f["total"]),
-            "localfield": save("local.nii.gz", f["local"]),
-            "chimap": save("chi.nii.gz", f["chi_local"]),
-            "csf-mask": save("csf.nii.gz", ph.brain_mask, np.uint8),
-            "noise": save("noise.nii.gz", np.full(ph.brain_mask.shape, 0.01))}
+def files(head_files):
+    head = head_files["head"]
+    assert head.te_s == TE and head.b0_tesla == B0 and head.voxel_size == (VOX,) * 3
+    return head_files
 
 
 def _arr(p):

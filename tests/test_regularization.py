@@ -97,3 +97,50 @@ def test_tv_auto_within_factor_3_of_best(case):
     assert best / 3 <= fit.value <= best * 3, (fit.value, best)
     assert _nrmse(fit.chi, case.chi, case.mask) < min(errs) + 3.0
     assert fit.sidecar()["Rule"] == fit.rule != "fixed"
+
+
+# --------------------------------------------------------------------------------------------
+# provenance: qsmflow-stage records the chosen weight, the curve and the residual
+# --------------------------------------------------------------------------------------------
+def test_stage_sidecar_records_the_choice_and_the_residual(tmp_path):
+    import json
+
+    import nibabel as nib
+
+    from qsmflow.cli.stage import main as stage_main
+
+    c = make_invivo_case((32,) * 3, voxel_size=(5.0,) * 3, seed=1)
+    aff = np.diag([5.0, 5.0, 5.0, 1.0])
+    paths = {}
+    for name, arr in (("local", c.field), ("mask", c.mask.astype(np.uint8)),
+                      ("noise", c.noise)):
+        paths[name] = str(tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(np.asarray(arr), aff), paths[name])
+    base = ["invert", "--localfield", paths["local"], "--mask", paths["mask"]]
+
+    def run(method, *extra):
+        out = tmp_path / method / "chi.nii.gz"
+        assert stage_main(base + ["--method", method, "-o", str(out), *extra]) == 0
+        return json.loads(out.with_name("chi.json").read_text())["InversionFit"]
+
+    tv = run("tv", "--set", "max_iter=30", "--set", "sweep_iter=20")
+    assert tv["Rule"] == "lcurve-knee" and tv["Parameter"] == "alpha"
+    assert tv["Value"] in tv["Curve"]["values"] and len(tv["Curve"]["residual"]) == 9
+    assert tv["Residual"]["rms_ppm"] > 0 and "chi2" not in tv["Residual"]  # no noise map given
+    fixed = run("tikhonov", "--set", "lam=0.02")
+    assert fixed["Rule"] == "fixed" and fixed["Value"] == 0.02 and fixed["Curve"] == {}
+    rts = run("rts")  # a method without a choice still records its data consistency
+    assert rts["Rule"] == "fixed" and 0 < rts["Residual"]["relative"] < 1
+    assert rts["Residual"]["rms_interior_ppm"] > 0
+
+
+def test_ndi_stops_at_the_discrepancy_and_beats_the_fixed_count():
+    from qsmflow.algorithms.inversion_ndi import fit_ndi, invert_ndi
+
+    c = make_invivo_case((48,) * 3, voxel_size=(160.0 / 48,) * 3, seed=0)
+    kw = dict(magnitude=c.magnitude, voxel_size=c.voxel_size, te_s=c.te_s, b0_tesla=c.b0_tesla)
+    fit = fit_ndi(c.field, c.mask, noise=c.noise, **kw)
+    assert fit.rule == "discrepancy" and 50 < fit.value < 1000
+    assert fit.curve["chi2"][-1] <= 1.0 < fit.curve["chi2"][-2]
+    published = invert_ndi(c.field, c.mask, **kw)  # 200 iterations / gradient rule
+    assert _nrmse(fit.chi, c.chi, c.mask) < _nrmse(published, c.chi, c.mask)

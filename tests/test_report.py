@@ -211,6 +211,24 @@ def test_dip_extras_loss_curve_and_std_map(run_outputs, tmp_path):
         assert im[..., :3].std() > 0.05  # drawn content, not a blank canvas
     assert 0 <= summary["relative_residual"] < 2
 
+    # the derivatives of a DIP run (std map, loss curve) stay valid BIDS
+    from qsmflow.interfaces.derivatives import DerivativesWriter
+
+    ds_out = tmp_path / "deriv"
+    shutil.copytree(out, ds_out)
+    cwd = tmp_path / "ds"
+    cwd.mkdir()
+    node = DerivativesWriter(
+        output_dir=str(ds_out), prefix="sub-01", chi=str(anat / "sub-01_Chimap.nii.gz"),
+        mask=str(anat / "sub-01_desc-brain_mask.nii.gz"),
+        total_field=str(fmap / "sub-01_desc-total_fieldmap.nii.gz"),
+        local_field=str(fmap / "sub-01_desc-local_fieldmap.nii.gz"), chi_std=str(std),
+        loss_history=str(tsv))
+    node.run(cwd=str(cwd))
+    assert (ds_out / "sub-01/anat/sub-01_desc-std_Chimap.nii.gz").is_file()
+    assert (ds_out / "sub-01/anat/sub-01_desc-losshistory_Chimap.tsv").is_file()
+    assert _validator_errors(ds_out) == []
+
 
 # ------------------------------------------------------------------------ numbers
 def test_residual_map_is_zero_for_the_true_map_and_full_for_none(tmp_path):
@@ -249,3 +267,25 @@ def test_regional_table_values_and_reference_offset():
     assert rows["reference: whole brain"]["offset"] == 0.02
     assert rows["diamagnetic tail (chi < -0.1 ppm)"]["voxels"] == 0
     assert reference_offset(chi + 0.07 * mask, chi, mask) == pytest.approx(0.07)
+
+
+def test_phase_only_run_is_valid_and_reported(tmp_path):
+    """Without magnitude the fieldmaps' _magnitude companion is a unit image (said so in its
+    sidecar), the outputs still validate and the report says what the mask is drawn over."""
+    bids = write_bids_dataset(tmp_path / "bids", subjects=("01",), shape=(32, 32, 32),
+                              voxel_size=(2.0, 2.0, 2.0), te_s=(0.004, 0.008, 0.012),
+                              phase_as_int=True)
+    for p in (bids / "sub-01" / "anat").glob("*part-mag_MEGRE.*"):
+        p.unlink()
+    out = tmp_path / "out"
+    assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "w"),
+                 "--nprocs", "2"]) == 0
+    assert _validator_errors(out) == []
+    fmap = out / "sub-01" / "fmap"
+    mag = np.asarray(nib.load(fmap / "sub-01_desc-total_magnitude.nii.gz").dataobj)
+    assert np.all(mag == 1)
+    assert "phase-only" in json.loads((fmap / "sub-01_desc-total_magnitude.json")
+                                      .read_text())["Description"]
+    page = (out / "sub-01.html").read_text()
+    assert "phase-only data: shown over |total field|" in page
+    assert "magnitude class" not in page  # no intensity clusters without a magnitude

@@ -1,13 +1,12 @@
 """Graph construction (option grid, every preset), config files, BIDS discovery."""
 
-import filecmp
 import itertools
 import shutil
 from pathlib import Path
 
 import pytest
 
-from qsmflow import __version__
+from qsmflow import __version__, registry
 from qsmflow.bids_input import collect_runs, find_runs
 from qsmflow.config import (
     ConfigError,
@@ -25,12 +24,22 @@ from qsmflow.workflows.qsm import INPUT_FIELDS, OUTPUT_FIELDS, init_qsm_wf
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_presets_shipped_and_identical_to_workflows_folder():
+def test_presets_shipped_once_and_dumped_editable(tmp_path, capsys):
+    from qsmflow.cli.run import main
+
     names = list_presets()
     assert {"fast", "accurate", "dip-gpu", "dip-cpu"} <= set(names)
+    assert not (REPO / "workflows/presets").exists()  # one copy: the packaged one
     for n in names:
-        assert filecmp.cmp(preset_dir() / f"{n}.toml", REPO / "workflows/presets" / f"{n}.toml",
-                           shallow=False), n
+        assert main(["--dump-preset", n]) == 0
+        text = capsys.readouterr().out
+        assert text == (preset_dir() / f"{n}.toml").read_text()
+        edited = tmp_path / f"{n}.toml"
+        edited.write_text(text.replace("seed = 0", "seed = 5"))
+        cfg = load_config_file(edited)
+        assert cfg.resolved() == load_preset(n).resolved() and cfg.seed == 5
+    assert main(["--dump-preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
     assert (REPO / "workflows/plugins/multiproc.yml").is_file()
     assert (REPO / "workflows/plugins/slurmgraph.yml").is_file()
 
@@ -56,11 +65,18 @@ def test_every_preset_builds(preset):
 
 
 @pytest.mark.parametrize("mask,bfr,inv", list(itertools.product(
-    ["bet", "threshold", "phase-quality"], ["vsharp", "pdf", "lbv", "resharp"],
-    ["tkd", "tikhonov", "tv", "rts", "ndi", "medi", "modip"])))
+    registry.methods_for("mask"), registry.methods_for("bfr"), registry.methods_for("invert"))))
 def test_option_grid(mask, bfr, inv):
+    """Every registered combination builds, and every node gets the inputs its method takes."""
     wf = init_qsm_wf(mask=mask, bfr=bfr, inversion=inv, unwrap="laplacian", omp_nthreads=2)
     nodes = _nodes(wf)
+    for stage, node in (("mask", "mask"), ("bfr", "bfr"), ("invert", "invert")):
+        meth = registry.method(stage, nodes[node].inputs.method)
+        wired = {dst for *_, d in wf._graph.in_edges(nodes[node], data=True)
+                 for _, dst in d["connect"]}
+        assert meth.required_inputs - {"voxel_size"} <= wired
+        assert wired <= meth.inputs
+        assert ({"te_s", "b0_tesla", "magnitude"} & meth.inputs) <= wired | {"voxel_size"}
     assert nodes["mask"].inputs.method == mask and nodes["bfr"].inputs.method == bfr
     assert nodes["invert"].inputs.method == inv
     assert nodes["fieldmap"].inputs.settings["unwrap"] == "laplacian"

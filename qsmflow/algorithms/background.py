@@ -35,6 +35,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from qsmflow.algorithms._checks import check_field_mask
+from qsmflow.algorithms._threads import fft_workers
 from qsmflow.algorithms.dipole import DipoleOperator, smv_kernel
 
 _EPS_R = 1e-6  # mm; same tolerance as the voxelisation of spheres in ``smv_kernel``
@@ -177,7 +178,7 @@ def remove_background_vsharp(
     # the global deconvolution away from the periodic images of the ROI.
     margin = [int(np.ceil(rmax / hi)) + 2 for hi in h]
     big = _fft_shape(shape, margin)
-    F = sfft.rfftn(_embed(f, big), workers=-1)
+    F = sfft.rfftn(_embed(f, big), workers=fft_workers())
     dist = _distance_to_outside(mask, h)
 
     mask_out = dist > rmin + _EPS_R
@@ -195,7 +196,7 @@ def remove_background_vsharp(
             s_max = S  # the largest kernel is the one deconvolved
         if not sel.any():
             continue
-        smooth = _crop(sfft.irfftn(F * S, s=big, workers=-1), shape)
+        smooth = _crop(sfft.irfftn(F * S, s=big, workers=fft_workers()), shape)
         hp[sel] = f[sel] - smooth[sel]
         assigned |= sel
 
@@ -203,8 +204,8 @@ def remove_background_vsharp(
     inv = np.zeros_like(one_minus_s)
     keep = np.abs(one_minus_s) > threshold
     inv[keep] = 1.0 / one_minus_s[keep]
-    local = _crop(sfft.irfftn(sfft.rfftn(_embed(hp, big), workers=-1) * inv, s=big,
-                              workers=-1), shape)
+    local = _crop(sfft.irfftn(sfft.rfftn(_embed(hp, big), workers=fft_workers()) * inv, s=big,
+                              workers=fft_workers()), shape)
     local = np.where(mask_out, local, 0).astype(np.float32)
     return local, mask_out
 
@@ -280,8 +281,8 @@ def remove_background_resharp(
     m = mask_out.astype(np.float32)
 
     def conv(x):
-        return _crop(sfft.irfftn(sfft.rfftn(x, s=big, workers=-1) * C, s=big, workers=-1),
-                     shape)
+        w = fft_workers()
+        return _crop(sfft.irfftn(sfft.rfftn(x, s=big, workers=w) * C, s=big, workers=w), shape)
 
     def normal(xv):
         x = xv.reshape(shape).astype(np.float32, copy=False)
@@ -588,9 +589,178 @@ def remove_background_lbv(
     return local, mask_out
 
 
+# --------------------------------------------------------------------------------------------
+# robust LBV: exclude inconsistent boundary voxels, then LBV, optionally twice
+# --------------------------------------------------------------------------------------------
+def _laplacian(f, h):
+    """Full 7-point Laplacian (ppm/mm^2); meaningful where all 6 neighbours are valid."""
+    out = -2.0 * sum(1.0 / float(v) ** 2 for v in h) * f
+    for ax in range(3):
+        out = out + (np.roll(f, 1, ax) + np.roll(f, -1, ax)) / float(h[ax]) ** 2
+    return out
+
+
+def _robust_scale(v):
+    med = float(np.median(v))
+    return med, float(1.4826 * np.median(np.abs(v - med)))
+
+
+def boundary_outliers(
+    field: np.ndarray,
+    mask: np.ndarray,
+    *,
+    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+    noise: np.ndarray | None = None,
+    layer_max: float = 15.0,
+    voxel_max: float = 40.0,
+    noise_max: float = 4.0,
+    band_mm: float = 6.0,
+    max_layers: int = 6,
+) -> np.ndarray:
+    """Peel the mask from outside where its field is not consistent with a harmonic background.
+
+    Inside the brain the background field is harmonic, so the Laplacian of the total field
+    equals the Laplacian of the local field, whose size is set by the tissue and is measured
+    robustly (median absolute deviation ``s``) in the mask's interior deeper than
+    ``band_mm``.  A wrong field value at a boundary voxel (skull, air-cavity wall, dephased
+    edge) shows in the full 7-point Laplacian of its inner neighbours; a boundary voxel's
+    score is the largest ``|Lap f - median| / s`` among its face neighbours in the mask's
+    interior.  Layer by layer from the outside (at most ``max_layers``): if the median score
+    of the boundary layer exceeds ``layer_max`` the whole layer is removed (a mask that
+    includes skull); otherwise only its voxels scoring above ``voxel_max`` are removed and
+    the peel stops.  The erosion is thus chosen from the data and happens only where the
+    boundary is inconsistent.  With ``noise``, voxels whose noise exceeds ``noise_max`` times
+    the mask's median are removed first.
+
+    Returns
+    -------
+    (X, Y, Z) bool: the peeled mask (largest component, holes filled, within ``mask``).
+    """
+    f, mask, h = check_field_mask(field, mask, voxel_size=voxel_size)
+    f = f.astype(np.float64)
+    keep = mask.copy()
+    if noise is not None:
+        noise = np.asarray(noise, dtype=np.float64)
+        if noise.shape != f.shape:
+            raise ValueError(f"noise shape {noise.shape} does not match field {f.shape}")
+        ok = np.isfinite(noise) & (noise > 0)
+        if noise_max > 0 and np.any(ok & mask):
+            ref = float(np.median(noise[ok & mask]))
+            keep &= ok & (noise <= noise_max * ref)
+    depth = _distance_to_outside(mask, h)
+    deep = mask & (depth > band_mm)
+    if deep.sum() < 100:
+        deep = mask & (depth >= np.median(depth[mask]))
+    lap = _laplacian(f, h)
+    med, s = _robust_scale(lap[deep])
+    if not s > 0:
+        return keep
+    dev = np.abs(lap - med) / s
+    face = ndi.generate_binary_structure(3, 1)
+    for _ in range(int(max_layers)):
+        inner = _interior(keep, 1)
+        score = ndi.maximum_filter(np.where(inner, dev, 0.0), footprint=face)
+        layer = keep & ~inner
+        if not layer.any():
+            break
+        if float(np.median(score[layer])) > layer_max:
+            keep &= ~layer
+            continue
+        for _ in range(2):
+            bad = layer & (score > voxel_max)
+            if not bad.any():
+                break
+            keep &= ~bad
+            inner = _interior(keep, 1)
+            score = ndi.maximum_filter(np.where(inner, dev, 0.0), footprint=face)
+            layer = keep & ~inner
+        break
+    keep = _largest(keep)
+    return ndi.binary_fill_holes(keep) & mask
+
+
+def _largest(m):
+    lab, n = ndi.label(m)
+    if n <= 1:
+        return m
+    counts = np.bincount(lab.ravel())
+    counts[0] = 0
+    return lab == int(np.argmax(counts))
+
+
+def remove_background_lbv_robust(
+    field: np.ndarray,
+    mask: np.ndarray,
+    *,
+    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+    noise: np.ndarray | None = None,
+    layer_max: float = 15.0,
+    voxel_max: float = 40.0,
+    noise_max: float = 4.0,
+    band_mm: float = 6.0,
+    two_pass: bool = False,
+    outlier_max: float = 8.0,
+    tol: float = 1e-4,
+    max_iter: int = 2000,
+    levels: int = 3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """LBV that survives a bad mask boundary: consistency peel, LBV, outlier pass, LBV.
+
+    1. :func:`boundary_outliers`: remove, layer by layer from the outside, boundary voxels
+       whose field is inconsistent with a harmonic background (Laplacian of their inner
+       neighbours above ``layer_max`` / ``voxel_max`` robust standard deviations of the
+       interior's, per layer / per voxel) or whose field noise
+       is above ``noise_max`` times the median (``noise``, e.g. the field-mapping noise map):
+       skull, sinus walls and dephased voxels that a mask let in.
+    2. LBV (:func:`remove_background_lbv`; Zhou et al., NMR Biomed 2014) on what remains.
+    3. ``two_pass``: voxels within ``band_mm`` of the boundary whose local field deviates
+       from the interior's median by more than ``outlier_max`` robust standard deviations
+       are implausible as tissue fields (a boundary value was wrong nearby); they are
+       excluded (with their face neighbours) and LBV is run again.
+
+    Parameters
+    ----------
+    field : (X, Y, Z) array, ppm
+    mask : (X, Y, Z) bool
+    voxel_size : 3 floats (mm), keyword-only
+    noise : (X, Y, Z) array or None, keyword-only
+        Field noise standard deviation (any unit: it is used relative to its median).
+    layer_max, voxel_max, noise_max, band_mm : float, keyword-only
+        See :func:`boundary_outliers`.
+    two_pass : bool, keyword-only
+    outlier_max : float, keyword-only
+    tol, max_iter, levels : keyword-only, passed to :func:`remove_background_lbv`.
+
+    Returns
+    -------
+    local : (X, Y, Z) float32, ppm, 0 outside ``mask_out``.
+    mask_out : (X, Y, Z) bool, the mask after the peel(s) and LBV's boundary layer.
+    """
+    f, mask, h = check_field_mask(field, mask, voxel_size=voxel_size)
+    roi = boundary_outliers(f, mask, voxel_size=h, noise=noise, layer_max=layer_max,
+                            voxel_max=voxel_max, noise_max=noise_max, band_mm=band_mm)
+    if not roi.any():
+        roi = mask
+    kw = {"voxel_size": h, "tol": tol, "max_iter": max_iter, "levels": levels}
+    local, mask_out = remove_background_lbv(f, roi, **kw)
+    if two_pass:
+        depth = _distance_to_outside(mask_out, h)
+        deep = mask_out & (depth > band_mm)
+        if deep.sum() >= 100:
+            med, s = _robust_scale(local[deep].astype(np.float64))
+            bad = mask_out & ~deep & (np.abs(local - med) > outlier_max * s)
+            if s > 0 and bad.any():
+                roi2 = _largest(roi & ~ndi.binary_dilation(bad))
+                roi2 = ndi.binary_fill_holes(roi2) & roi
+                if roi2.any():
+                    local, mask_out = remove_background_lbv(f, roi2, **kw)
+    return local, mask_out
+
+
 METHODS = {
     "vsharp": remove_background_vsharp,
     "pdf": remove_background_pdf,
     "lbv": remove_background_lbv,
     "resharp": remove_background_resharp,
+    "lbv-robust": remove_background_lbv_robust,
 }

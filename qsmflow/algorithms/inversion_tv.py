@@ -198,65 +198,79 @@ def invert_tv(
 METHODS = {"tv": invert_tv}
 
 
-#: Sweep of the automatic TV weight (ppm, gradients in mm^-1): 2 per decade, 1e-7 .. 1e-3
-TV_ALPHA_SWEEP = tuple(float(a) for a in np.logspace(-7, -3, 9))
-
-
 def fit_tv(
     field: np.ndarray,
     mask: np.ndarray,
     *,
+    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+    b0_dir: Sequence[float] = (0.0, 0.0, 1.0),
+    magnitude: np.ndarray | None = None,
+    noise: np.ndarray | None = None,
     alpha: float | str = "auto",
     rule: str = "lcurve-knee",
-    alphas: Sequence[float] = TV_ALPHA_SWEEP,
+    alpha_min: float = 1e-7,
+    alpha_max: float = 1e-3,
+    n_alphas: int = 9,
     sweep_iter: int = 100,
     tau: float = 1.0,
-    **kwargs,
+    mu1_factor: float = 100.0,
+    mu2: float = 1.0,
+    tol: float = 0.1,
+    max_iter: int = 150,
+    pad_factor: float = 1.25,
+    margin: int = 6,
+    kernel: str = "continuous",
 ):
-    """TV inversion with its weight chosen from the data; returns a
-    :class:`~qsmflow.algorithms.regularization.FitResult`.
+    """TV inversion with its weight chosen from the data (map, chosen weight, L-curve, residual).
 
     Parameters
     ----------
-    field, mask : see :func:`invert_tv`
+    field, mask, voxel_size, b0_dir, magnitude, noise : see :func:`invert_tv`
     alpha : float or "auto"
-        A number is used as is (``rule`` "fixed").  ``"auto"`` sweeps ``alphas`` (each solve
-        capped at ``sweep_iter`` ADMM iterations, which is enough to place the L-curve) and
-        picks by ``rule``, then solves at the chosen weight with the full iteration budget.
+        A number is used as is (rule "fixed").  ``"auto"`` solves for ``n_alphas`` weights
+        log-spaced in ``[alpha_min, alpha_max]`` (each capped at ``sweep_iter`` ADMM
+        iterations, enough to place the L-curve), picks one by ``rule``, then solves at it with
+        the full ``max_iter``.
     rule : {"lcurve-knee", "lcurve-corner", "discrepancy"}
-        L-curve of ``(||W (D chi - f)||, ||grad chi||_1)`` (Bilgic et al. 2014; Milovic et al.
-        2018 pick FANSI's weight on it), the knee (default) or the maximum-curvature corner, or
-        Morozov's discrepancy principle on the noise-normalised residual (``noise`` map, else
-        the field's estimated noise).  Measured on the realistic case
-        (:mod:`qsmflow.sims.invivo_case`, 64^3): the knee lands within 1.5x of the best weight;
-        the corner 6x below it (the curve's curvature peaks early); the discrepancy principle
-        25x above it, because the free margin lets TV explain the field below its noise and the
-        rest of the residual is model mismatch, not noise.
-    alphas : increasing candidate weights
-    sweep_iter : int
-    tau : discrepancy target
-    **kwargs : passed to :func:`invert_tv` (voxel_size, b0_dir, magnitude, noise, ...)
+        On the L-curve ``(||W (D chi - f)||, ||grad chi||_1)`` (Bilgic et al. 2014; Milovic et
+        al. 2018 pick FANSI's weight on it): the knee (default) or the maximum-curvature
+        corner; or Morozov's discrepancy principle on the noise-normalised residual (``noise``
+        map, else the field's estimated noise) with target ``tau``.  Measured on the realistic
+        case (:mod:`qsmflow.sims.invivo_case`, 64^3, benchmarks/RESULTS.md): the knee lands
+        within 1.5x of the best weight, the corner 6x below it (the curvature peaks early), the
+        discrepancy principle 25x above it (the free margin lets TV explain the field below its
+        noise; what is left of the residual is model mismatch, not noise).
+    alpha_min, alpha_max, n_alphas, sweep_iter, tau : the sweep (ppm, gradients in mm^-1)
+    mu1_factor, mu2, tol, max_iter, pad_factor, margin, kernel : see :func:`invert_tv`
+
+    Returns
+    -------
+    :class:`~qsmflow.algorithms.regularization.FitResult` (``chi`` in ppm, 0 outside the mask;
+    ``value`` the weight used; ``curve`` the sweep; ``residual`` the data consistency).
     """
     from qsmflow.algorithms import regularization as reg
 
-    voxel_size = kwargs.get("voxel_size", (1.0, 1.0, 1.0))
-    b0_dir = kwargs.get("b0_dir", (0.0, 0.0, 1.0))
-    noise = kwargs.get("noise")
+    solver = dict(voxel_size=voxel_size, b0_dir=b0_dir, magnitude=magnitude, noise=noise,
+                  mu1_factor=mu1_factor, mu2=mu2, tol=tol, pad_factor=pad_factor,
+                  margin=margin, kernel=kernel)
     curve: dict = {}
     extra: dict = {}
-    if reg.is_auto(alpha):
-        a = np.asarray(alphas, dtype=np.float64)
-        sigma, src = reg.noise_level(field, mask, noise)
-        crop = MaskCrop(np.asarray(mask, bool), margin=kwargs.get("margin", 6))
-        s_c = crop.crop(sigma)
-        m_c = crop.crop(np.asarray(mask, bool))
-        w = data_weight(mask, magnitude=kwargs.get("magnitude"), noise=noise)
+    fixed = reg.auto_or_positive("alpha", alpha)
+    if fixed is None:
+        if not (0 < alpha_min < alpha_max) or int(n_alphas) < 3:
+            raise ValueError("need 0 < alpha_min < alpha_max and n_alphas >= 3")
+        a = np.logspace(np.log10(alpha_min), np.log10(alpha_max), int(n_alphas))
+        mask_b = np.asarray(mask, bool)
+        sigma, src = reg.noise_level(field, mask_b, noise)
+        crop = MaskCrop(mask_b, margin=margin)
+        s_c, m_c = crop.crop(sigma), crop.crop(mask_b)
+        w = data_weight(mask_b, magnitude=magnitude, noise=noise)
         w_c = crop.crop(w) if w is not None else m_c.astype(np.float32)
-        sweep_kw = dict(kwargs, max_iter=min(int(sweep_iter), int(kwargs.get("max_iter", 150))))
         res, regn, chi2 = [], [], []
         for v in a:
             info: dict = {}
-            invert_tv(field, mask, alpha=float(v), info=info, **sweep_kw)
+            invert_tv(field, mask, alpha=float(v), info=info,
+                      max_iter=min(int(sweep_iter), int(max_iter)), **solver)
             r = info["residual"]
             res.append(float(np.linalg.norm(w_c * r)))
             regn.append(info["regularizer"])
@@ -266,9 +280,9 @@ def fit_tv(
         extra = {"noise_source": src, "sweep_iter": int(sweep_iter)}
         used_rule = rule
     else:
-        value, used_rule = float(alpha), "fixed"
-    chi = invert_tv(field, mask, alpha=value, **kwargs)
+        value, used_rule = fixed, "fixed"
+    chi = invert_tv(field, mask, alpha=value, max_iter=max_iter, **solver)
     residual = reg.data_residual(chi, field, mask, voxel_size=voxel_size, b0_dir=b0_dir,
-                                 noise=noise, kernel=kwargs.get("kernel", "continuous"))
+                                 noise=noise, kernel=kernel)
     return reg.FitResult(chi=chi, method="tv", parameter="alpha", value=value, rule=used_rule,
                          curve=curve, residual=residual, extra=extra)

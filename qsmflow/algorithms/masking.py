@@ -34,6 +34,8 @@ __all__ = [
     "mask_threshold",
     "mask_phase_quality",
     "mask_bet",
+    "mask_reliable",
+    "reliability_maps",
     "resolve_mask",
     "phase_quality_map",
     "largest_component",
@@ -442,6 +444,190 @@ def mask_bet(
 
 
 # ------------------------------------------------------------------------------------------
+# reliability (magnitude + multi-echo phase quality)
+# ------------------------------------------------------------------------------------------
+def _as_4d(x, name):
+    a = np.asarray(x, dtype=np.float32)
+    if a.ndim == 3:
+        a = a[..., None]
+    if a.ndim != 4:
+        raise ValueError(f"{name} must be 3D or 4D, got shape {a.shape}")
+    return np.where(np.isfinite(a), a, 0.0).astype(np.float32)
+
+
+def reliability_maps(
+    magnitude: np.ndarray,
+    phase: np.ndarray | None = None,
+    *,
+    te_s: Sequence[float] | None = None,
+) -> dict[str, np.ndarray]:
+    """Voxel-wise quality measures of multi-echo GRE data (no mask, no unwrapping needed).
+
+    * ``"noise"``: relative standard deviation of a weighted least-squares field estimate,
+      ``1 / sqrt(sum_e M_e^2 TE_e^2)`` (Wu et al., NeuroImage 2012; a.u., scale it by the
+      image noise to get rad/s).  Large in dark voxels (bone, air, dephased voxels).
+    * ``"residual"`` (>= 3 echoes, equal spacing assumed only for the frequency estimate):
+      noise-normalised residual of a linear phase evolution.  The echo-to-echo phase steps
+      ``d_e = arg(S_{e+1} conj(S_e))`` of one voxel should all equal ``omega dTE_e``; with
+      ``omega`` from the magnitude-weighted complex sum of the steps, the residual is
+      ``mean_e wrap(d_e - omega dTE_e)^2 / (1/M_e^2 + 1/M_{e+1}^2)``, a chi-square-like
+      statistic (times the noise variance) that grows where the signal of a voxel is not
+      one mono-frequency component: partial volume of tissues with different frequency and
+      T2* (skull, sinus walls), flow, noise-only voxels.
+    * ``"r2star"`` (>= 2 echoes): log-linear least-squares R2* (1/s).
+
+    Parameters
+    ----------
+    magnitude : (X, Y, Z, E) array, a.u.
+    phase : (X, Y, Z, E) array, rad (wrapped), or None
+    te_s : E echo times (s), keyword-only
+
+    Returns
+    -------
+    dict of (X, Y, Z) float32 maps (keys present as the data allow).
+    """
+    mag = np.abs(_as_4d(magnitude, "magnitude")).astype(np.float64)
+    n_e = mag.shape[3]
+    out: dict[str, np.ndarray] = {}
+    te = None
+    if te_s is not None:
+        te = np.asarray(te_s, dtype=np.float64).ravel()
+        if te.size != n_e or np.any(~np.isfinite(te)) or np.any(te <= 0):
+            raise ValueError(f"te_s must hold {n_e} positive echo times (s), got {te_s!r}")
+    tw = te if te is not None else np.arange(1, n_e + 1, dtype=np.float64)
+    out["noise"] = (1.0 / np.sqrt(np.einsum("xyze,e->xyz", mag**2, tw**2) + 1e-30)).astype(
+        np.float32)
+    if te is not None and n_e >= 2:
+        logm = np.log(np.maximum(mag, 1e-12 * max(float(mag.max()), 1e-30)))
+        w = mag**2  # weights of the log-linear fit ~ inverse variance of log M
+        sw = w.sum(-1) + 1e-30
+        tm = np.einsum("xyze,e->xyz", w, te) / sw
+        lm = (w * logm).sum(-1) / sw
+        cov = np.einsum("xyze,e->xyz", w * logm, te) / sw - tm * lm
+        var = np.einsum("xyze,e->xyz", w, te**2) / sw - tm**2
+        out["r2star"] = np.where(var > 0, -cov / np.where(var > 0, var, 1), 0).astype(
+            np.float32)
+    if phase is not None and te is not None and n_e >= 3:
+        ph = _as_4d(phase, "phase")
+        if ph.shape != mag.shape:
+            raise ValueError(f"phase shape {ph.shape} does not match magnitude {mag.shape}")
+        s = mag * np.exp(1j * ph.astype(np.float64))
+        steps = s[..., 1:] * np.conj(s[..., :-1])
+        dte = np.diff(te)
+        omega = np.angle((steps / dte).sum(-1)) / float(np.mean(dte))
+        res = np.angle(steps * np.exp(-1j * omega[..., None] * dte))
+        with np.errstate(divide="ignore"):
+            inv2 = 1.0 / np.maximum(mag[..., 1:], 1e-30) ** 2 + 1.0 / np.maximum(
+                mag[..., :-1], 1e-30) ** 2
+        out["residual"] = np.mean(res**2 / inv2, axis=-1).astype(np.float32)
+    return out
+
+
+def mask_reliable(
+    magnitude: np.ndarray,
+    *,
+    phase: np.ndarray | None = None,
+    te_s: Sequence[float] | None = None,
+    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+    noise_max: float = 5.0,
+    residual_max: float = 0.0,
+    r2star_max: float = 6.0,
+    quality_vote: bool = False,
+    smooth_mm: float = 2.0,
+) -> np.ndarray:
+    """Brain mask of the voxels whose field a background removal can trust.
+
+    Combines the magnitude with the quality of the multi-echo phase, so that the mask stops
+    in the CSF that surrounds the brain and leaves out the skull, the walls of air cavities
+    and other low-signal voxels, whose field values are wrong (and would be taken as exact
+    boundary values by LBV or fitted by PDF):
+
+    1. magnitude candidates: root-sum-of-squares magnitude above Otsu's threshold
+       (Otsu 1979), as in :func:`mask_threshold`;
+    2. reliability (:func:`reliability_maps`): a voxel is kept only if its relative field
+       noise is below ``noise_max`` times the median of the candidates, its normalised
+       multi-echo phase residual below ``residual_max`` times that median (>= 3 echoes), and
+       its R2* below ``r2star_max`` times the median (bone and dephased voxels decay fast);
+    3. with ``quality_vote``, the ROMEO phase quality (:func:`phase_quality_map`, Dymerska et
+       al., MRM 2021: phase coherence, phase-gradient coherence between echoes, magnitude
+       coherence) must also be above its Otsu threshold (a two-of-two consensus of the
+       magnitude- and the phase-based mask).  Off by default: on the realistic head
+       (:mod:`qsmflow.sims.realistic`) it removes the outer CSF, and LBV needs that CSF
+       (the local field is small there): local-field NRMSE 65 % with the vote, 43 % without
+       (96^3);
+    4. the largest 6-connected component after an opening by a one-voxel ball (cuts thin
+       bridges through the skull), grown back geodesically by one voxel within the reliable
+       voxels, holes filled (3D and slice-wise: veins, deep grey matter and calcifications
+       with high R2* inside the brain come back), and the boundary smoothed by a Gaussian of
+       ``smooth_mm`` (a majority vote: the smoothed indicator above 0.5) without growing past
+       the candidates.
+
+    Parameters
+    ----------
+    magnitude : (X, Y, Z, E) or (X, Y, Z) array, a.u.
+    phase : same shape or None, rad (wrapped), keyword-only
+        Without phase (or echo times) only the magnitude criteria are used.
+    te_s : E echo times (s), keyword-only
+    voxel_size : 3 floats (mm), keyword-only
+    noise_max, residual_max, r2star_max : float, keyword-only
+        Thresholds relative to the median over the magnitude candidates; 0 disables one.
+        ``residual_max`` is off by default: on the realistic head the residual of skull voxels
+        is barely above tissue (median 1.4x vs 0.9x the brain median at 7 T; noise-only
+        voxels have a small noise-normalised residual) while vein and CSF-edge voxels of the
+        brain reach 30-80x, so it removed brain (Dice 0.987 at 60x, 0.992 off).  The other
+        defaults are loose on purpose: on the realistic head the magnitude threshold
+        already stops at the skull, and stricter limits (3, 10, 4) only removed CSF and
+        cortex (brain Dice 0.975 instead of 0.996 at 64^3); they are a safety net for bright
+        voxels with unusable phase.
+    quality_vote : bool, keyword-only
+        Require the ROMEO phase quality as well (needs ``phase``).
+    smooth_mm : float, keyword-only
+        Boundary smoothing (mm); 0 disables.
+
+    Returns
+    -------
+    (X, Y, Z) bool brain mask.
+    """
+    h = _check_voxel_size(voxel_size)
+    mag4 = _as_4d(magnitude, "magnitude")
+    m = _combine_magnitude(mag4)
+    cand = m > _otsu(m)
+    if not cand.any():
+        raise ValueError("no voxel above the magnitude threshold")
+    ph4 = None
+    if phase is not None:
+        ph4 = _as_4d(phase, "phase")
+        if ph4.shape[:3] != m.shape:
+            raise ValueError(f"phase shape {ph4.shape} does not match magnitude {mag4.shape}")
+    maps = reliability_maps(mag4, ph4 if ph4 is not None and ph4.shape == mag4.shape else None,
+                            te_s=te_s)
+    good = cand.copy()
+    for key, limit in (("noise", noise_max), ("residual", residual_max),
+                       ("r2star", r2star_max)):
+        if key in maps and limit > 0:
+            ref = float(np.median(maps[key][cand]))
+            if ref > 0:
+                good &= maps[key] <= limit * ref
+    if quality_vote and ph4 is not None:
+        q = phase_quality_map(ph4, magnitude=mag4[..., :1] if mag4.shape[3] else None,
+                              te_s=te_s if ph4.shape[3] >= 2 else None)
+        q = ndi.gaussian_filter(q, sigma=1.0 / h * h.min(), mode="nearest")
+        good &= q > _otsu(q[cand])
+    core = largest_component(ndi.binary_opening(good, structure=ndi.generate_binary_structure(
+        3, 1)))
+    if not core.any():
+        core = largest_component(good)
+    core = ndi.binary_dilation(core, structure=ndi.generate_binary_structure(3, 1)) & good
+    mask = fill_mask_holes(largest_component(core))
+    if smooth_mm > 0:
+        sm = ndi.gaussian_filter(mask.astype(np.float32), sigma=smooth_mm / h, mode="constant")
+        mask = fill_mask_holes(largest_component((sm > 0.5) & (cand | mask)))
+    if not mask.any():
+        raise ValueError("reliability mask is empty")
+    return mask
+
+
+# ------------------------------------------------------------------------------------------
 def resolve_mask(
     user_mask: np.ndarray | None = None,
     *,
@@ -476,4 +662,9 @@ def resolve_mask(
     return mask
 
 
-METHODS = {"threshold": mask_threshold, "phase-quality": mask_phase_quality, "bet": mask_bet}
+METHODS = {
+    "threshold": mask_threshold,
+    "phase-quality": mask_phase_quality,
+    "bet": mask_bet,
+    "reliable": mask_reliable,
+}

@@ -48,12 +48,26 @@ __all__ = [
     "estimate_field_noise",
     "data_residual",
     "is_auto",
+    "auto_or_positive",
 ]
 
 
 def is_auto(value) -> bool:
     """True for the string ``"auto"`` (any case): the weight is chosen from the data."""
     return isinstance(value, str) and value.strip().lower() == "auto"
+
+
+def auto_or_positive(name: str, value) -> float | None:
+    """None for ``"auto"``, else ``value`` as a positive float; ValueError naming ``name``."""
+    if is_auto(value):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} = {value!r}: expected a number or \"auto\"") from None
+    if not (np.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be positive or \"auto\", got {value!r}")
+    return v
 
 
 @dataclass

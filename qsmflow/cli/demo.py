@@ -34,14 +34,14 @@ def score_outputs(bids_dir, output_dir, subjects) -> dict:
     """``{subject: {"chi": path, "nrmse": %, "correlation": r}}`` against the simulated truth."""
     import nibabel as nib
 
+    from qsmflow.outputs import derivative_path
     from qsmflow.sims.bids import DERIV_NAME
 
     out = {}
     for s in subjects:
-        chi_p = Path(output_dir) / f"sub-{s}" / "anat" / f"sub-{s}_Chimap.nii.gz"
-        mask_p = chi_p.with_name(f"sub-{s}_desc-brain_mask.nii.gz")
-        truth_p = (Path(bids_dir) / "derivatives" / DERIV_NAME / f"sub-{s}" / "anat"
-                   / f"sub-{s}_Chimap.nii.gz")
+        chi_p = derivative_path(output_dir, f"sub-{s}", "chi")
+        mask_p = derivative_path(output_dir, f"sub-{s}", "brain_mask")
+        truth_p = derivative_path(Path(bids_dir) / "derivatives" / DERIV_NAME, f"sub-{s}", "chi")
         if not chi_p.is_file():
             out[s] = {"chi": None}
             continue

@@ -119,9 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a shipped preset: fast (default), accurate, dip-gpu, dip-cpu "
                    "(see --list-presets)")
     x.add_argument("--config-file", type=Path, metavar="FILE",
-                   help="a TOML configuration (format: workflows/presets/*.toml)")
+                   help="a TOML configuration (start from: qsmflow --dump-preset fast)")
     g.add_argument("--list-presets", action="store_true",
                    help="list the presets and their methods, then exit")
+    g.add_argument("--dump-preset", metavar="NAME",
+                   help="print a preset as TOML (an editable copy for --config-file), then exit")
     for flag, stage in (("--unwrap", "unwrap"), ("--combine", "combine"), ("--mask", "mask"),
                         ("--bfr", "bfr"), ("--inversion", "invert"),
                         ("--reference", "reference")):
@@ -138,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nprocs", "--n-cpus", type=_int_at_least(1), metavar="N",
                    help="maximum number of processes (default: all CPUs)")
     g.add_argument("--omp-nthreads", type=_int_at_least(1), metavar="N", default=1,
-                   help="threads per process (default: 1)")
+                   help="threads per node: BLAS, FFT and torch pools are limited to it inside "
+                   "every node (default: 1; at most --nprocs)")
     g.add_argument("--mem", "--mem-gb", type=parse_mem, metavar="SIZE",
                    help="memory limit, e.g. 16GB, 500MB (plain numbers are GB; default: "
                    "Nipype's estimate of the free memory)")
@@ -269,52 +272,46 @@ def _executed_nodes(wf_dir: Path, before: dict) -> list[str]:
                   for p, t in after.items() if before.get(p) != t)
 
 
-def run(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _list_presets() -> int:
     from qsmflow.config import list_presets, load_preset
 
-    if args.list_presets:
-        for name in list_presets():
-            cfg = load_preset(name)
-            print(f"{name}: {cfg.description}")
-        return EXIT_OK
-    _check_paths(args)
-    if args.analysis_level == "group":
-        return _group(args)
-    cfg = _load_config(args)
-    use_gpu = _gpu_wanted(cfg)
-    plugin, pargs = _plugin(args, use_gpu, None)  # checked before anything runs
+    for name in list_presets():
+        print(f"{name}: {load_preset(name).description}")
+    return EXIT_OK
 
+
+def _dump_preset(name: str) -> int:
+    """Print a shipped preset (with its comments): an editable start for --config-file."""
+    from qsmflow.config import ConfigError, preset_text
+
+    try:
+        sys.stdout.write(preset_text(name))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return EXIT_OK
+
+
+def _collect_runs(args):
+    """The MEGRE runs to process; None after printing the problems (nothing runs)."""
     from qsmflow.bids_input import BIDSInputError, collect_runs
 
     try:
-        runs = collect_runs(args.bids_dir, participant_labels=args.participant_label,
+        return collect_runs(args.bids_dir, participant_labels=args.participant_label,
                             session_labels=args.session_label)
     except BIDSInputError as exc:
         print(f"qsmflow: {len(exc.problems)} problem(s) with the input data; nothing was run:",
               file=sys.stderr)
         for msg in exc.problems:
             print(f"  - {msg}", file=sys.stderr)
-        return EXIT_USAGE
+        return None
 
+
+def _configure_nipype(args) -> Path:
+    """Nipype's execution settings and log levels; returns the crash-file folder."""
     from nipype import config as ncfg
     from nipype import logging as nlog
 
-    from qsmflow import __version__
-    from qsmflow.cli.progress import Progress
-    from qsmflow.config import to_toml
-    from qsmflow.interfaces.derivatives import derivative_dataset_description, expected_files
-    from qsmflow.interfaces.reports import write_subject_log
-    from qsmflow.workflows.base import (
-        init_qsmflow_wf,
-        subject_methods_text,
-        top_workflow_name,
-    )
-    from qsmflow.workflows.qsm import effective_config
-
-    work = args.work_dir
-    crash = work / "crash"
+    crash = args.work_dir / "crash"
     ncfg.update_config({"execution": {
         "crashdump_dir": str(crash), "crashfile_format": "txt",
         "stop_on_first_crash": bool(args.stop_on_first_crash),
@@ -328,40 +325,49 @@ def run(argv=None) -> int:
         from qsmflow.cli._summary import quiet_nipype_errors
 
         quiet_nipype_errors()
+    return crash
 
-    out = args.output_dir.resolve()
-    wf = init_qsmflow_wf(runs=runs, output_dir=out, config=cfg, bids_dir=args.bids_dir,
-                         omp_nthreads=args.omp_nthreads, use_gpu=use_gpu)
-    wf.base_dir = str(work)
 
-    # dataset-level and per-subject provenance (written before the run, atomically)
+def _write_provenance(out: Path, runs, cfg) -> None:
+    """Dataset description and every subject's log (config TOML, methods text), written
+    atomically before the run."""
+    from qsmflow.config import to_toml
+    from qsmflow.interfaces.derivatives import derivative_dataset_description
+    from qsmflow.interfaces.reports import write_subject_log
+    from qsmflow.workflows.base import subject_methods_text
+    from qsmflow.workflows.qsm import effective_config
+
     derivative_dataset_description(out)
-    subjects = sorted({r.subject for r in runs})
-    for sub in subjects:
-        sruns = [r for r in runs if r.subject == sub]
-        eff, _ = effective_config(cfg, has_magnitude=sruns[0].has_magnitude,
-                                  n_echoes=sruns[0].n_echoes)
+    for sub in sorted({r.subject for r in runs}):
+        first = next(r for r in runs if r.subject == sub)
+        eff, _ = effective_config(cfg, has_magnitude=first.has_magnitude,
+                                  n_echoes=first.n_echoes)
         write_subject_log(out, sub, config_toml=to_toml(eff),
-                          methods=subject_methods_text(sruns[0], cfg))
+                          methods=subject_methods_text(first, cfg))
 
-    from qsmflow.cli.progress import subject_of
+
+def _progress(wf, subjects):
+    """A progress view counting each subject's processing nodes."""
+    from qsmflow.cli.progress import Progress, subject_of
 
     nodes_per_sub = {s: 0 for s in subjects}
     for name in wf.list_node_names():
         s = subject_of(name)
         if s in nodes_per_sub and name.rsplit(".", 1)[-1] not in ("inputnode", "outputnode"):
             nodes_per_sub[s] += 1
-    progress = Progress(nodes_per_sub)
-    if "status_callback" in pargs:
-        pargs["status_callback"] = progress
-    print(f"qsmflow {__version__}: {len(runs)} run(s) of {len(subjects)} subject(s); "
-          f"methods: " + ", ".join(f"{s}={cfg.method(s)}" for s in cfg.stages)
-          + f"; work dir {work}", file=sys.stderr)
+    return Progress(nodes_per_sub)
+
+
+def _execute(wf, plugin, pargs, progress, work: Path):
+    """Run the workflow (Ctrl-C/SIGTERM stop it cleanly); returns ``(error or None, names of
+    the nodes that ran)`` and records them in ``work/qsmflow_last_run.json``."""
+    from qsmflow.cli._signals import handle_signals
+    from qsmflow.io import write_json_atomic
+    from qsmflow.workflows.base import top_workflow_name
+
     t0 = time.time()
     stamps = _result_stamps(work / top_workflow_name())
     error = None
-    from qsmflow.cli._signals import handle_signals
-
     with handle_signals("qsmflow", hint=" (re-run the same command to resume)"):
         try:
             wf.run(plugin=plugin, plugin_args=pargs)
@@ -374,29 +380,34 @@ def run(argv=None) -> int:
 
             wait_for_slurm_jobs(work / top_workflow_name() / "batch")
     executed = _executed_nodes(work / top_workflow_name(), stamps)
-    from qsmflow.io import write_json_atomic
-
     write_json_atomic({"executed": executed, "start": t0}, work / "qsmflow_last_run.json")
+    return error, executed, t0
+
+
+def _failed_subjects(runs, out: Path, progress) -> dict:
+    """``{subject: [what failed]}`` from the progress callback and the missing outputs."""
+    from qsmflow.interfaces.derivatives import expected_files
 
     failed = {}
     for r in runs:
-        missing = [str(p) for p in expected_files(out, r.bids_prefix, r.session)
-                   if not p.exists()]
+        missing = [p for p in expected_files(out, r.bids_prefix, r.session) if not p.exists()]
         if r.subject in progress.failed:
             failed.setdefault(r.subject, []).extend(progress.failed[r.subject])
         elif missing:
             failed.setdefault(r.subject, []).append(f"{r.bids_prefix}: outputs missing")
-        elif error is not None and plugin not in ("MultiProc", "LegacyMultiProc", "Linear"):
-            pass  # no callback: trust the outputs
+    return failed
+
+
+def _summarise(args, out, subjects, failed, error, executed, crash, t0, plugin, pargs) -> int:
+    """Print the per-subject summary and the QC report paths; returns the exit status."""
     from qsmflow.cli._summary import failures_by_subject, subject_lines
+    from qsmflow.reports import subject_report_path, write_group_index
 
     crashes = {s: c for s, c in failures_by_subject(crash, t0).items() if s in failed}
-    print(f"\nqsmflow summary ({len(executed)} node(s) executed, work dir {work}):",
+    print(f"\nqsmflow summary ({len(executed)} node(s) executed, work dir {args.work_dir}):",
           file=sys.stderr)
     for line in subject_lines(subjects, failed, crashes, verbose=bool(args.verbose)):
         print(line, file=sys.stderr)
-    from qsmflow.reports import subject_report_path, write_group_index
-
     index = write_group_index(out)
     pages = [str(p) for p in (subject_report_path(out, s) for s in subjects) if p.is_file()]
     if pages:
@@ -414,6 +425,60 @@ def run(argv=None) -> int:
         return EXIT_FAILED
     print(f"qsmflow: all {len(subjects)} subject(s) done; outputs in {out}", file=sys.stderr)
     return EXIT_OK
+
+
+def _node_threads(args) -> int:
+    """Threads per node: --omp-nthreads, at most --nprocs (a node never outgrows the run)."""
+    return max(1, min(args.omp_nthreads, args.nprocs or os.cpu_count() or 1))
+
+
+def _info_request(argv):
+    """``--list-presets`` / ``--dump-preset NAME`` work without the positional arguments."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--list-presets", action="store_true")
+    pre.add_argument("--dump-preset")
+    known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else [str(a) for a in argv])
+    if known.list_presets:
+        return _list_presets()
+    if known.dump_preset:
+        return _dump_preset(known.dump_preset)
+    return None
+
+
+def run(argv=None) -> int:
+    info = _info_request(argv)
+    if info is not None:
+        return info
+    args = build_parser().parse_args(argv)
+    _check_paths(args)
+    if args.analysis_level == "group":
+        return _group(args)
+    cfg = _load_config(args)
+    use_gpu = _gpu_wanted(cfg)
+    plugin, pargs = _plugin(args, use_gpu, None)  # checked before anything runs
+    runs = _collect_runs(args)
+    if runs is None:
+        return EXIT_USAGE
+
+    from qsmflow import __version__
+    from qsmflow.workflows.base import init_qsmflow_wf
+
+    crash = _configure_nipype(args)
+    out = args.output_dir.resolve()
+    wf = init_qsmflow_wf(runs=runs, output_dir=out, config=cfg, bids_dir=args.bids_dir,
+                         omp_nthreads=_node_threads(args), use_gpu=use_gpu)
+    wf.base_dir = str(args.work_dir)
+    _write_provenance(out, runs, cfg)
+    subjects = sorted({r.subject for r in runs})
+    progress = _progress(wf, subjects)
+    if "status_callback" in pargs:
+        pargs["status_callback"] = progress
+    print(f"qsmflow {__version__}: {len(runs)} run(s) of {len(subjects)} subject(s); "
+          f"methods: " + ", ".join(f"{s}={cfg.method(s)}" for s in cfg.stages)
+          + f"; work dir {args.work_dir}", file=sys.stderr)
+    error, executed, t0 = _execute(wf, plugin, pargs, progress, args.work_dir)
+    failed = _failed_subjects(runs, out, progress)
+    return _summarise(args, out, subjects, failed, error, executed, crash, t0, plugin, pargs)
 
 
 def _group(args) -> int:

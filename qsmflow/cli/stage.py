@@ -77,9 +77,7 @@ def _overrides(meth: registry.Method, items) -> dict:
             out[k] = registry.coerce_setting(v, defaults[k])
         except ValueError:
             raise StageError(f"--set {k}: cannot read {v!r} as a value") from None
-        from qsmflow.schema import check_setting_types
-
-        bad = check_setting_types({k: out[k]}, defaults, where="--set")
+        bad = meth.check_types({k: out[k]}, where="--set")
         if bad:
             raise StageError(bad[0])
     return out

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import nibabel as nib
 
-from qsmflow import __version__
-from qsmflow.io import new_file_mode
+from qsmflow import BIDS_VERSION, __version__
+from qsmflow.io import write_text_atomic
 
 
 def make_staging(bids_dir: Path) -> Path:
@@ -63,7 +63,7 @@ def same_content(a: Path, b: Path) -> bool:
 def dataset_description() -> dict:
     return {
         "Name": "qsmflow DICOM conversion",
-        "BIDSVersion": "1.9.0",
+        "BIDSVersion": BIDS_VERSION,
         "DatasetType": "raw",
         "GeneratedBy": [{"Name": "qsmflow-convert", "Version": __version__,
                          "Description": "dcm2niix pixel conversion, qsmflow naming"}],
@@ -109,12 +109,7 @@ def move_into_place(groups: list[list[tuple[str, Path]]], bids_dir: Path) -> lis
 
 def write_small_file(path: Path, text: str) -> None:
     """Atomic write of a small text file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.fchmod(fd, new_file_mode())
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(text, path)
 
 
 def remove_tree(path: Path) -> None:

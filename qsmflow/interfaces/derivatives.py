@@ -21,6 +21,7 @@ echo-averaged magnitude (all ones for phase-only data, as stated in its sidecar)
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,12 @@ from qsmflow.io import (
     write_nifti_atomic,
     write_text_atomic,
 )
+from qsmflow.outputs import REQUIRED, derivative_path
 from qsmflow.reports.regions import REFERENCE_REGIONS, reference_offset
 
-#: not BIDS, kept out of validation: the QC reports and the per-subject logs
-BIDSIGNORE = ("*.html", "sub-*/log")
+#: not BIDS, kept out of validation: the QC reports, the per-subject logs and the loss curves
+#: of network fits (BIDS has no suffix for them)
+BIDSIGNORE = ("*.html", "sub-*/log", "*_desc-losshistory_*")
 
 #: EstimationAlgorithm of the Chimap sidecar, by inversion method
 INVERSION_NAMES = {
@@ -64,12 +67,12 @@ INVERSION_NAMES = {
 def derivative_dataset_description(output_dir) -> Path:
     """Write ``output_dir/dataset_description.json`` (DatasetType derivative, GeneratedBy)
     and ``output_dir/.bidsignore``."""
-    from qsmflow import __version__
+    from qsmflow import BIDS_VERSION, __version__
 
     path = Path(output_dir) / "dataset_description.json"
     write_json_atomic({
         "Name": "qsmflow outputs",
-        "BIDSVersion": "1.9.0",
+        "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
         "GeneratedBy": [{
             "Name": "qsmflow",
@@ -81,30 +84,17 @@ def derivative_dataset_description(output_dir) -> Path:
     return path
 
 
-def _run_dir(output_dir, prefix: str, session=None) -> Path:
-    sub = prefix.split("_")[0]
-    return Path(output_dir) / sub / (f"ses-{session}" if session else "")
-
-
 def expected_files(output_dir, prefix: str, session=None) -> list[Path]:
     """The final files a successful run writes (NIfTI and JSON)."""
-    base = _run_dir(output_dir, prefix, session)
-    out = []
-    for folder, stem in (("anat", "Chimap"), ("anat", "desc-brain_mask"),
-                         ("fmap", "desc-total_fieldmap"), ("fmap", "desc-local_fieldmap"),
-                         ("fmap", "desc-total_magnitude"), ("fmap", "desc-local_magnitude")):
-        out += [base / folder / f"{prefix}_{stem}.nii.gz",
-                base / folder / f"{prefix}_{stem}.json"]
-    return out
+    return [derivative_path(output_dir, prefix, key, session=session, ext=ext)
+            for key in REQUIRED for ext in (".nii.gz", ".json")]
 
 
 def chimap_qmri_keys(meta: dict) -> dict:
     """``EstimationAlgorithm``, ``EstimationReference`` and ``ReferenceRegion`` from the
     run's ``QSMflowMethods``."""
-    try:
-        from qsmflow.references import REFERENCES
-    except ImportError:  # before the method registry
-        from qsmflow.interfaces.reports import REFS as REFERENCES
+    from qsmflow import registry
+    from qsmflow.references import REFERENCES
 
     methods = meta.get("QSMflowMethods") or {}
     inv = (methods.get("invert") or {}).get("Method")
@@ -112,7 +102,12 @@ def chimap_qmri_keys(meta: dict) -> dict:
     out = {}
     if inv:
         out["EstimationAlgorithm"] = INVERSION_NAMES.get(inv, inv)
-        out["EstimationReference"] = REFERENCES.get(inv) or REFERENCES["dip"]
+        try:
+            keys = registry.method("invert", inv).citations
+        except (KeyError, ValueError):  # a method no longer registered: no citation
+            keys = ()
+        if keys:
+            out["EstimationReference"] = " ".join(REFERENCES[k] for k in keys if k in REFERENCES)
     if ref:
         out["ReferenceRegion"] = REFERENCE_REGIONS.get(ref, ref)
     return out
@@ -131,8 +126,11 @@ class _DSInputSpec(BaseInterfaceInputSpec):
     magnitude = File(exists=True, desc="magnitude (X,Y,Z[,E]); echo-averaged for the "
                      "fieldmaps' _magnitude companion (ones when absent)")
     chi_std = File(exists=True, desc="chi standard deviation (ppm), if any")
-    loss_history = File(exists=True, desc="loss curve (TSV; JSON before), if any")
+    loss_history = File(exists=True, desc="loss curve (TSV), if any")
     phase_scaling = traits.Str(desc="how the phase was converted to radians")
+    inversion_sidecar = File(exists=True, desc="the inversion's provenance JSON: its "
+                             "InversionFit (chosen regularisation, data-consistency residual) "
+                             "goes into the Chimap sidecar")
     metadata = traits.Dict(desc="provenance for the Chimap sidecar (methods, settings, seed, "
                            "acquisition)")
     source_files = InputMultiObject(traits.Str, desc="input files (BIDS URIs or paths)")
@@ -154,16 +152,15 @@ class DerivativesWriter(SimpleInterface):
 
         inp = self.inputs
         session = inp.session if isdefined(inp.session) and inp.session else None
-        base = _run_dir(inp.output_dir, inp.prefix, session)
         meta = dict(inp.metadata) if isdefined(inp.metadata) else {}
         sources = list(inp.source_files) if isdefined(inp.source_files) else []
         common = {"Sources": sources, "SoftwareVersions": software_versions_text()}
         written = []
 
-        def nii(src, folder, stem, sidecar, *, mask=False, data=None):
+        def nii(src, key, sidecar, *, mask=False, data=None):
             img, arr = load_nifti(src)
             arr = arr if data is None else data
-            dst = base / folder / f"{inp.prefix}_{stem}.nii.gz"
+            dst = derivative_path(inp.output_dir, inp.prefix, key, session=session)
             if mask:
                 write_nifti_atomic(np.asarray(arr) != 0, img, dst, dtype=np.uint8)
             else:
@@ -183,32 +180,36 @@ class DerivativesWriter(SimpleInterface):
             chi_meta["ReferenceOffset"] = _reference_offset(inp.chi_unreferenced, inp.chi,
                                                             inp.mask)
         chi_meta.update(meta)
+        if isdefined(inp.inversion_sidecar) and inp.inversion_sidecar:
+            fit = json.loads(Path(inp.inversion_sidecar).read_text()).get("InversionFit")
+            if fit:
+                chi_meta["InversionFit"] = fit
         if isdefined(inp.phase_scaling):
             chi_meta["PhaseScaling"] = inp.phase_scaling
-        self._results["chi"] = nii(inp.chi, "anat", "Chimap", chi_meta)
-        nii(inp.mask, "anat", "desc-brain_mask", {
+        self._results["chi"] = nii(inp.chi, "chi", chi_meta)
+        nii(inp.mask, "brain_mask", {
             "Type": "Brain", "Description": "mask where chi and the local field are valid"},
             mask=True)
         b0 = {k: meta[k] for k in ("MagneticFieldStrength", "B0Direction") if k in meta}
-        nii(inp.total_field, "fmap", "desc-total_fieldmap", {
+        nii(inp.total_field, "total_field", {
             "Units": "ppm", "Description": "total field, ppm of B0 (multiply by "
             "gamma/2pi * B0 = 42.577 MHz/T * B0 * 1e-6 for Hz)", "SkullStripped": True,
             **b0})
-        nii(inp.local_field, "fmap", "desc-local_fieldmap", {
+        nii(inp.local_field, "local_field", {
             "Units": "ppm", "Description": "local (tissue) field after background removal, "
             "ppm of B0", "SkullStripped": True, **b0})
         mag, mag_desc = self._magnitude()
         for kind in ("total", "local"):
-            nii(inp.mask, "fmap", f"desc-{kind}_magnitude", {
+            nii(inp.mask, f"{kind}_magnitude", {
                 "Units": "arbitrary", "Description": mag_desc, "SkullStripped": False},
                 data=mag)
         if isdefined(inp.chi_std) and inp.chi_std:
-            nii(inp.chi_std, "anat", "desc-std_Chimap", {
+            nii(inp.chi_std, "chi_std", {
                 "Units": "ppm", "Description": "voxel-wise standard deviation of chi over the "
                 "ensemble", "SkullStripped": True})
         if isdefined(inp.loss_history) and inp.loss_history:
             ext = "".join(Path(inp.loss_history).suffixes) or ".tsv"
-            dst = base / "anat" / f"{inp.prefix}_desc-losshistory_Chimap{ext}"
+            dst = derivative_path(inp.output_dir, inp.prefix, "loss", session=session, ext=ext)
             copy_file_atomic(inp.loss_history, dst)
             written.append(str(dst))
         self._results["out_files"] = written

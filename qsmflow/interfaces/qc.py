@@ -28,26 +28,48 @@ def _opt(inputs, name):
     return v if isdefined(v) and v else None
 
 
-def node_timings(workflow_dir) -> dict:
-    """``{node: seconds}`` from the Nipype result files under ``workflow_dir`` (the run's QSM
-    workflow in the work directory); nodes without a result are left out."""
+_STAGE_ORDER = ("prepare", "mask", "fieldmap", "bfr", "invert", "reference")
+#: provenance keys every stage sidecar has; the rest are what the fit found (chosen
+#: regularisation, residual, stopping reason, ...)
+_COMMON_KEYS = ("stage", "method", "settings", "acquisition", "citations", "phase_scaling",
+                "inputs", "outputs")
+
+
+def node_records(workflow_dir) -> tuple[dict, dict]:
+    """``({node: seconds}, {node: fit details})`` from the Nipype result files under
+    ``workflow_dir`` (the run's QSM workflow in the work directory).  Fit details are the
+    entries of a stage's provenance sidecar beyond method, settings and acquisition.  Nodes
+    without a result are left out."""
     from nipype.utils.filemanip import loadpkl
 
-    out = {}
+    times, fits = {}, {}
     wdir = Path(workflow_dir)
     if not wdir.is_dir():
-        return out
+        return times, fits
     for res in sorted(wdir.glob("*/result_*.pklz")):
+        node = res.parent.name
         try:
-            rt = loadpkl(res).runtime
-            dur = getattr(rt, "duration", None)
-        except Exception:  # noqa: BLE001 - a missing or foreign result only loses its time
+            result = loadpkl(res)
+        except Exception:  # noqa: BLE001 - a missing or foreign result only loses its record
             continue
+        dur = getattr(getattr(result, "runtime", None), "duration", None)
         if dur is not None:
-            out[res.parent.name] = float(dur)
-    order = ("prepare", "mask", "fieldmap", "bfr", "invert", "reference")
-    return dict(sorted(out.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order
-                                                    else len(order), kv[0])))
+            times[node] = float(dur)
+        side = getattr(getattr(result, "outputs", None), "sidecar", None)
+        if isinstance(side, str) and os.path.isfile(side):
+            try:
+                prov = json.loads(Path(side).read_text(encoding="utf-8"))
+            except ValueError:
+                continue
+            extra = {k: v for k, v in prov.items() if k not in _COMMON_KEYS}
+            if extra:
+                fits[node] = extra
+
+    def order(kv):
+        return (_STAGE_ORDER.index(kv[0]) if kv[0] in _STAGE_ORDER else len(_STAGE_ORDER),
+                kv[0])
+
+    return dict(sorted(times.items(), key=order)), dict(sorted(fits.items(), key=order))
 
 
 class _RunReportInputSpec(BaseInterfaceInputSpec):
@@ -83,16 +105,17 @@ class RunReport(SimpleInterface):
         from qsmflow.reports.run import run_section
 
         inp = self.inputs
-        timing = {}
+        timing, fits = {}, {}
         if _opt(inp, "qsm_workflow_name"):
-            timing = node_timings(Path(runtime.cwd).parent / inp.qsm_workflow_name)
+            timing, fits = node_records(Path(runtime.cwd).parent / inp.qsm_workflow_name)
         frag, summary = run_section(
             prefix=inp.prefix, chi=inp.chi, mask=inp.mask, local_field=inp.local_field,
             total_field=inp.total_field, brain_mask=_opt(inp, "brain_mask"),
             phase=_opt(inp, "phase"), magnitude=_opt(inp, "magnitude"),
             chi_unreferenced=_opt(inp, "chi_unreferenced"), chi_std=_opt(inp, "chi_std"),
             loss_history=_opt(inp, "loss_history"),
-            metadata=dict(inp.metadata) if isdefined(inp.metadata) else {}, timing=timing)
+            metadata=dict(inp.metadata) if isdefined(inp.metadata) else {}, timing=timing,
+            fit_details=fits)
         frag_path = os.path.join(runtime.cwd, "report_section.html")
         sum_path = os.path.join(runtime.cwd, "report_summary.json")
         write_text_atomic(frag, frag_path)

@@ -75,9 +75,10 @@ def regions_table(rows: list[dict]) -> str:
     return "".join(out)
 
 
-def provenance_block(meta: dict, *, timing: dict | None = None, report_s: float | None = None
-                     ) -> str:
-    """Methods with every parameter, seed, acquisition and the time per step."""
+def provenance_block(meta: dict, *, timing: dict | None = None, report_s: float | None = None,
+                     fit_details: dict | None = None) -> str:
+    """Methods with every parameter, seed, acquisition, what the fits found and the time per
+    step."""
     out = ["<h3>Provenance</h3><table><tr><th class='l'>stage</th><th class='l'>method</th>"
            "<th class='l'>parameters</th></tr>"]
     for stage, m in (meta.get("QSMflowMethods") or {}).items():
@@ -91,6 +92,12 @@ def provenance_block(meta: dict, *, timing: dict | None = None, report_s: float 
         out.append("<table>" + "".join(
             f"<tr><td class='l'>{esc(k)}</td><td class='l'>{esc(_short(v))}</td></tr>"
             for k, v in facts.items()) + "</table>")
+    if fit_details:
+        out.append("<table><tr><th class='l'>step</th><th class='l'>fit result</th>"
+                   "<th class='l'>value</th></tr>" + "".join(
+                       f"<tr><td class='l'>{esc(step)}</td><td class='l'>{esc(k)}</td>"
+                       f"<td class='l'>{esc(_short(v))}</td></tr>"
+                       for step, d in fit_details.items() for k, v in d.items()) + "</table>")
     if timing or report_s is not None:
         rows = dict(timing or {})
         if report_s is not None:
@@ -169,7 +176,7 @@ def subject_page(subject: str, sections: list[str], *, summaries: list[dict],
                   "reference region</th><th>reference offset (ppm)</th></tr>"
                   + summary_rows + "</table>")
         + "".join(sections)
-        + section("Methods", markdown_to_html(methods_md)
+        + section("Methods", markdown_to_html(re.sub(r"^\s*# Methods\s*\n", "", methods_md))
                   + f"<h3>Software versions</h3><p style='font-size:12px'>{esc(vers)}</p>",
                   anchor="methods")
         + "</main>" + summary_script(summaries) + "</body></html>\n")

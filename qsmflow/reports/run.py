@@ -73,7 +73,8 @@ def read_loss_history(path) -> list[dict]:
 def run_section(*, prefix: str, chi, mask, local_field, total_field, brain_mask=None,
                 phase=None, magnitude=None, chi_unreferenced=None, chi_std=None,
                 loss_history=None, metadata: dict | None = None,
-                timing: dict | None = None) -> tuple[str, dict]:
+                timing: dict | None = None, fit_details: dict | None = None
+                ) -> tuple[str, dict]:
     """HTML fragment and summary of one run (all image arguments are NIfTI paths).
 
     Parameters
@@ -89,6 +90,9 @@ def run_section(*, prefix: str, chi, mask, local_field, total_field, brain_mask=
         The Chimap sidecar's provenance (``QSMflowMethods``, ``RandomSeed``, ...).
     timing : dict
         ``{step: seconds}`` of the run's workflow nodes.
+    fit_details : dict
+        ``{step: {key: value}}``: what a stage's fit found beyond its settings (e.g. the
+        chosen regularisation weight, the final residual, why an iterative fit stopped).
     """
     from qsmflow.algorithms.dipole import b0_dir_from_affine, voxel_size_from_affine
     from qsmflow.algorithms.metrics import data_consistency_residual_map
@@ -194,9 +198,11 @@ def run_section(*, prefix: str, chi, mask, local_field, total_field, brain_mask=
         "mask_voxels": int(mask_r.sum()),
         "methods": {k: v.get("Method") for k, v in methods.items()},
         "timing_s": dict(timing or {}),
+        "fit_details": dict(fit_details or {}),
         "report_s": build_s,
     }
     body = [H.figure_block(title, png, caption) for title, png, caption in figs]
     body.append(H.regions_table(table))
-    body.append(H.provenance_block(meta, timing=timing, report_s=build_s))
+    body.append(H.provenance_block(meta, timing=timing, report_s=build_s,
+                                   fit_details=fit_details))
     return H.section(f"Run {prefix}", "".join(body), anchor=prefix), summary

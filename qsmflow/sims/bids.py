@@ -25,19 +25,17 @@ Every file is written atomically (temporary name in the same folder, then ``os.r
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from qsmflow import __version__
+from qsmflow import BIDS_VERSION, __version__
 from qsmflow.algorithms.dipole import b0_dir_from_affine
 from qsmflow.algorithms.units import GAMMA_BAR_HZ_PER_T
-from qsmflow.io import new_file_mode
+from qsmflow.io import write_atomic, write_json_atomic, write_text_atomic
 from qsmflow.sims.field import simulate_fields
 from qsmflow.sims.phantom import TISSUES, make_head_phantom
 from qsmflow.sims.signal import oblique_affine, simulate_megre
@@ -66,44 +64,20 @@ def siemens_int_to_phase(values: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, writer) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.fchmod(fd, new_file_mode())
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, xyzt_units="mm") -> None:
     img = nib.Nifti1Image(np.asarray(data), affine)
     img.header.set_xyzt_units(xyzt_units, "sec")
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
-    _atomic_write_bytes(path, lambda tmp: nib.save(img, tmp))
+    write_atomic(path, lambda tmp: nib.save(img, tmp), suffix="".join(Path(path).suffixes))
 
 
 def _save_json(path: Path, obj) -> None:
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-
-    _atomic_write_bytes(path, w)
+    write_json_atomic(obj, path)
 
 
 def _save_text(path: Path, text: str) -> None:
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    _atomic_write_bytes(path, w)
+    write_text_atomic(text, path)
 
 
 def _subject_seed(seed: int, index: int) -> int:
@@ -167,7 +141,7 @@ def write_bids_dataset(
         root / "dataset_description.json",
         {
             "Name": "qsmflow simulated multi-echo GRE head phantom",
-            "BIDSVersion": "1.9.0",
+            "BIDSVersion": BIDS_VERSION,
             "DatasetType": "raw",
             "License": "CC0",
             "GeneratedBy": [{"Name": "qsmflow-sim", "Version": __version__}],
@@ -182,7 +156,7 @@ def write_bids_dataset(
         deriv / "dataset_description.json",
         {
             "Name": "qsmflow simulation ground truth",
-            "BIDSVersion": "1.9.0",
+            "BIDSVersion": BIDS_VERSION,
             "DatasetType": "derivative",
             "GeneratedBy": [{"Name": "qsmflow-sim", "Version": __version__}],
             "TissueLabels": {str(k): v[0] for k, v in TISSUES.items()},

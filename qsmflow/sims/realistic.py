@@ -21,7 +21,8 @@ and background removal is built at its physical size in millimetres:
   smooth texture;
 * partial volume: chi is blurred at tissue-tissue edges within the intracranial and the
   extracranial compartments separately (so that the inversion ground truth ``chi * mask`` holds
-  no bone), and the complex MR signal is blurred by a half-voxel point-spread function
+  no bone), and the complex MR signal leaks 1/8 into each neighbour along every axis
+  (point-spread function)
   everywhere, so edge voxels of magnitude and phase mix compartments as in a real acquisition;
   intravoxel dephasing from the macroscopic field gradient (sinc attenuation, e.g.
   Fernandez-Seara & Wehrli, MRM 2000) darkens voxels next to the air cavities at late echoes.
@@ -210,8 +211,9 @@ def _pv_blur(x, mask, sigma_vox):
 
 
 def _psf(x):
-    """Separable [1, 2, 1] / 4 blur along every axis (half-voxel point-spread function)."""
-    k = np.array([0.25, 0.5, 0.25], dtype=np.float32)
+    """Separable [1, 6, 1] / 8 blur along every axis: the leakage of a voxel's signal into its
+    neighbours through the point-spread function (partial volume of the complex signal)."""
+    k = np.array([0.125, 0.75, 0.125], dtype=np.float32)
     for ax in range(3):
         x = ndi.convolve1d(x, k, axis=ax, mode="nearest")
     return x

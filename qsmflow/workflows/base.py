@@ -146,6 +146,7 @@ def init_single_subject_wf(
             ("outputnode.phase_scaling", "phase_scaling"),
             ("outputnode.magnitude", "magnitude"),
             ("outputnode.chi_unreferenced", "chi_unreferenced"),
+            ("outputnode.inversion_sidecar", "inversion_sidecar"),
         ])])
         if report:
             run_report = pe.Node(

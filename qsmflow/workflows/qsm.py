@@ -25,6 +25,7 @@ INPUT_FIELDS = ("phase_files", "magnitude_files", "te_s", "b0_tesla")
 OUTPUT_FIELDS = (
     "chi", "mask", "brain_mask", "total_field", "local_field", "noise", "chi_std",
     "loss_history", "phase_scaling", "phase", "magnitude", "chi_unreferenced",
+    "inversion_sidecar",
 )
 #: the method a stage falls back to when its method needs a magnitude and the data have none
 PHASE_ONLY_FALLBACK = {"mask": "phase-quality", "combine": "wls"}
@@ -201,7 +202,8 @@ def init_qsm_wf(
         (bfr_node, outputnode, [("mask", "mask"), ("local_field", "local_field")]),
         (mask_node, outputnode, [("mask", "brain_mask")]),
         (fieldmap, outputnode, [("field", "total_field"), ("noise", "noise")]),
-        (invert, outputnode, [("std", "chi_std"), ("loss", "loss_history")]),
+        (invert, outputnode, [("std", "chi_std"), ("loss", "loss_history"),
+                              ("sidecar", "inversion_sidecar")]),
         (prepare, outputnode, [("phase_scaling", "phase_scaling"), ("phase", "phase"),
                                ("magnitude", "magnitude")]),
     ])
