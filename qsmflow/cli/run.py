@@ -506,6 +506,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("qsmflow: interrupted (re-run the same command to resume)", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, permission denied, ... outside the workflow's nodes
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"qsmflow: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":
