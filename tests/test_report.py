@@ -211,6 +211,24 @@ def test_dip_extras_loss_curve_and_std_map(run_outputs, tmp_path):
         assert im[..., :3].std() > 0.05  # drawn content, not a blank canvas
     assert 0 <= summary["relative_residual"] < 2
 
+    # the derivatives of a DIP run (std map, loss curve) stay valid BIDS
+    from qsmflow.interfaces.derivatives import DerivativesWriter
+
+    ds_out = tmp_path / "deriv"
+    shutil.copytree(out, ds_out)
+    cwd = tmp_path / "ds"
+    cwd.mkdir()
+    node = DerivativesWriter(
+        output_dir=str(ds_out), prefix="sub-01", chi=str(anat / "sub-01_Chimap.nii.gz"),
+        mask=str(anat / "sub-01_desc-brain_mask.nii.gz"),
+        total_field=str(fmap / "sub-01_desc-total_fieldmap.nii.gz"),
+        local_field=str(fmap / "sub-01_desc-local_fieldmap.nii.gz"), chi_std=str(std),
+        loss_history=str(tsv))
+    node.run(cwd=str(cwd))
+    assert (ds_out / "sub-01/anat/sub-01_desc-std_Chimap.nii.gz").is_file()
+    assert (ds_out / "sub-01/anat/sub-01_desc-losshistory_Chimap.tsv").is_file()
+    assert _validator_errors(ds_out) == []
+
 
 # ------------------------------------------------------------------------ numbers
 def test_residual_map_is_zero_for_the_true_map_and_full_for_none(tmp_path):
