@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nprocs", "--n-cpus", type=_int_at_least(1), metavar="N",
                    help="maximum number of processes (default: all CPUs)")
     g.add_argument("--omp-nthreads", type=_int_at_least(1), metavar="N", default=1,
-                   help="threads per process (default: 1)")
+                   help="threads per node: BLAS, FFT and torch pools are limited to it inside "
+                   "every node (default: 1; at most --nprocs)")
     g.add_argument("--mem", "--mem-gb", type=parse_mem, metavar="SIZE",
                    help="memory limit, e.g. 16GB, 500MB (plain numbers are GB; default: "
                    "Nipype's estimate of the free memory)")
@@ -429,6 +430,11 @@ def _summarise(args, out, subjects, failed, error, executed, crash, t0, plugin, 
     return EXIT_OK
 
 
+def _node_threads(args) -> int:
+    """Threads per node: --omp-nthreads, at most --nprocs (a node never outgrows the run)."""
+    return max(1, min(args.omp_nthreads, args.nprocs or os.cpu_count() or 1))
+
+
 def _info_request(argv):
     """``--list-presets`` / ``--dump-preset NAME`` work without the positional arguments."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -463,7 +469,7 @@ def run(argv=None) -> int:
     crash = _configure_nipype(args)
     out = args.output_dir.resolve()
     wf = init_qsmflow_wf(runs=runs, output_dir=out, config=cfg, bids_dir=args.bids_dir,
-                         omp_nthreads=args.omp_nthreads, use_gpu=use_gpu)
+                         omp_nthreads=_node_threads(args), use_gpu=use_gpu)
     wf.base_dir = str(args.work_dir)
     _write_provenance(out, runs, cfg)
     subjects = sorted({r.subject for r in runs})
@@ -503,6 +509,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("qsmflow: interrupted (re-run the same command to resume)", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, permission denied, ... outside the workflow's nodes
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"qsmflow: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":
