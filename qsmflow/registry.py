@@ -205,6 +205,10 @@ METHODS = (
        "A brain mask was computed by thresholding the magnitude [threshold]."),
     _m("mask", "phase-quality", _A + "masking:mask_phase_quality", ["romeo"],
        "A brain mask was computed from a ROMEO phase-quality map [romeo]."),
+    _m("mask", "reliable", _A + "masking:mask_reliable", ["threshold"],
+       "A brain mask was computed by thresholding the magnitude [threshold] and excluding "
+       "voxels with a high multi-echo field noise or R2*, followed by hole filling and "
+       "boundary smoothing."),
     _m("bfr", "vsharp", _A + "background:remove_background_vsharp", ["vsharp", "sharp"],
        "Background fields were removed with V-SHARP [vsharp; sharp].", provides=("mask",)),
     _m("bfr", "pdf", _A + "background:remove_background_pdf", ["pdf"],
@@ -215,6 +219,10 @@ METHODS = (
        provides=("mask",)),
     _m("bfr", "resharp", _A + "background:remove_background_resharp", ["resharp"],
        "Background fields were removed with RESHARP [resharp].", provides=("mask",)),
+    _m("bfr", "lbv-robust", _A + "background:remove_background_lbv_robust", ["lbv"],
+       "Background fields were removed with the Laplacian boundary value method [lbv] after "
+       "removing mask boundary voxels whose field was inconsistent with a harmonic background "
+       "field (Laplacian test).", provides=("mask",)),
     _m("invert", "tkd", _A + "inversion_direct:invert_tkd", ["tkd"],
        "Susceptibility was computed by thresholded k-space division [tkd]."),
     _m("invert", "tikhonov", _A + "inversion_direct:fit_tikhonov", ["tikhonov"],
