@@ -65,17 +65,20 @@ class StageResult:
 # ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def limit_threads(n_threads: int | None):
-    """Limit BLAS/OpenMP pools (threadpoolctl) and torch's intra-op threads to ``n_threads``
-    inside the block (``None``: no limit)."""
+    """Within the block, use at most ``n_threads`` threads (``None``/0: no limit): BLAS and
+    OpenMP pools (threadpoolctl), ``scipy.fft`` workers (:mod:`qsmflow.algorithms._threads`)
+    and torch's intra-op pool (if torch is loaded; the network methods also get ``threads``)."""
     if not n_threads:
         yield
         return
     n = max(int(n_threads), 1)
     from threadpoolctl import threadpool_limits
 
-    torch = sys.modules.get("torch")  # only if a method already imported it
+    from qsmflow.algorithms._threads import limit_fft_workers
+
+    torch = sys.modules.get("torch")
     before = torch.get_num_threads() if torch is not None else None
-    with threadpool_limits(limits=n):
+    with threadpool_limits(limits=n), limit_fft_workers(n):
         if torch is not None:
             torch.set_num_threads(n)
         try:
@@ -349,16 +352,6 @@ def output_paths(out, stage: str) -> dict:
     return paths
 
 
-def loss_tsv(rows: list) -> str:
-    """The loss curve as tab-separated text, header first (the one loss-curve format)."""
-    cols = list(rows[0]) if rows else ["member", "seed", "iteration", "loss"]
-    lines = ["\t".join(cols)]
-    for r in rows:
-        lines.append("\t".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c])
-                               for c in cols))
-    return "\n".join(lines) + "\n"
-
-
 def write_result(result: StageResult, ref_img, out) -> dict:
     """Write ``result`` (main output at ``out``; see :func:`output_paths`); returns
     ``{output name: path}`` of the files written."""
@@ -373,7 +366,9 @@ def write_result(result: StageResult, ref_img, out) -> dict:
                            dtype=mask_dtype if arr.dtype == bool else np.float32)
         written[name] = str(paths[name])
     if result.loss is not None:
-        write_text_atomic(loss_tsv(result.loss), paths["loss"])
+        from qsmflow.algorithms.dip.runner import history_tsv
+
+        write_text_atomic(history_tsv(result.loss), paths["loss"])
         written["loss"] = str(paths["loss"])
     write_json_atomic(result.provenance, paths["sidecar"])
     written["sidecar"] = str(paths["sidecar"])

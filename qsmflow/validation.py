@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,9 @@ def check_output_dir(path, *, what: str) -> list[str]:
         return [f"{p}: {what} is a file, not a folder"]
     if blocker is not None:
         return [f"{p}: {what} cannot be created, {blocker} is a file"]
+    existing = next((a for a in [p, *p.parents] if a.exists()), Path("."))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{p}: {what} is not writable (no permission on {existing})"]
     return []
 
 

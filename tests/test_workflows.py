@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qsmflow import __version__
+from qsmflow import __version__, registry
 from qsmflow.bids_input import collect_runs, find_runs
 from qsmflow.config import (
     ConfigError,
@@ -65,11 +65,18 @@ def test_every_preset_builds(preset):
 
 
 @pytest.mark.parametrize("mask,bfr,inv", list(itertools.product(
-    ["bet", "threshold", "phase-quality"], ["vsharp", "pdf", "lbv", "resharp"],
-    ["tkd", "tikhonov", "tv", "rts", "ndi", "medi", "modip"])))
+    registry.methods_for("mask"), registry.methods_for("bfr"), registry.methods_for("invert"))))
 def test_option_grid(mask, bfr, inv):
+    """Every registered combination builds, and every node gets the inputs its method takes."""
     wf = init_qsm_wf(mask=mask, bfr=bfr, inversion=inv, unwrap="laplacian", omp_nthreads=2)
     nodes = _nodes(wf)
+    for stage, node in (("mask", "mask"), ("bfr", "bfr"), ("invert", "invert")):
+        meth = registry.method(stage, nodes[node].inputs.method)
+        wired = {dst for *_, d in wf._graph.in_edges(nodes[node], data=True)
+                 for _, dst in d["connect"]}
+        assert meth.required_inputs - {"voxel_size"} <= wired
+        assert wired <= meth.inputs
+        assert ({"te_s", "b0_tesla", "magnitude"} & meth.inputs) <= wired | {"voxel_size"}
     assert nodes["mask"].inputs.method == mask and nodes["bfr"].inputs.method == bfr
     assert nodes["invert"].inputs.method == inv
     assert nodes["fieldmap"].inputs.settings["unwrap"] == "laplacian"

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from qsmflow.algorithms._checks import check_field_mask
+from qsmflow.algorithms._threads import fft_workers
 from qsmflow.algorithms.dipole import KERNEL_KINDS, DipoleOperator, unit_vector
 from qsmflow.algorithms.gradient import gradient_symbols
 
@@ -201,7 +202,7 @@ def make_operator(
         raise ValueError(f"pad_factor must be >= 1, got {pad_factor}")
     return DipoleOperator(
         shape, voxel_size=voxel_size, b0_dir=b0_dir, kind=kernel, pad_factor=pad_factor,
-        dtype=np.float32, workers=-1,
+        dtype=np.float32, workers=fft_workers(),
     )
 
 

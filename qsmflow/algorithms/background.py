@@ -35,6 +35,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from qsmflow.algorithms._checks import check_field_mask
+from qsmflow.algorithms._threads import fft_workers
 from qsmflow.algorithms.dipole import DipoleOperator, smv_kernel
 
 _EPS_R = 1e-6  # mm; same tolerance as the voxelisation of spheres in ``smv_kernel``
@@ -177,7 +178,7 @@ def remove_background_vsharp(
     # the global deconvolution away from the periodic images of the ROI.
     margin = [int(np.ceil(rmax / hi)) + 2 for hi in h]
     big = _fft_shape(shape, margin)
-    F = sfft.rfftn(_embed(f, big), workers=-1)
+    F = sfft.rfftn(_embed(f, big), workers=fft_workers())
     dist = _distance_to_outside(mask, h)
 
     mask_out = dist > rmin + _EPS_R
@@ -195,7 +196,7 @@ def remove_background_vsharp(
             s_max = S  # the largest kernel is the one deconvolved
         if not sel.any():
             continue
-        smooth = _crop(sfft.irfftn(F * S, s=big, workers=-1), shape)
+        smooth = _crop(sfft.irfftn(F * S, s=big, workers=fft_workers()), shape)
         hp[sel] = f[sel] - smooth[sel]
         assigned |= sel
 
@@ -203,8 +204,8 @@ def remove_background_vsharp(
     inv = np.zeros_like(one_minus_s)
     keep = np.abs(one_minus_s) > threshold
     inv[keep] = 1.0 / one_minus_s[keep]
-    local = _crop(sfft.irfftn(sfft.rfftn(_embed(hp, big), workers=-1) * inv, s=big,
-                              workers=-1), shape)
+    local = _crop(sfft.irfftn(sfft.rfftn(_embed(hp, big), workers=fft_workers()) * inv, s=big,
+                              workers=fft_workers()), shape)
     local = np.where(mask_out, local, 0).astype(np.float32)
     return local, mask_out
 
@@ -280,8 +281,8 @@ def remove_background_resharp(
     m = mask_out.astype(np.float32)
 
     def conv(x):
-        return _crop(sfft.irfftn(sfft.rfftn(x, s=big, workers=-1) * C, s=big, workers=-1),
-                     shape)
+        w = fft_workers()
+        return _crop(sfft.irfftn(sfft.rfftn(x, s=big, workers=w) * C, s=big, workers=w), shape)
 
     def normal(xv):
         x = xv.reshape(shape).astype(np.float32, copy=False)

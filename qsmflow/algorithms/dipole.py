@@ -39,6 +39,8 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.fft as sfft
 
+from qsmflow.algorithms._threads import fft_workers
+
 KERNEL_KINDS = ("continuous", "discrete", "integral")
 
 
@@ -295,8 +297,9 @@ class DipoleOperator:
         Computational grid is ``padded_shape(shape, pad_factor=pad_factor)``; images are placed
         at the start of the grid and zero-filled after.  1.0 means (almost) circular.
     dtype : float32 (default) or float64
-    workers : int
-        ``scipy.fft`` worker threads (-1: all cores).
+    workers : int, optional
+        ``scipy.fft`` worker threads (-1: all cores; default: :func:`fft_workers`, all cores
+        unless a caller limited them).
 
     Notes
     -----
@@ -314,7 +317,7 @@ class DipoleOperator:
         kind: str = "continuous",
         pad_factor: float = 2.0,
         dtype=np.float32,
-        workers: int = -1,
+        workers: int | None = None,
     ):
         self.shape = tuple(int(n) for n in shape)
         if len(self.shape) != 3:
@@ -323,7 +326,7 @@ class DipoleOperator:
         self.b0_dir = tuple(unit_vector(b0_dir))
         self.kind = kind
         self.dtype = np.dtype(dtype)
-        self.workers = workers
+        self.workers = fft_workers() if workers is None else workers
         self.padded_shape = padded_shape(self.shape, pad_factor=pad_factor)
         self.kernel = dipole_kernel(
             self.padded_shape, voxel_size=self.voxel_size, b0_dir=self.b0_dir, kind=kind,
@@ -371,7 +374,7 @@ def forward_field(
     b0_dir: Sequence[float] = (0.0, 0.0, 1.0),
     kind: str = "continuous",
     pad_factor: float = 2.0,
-    workers: int = -1,
+    workers: int | None = None,
 ) -> np.ndarray:
     """Field perturbation (ppm of B0) induced by susceptibility ``chi`` (ppm), zero-padded.
 
@@ -382,7 +385,7 @@ def forward_field(
     b0_dir : unit 3-vector in array axes
     kind : {"continuous", "discrete", "integral"}
     pad_factor : computational grid size relative to ``chi.shape`` (>= 1)
-    workers : scipy.fft threads
+    workers : scipy.fft threads (default: :func:`fft_workers`)
 
     Returns
     -------

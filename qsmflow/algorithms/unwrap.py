@@ -34,6 +34,8 @@ from scipy.sparse.csgraph import (
     minimum_spanning_tree,
 )
 
+from qsmflow.algorithms._threads import fft_workers
+
 TWO_PI = 2.0 * np.pi
 
 
@@ -124,10 +126,10 @@ def _poisson_dct(rhs, voxel_size):
         s[ax] = n
         eig = eig + e.reshape(s)
     eig[0, 0, 0] = 1.0
-    coef = sfft.dctn(rhs, type=2, norm="ortho", workers=-1)
+    coef = sfft.dctn(rhs, type=2, norm="ortho", workers=fft_workers())
     coef /= eig.astype(coef.dtype)
     coef[0, 0, 0] = 0.0
-    return sfft.idctn(coef, type=2, norm="ortho", workers=-1)
+    return sfft.idctn(coef, type=2, norm="ortho", workers=fft_workers())
 
 
 def _masked_laplacian(u, mask, voxel_size):

@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nprocs", "--n-cpus", type=_int_at_least(1), metavar="N",
                    help="maximum number of processes (default: all CPUs)")
     g.add_argument("--omp-nthreads", type=_int_at_least(1), metavar="N", default=1,
-                   help="threads per process (default: 1)")
+                   help="threads per node: BLAS, FFT and torch pools are limited to it inside "
+                   "every node (default: 1; at most --nprocs)")
     g.add_argument("--mem", "--mem-gb", type=parse_mem, metavar="SIZE",
                    help="memory limit, e.g. 16GB, 500MB (plain numbers are GB; default: "
                    "Nipype's estimate of the free memory)")
@@ -400,13 +401,16 @@ def _failed_subjects(runs, out: Path, progress) -> dict:
 def _summarise(args, out, subjects, failed, error, executed, crash, t0, plugin, pargs) -> int:
     """Print the per-subject summary and the QC report paths; returns the exit status."""
     from qsmflow.cli._summary import failures_by_subject, subject_lines
-    from qsmflow.reports import subject_report_path, write_group_index
+    from qsmflow.reports import subject_report_path, write_failure_report, write_group_index
 
     crashes = {s: c for s, c in failures_by_subject(crash, t0).items() if s in failed}
     print(f"\nqsmflow summary ({len(executed)} node(s) executed, work dir {args.work_dir}):",
           file=sys.stderr)
     for line in subject_lines(subjects, failed, crashes, verbose=bool(args.verbose)):
         print(line, file=sys.stderr)
+    for sub in failed:  # the subject's report page says why, so the index shows the failure
+        lines = [ln.strip() for ln in subject_lines([sub], failed, crashes)]
+        write_failure_report(out, sub, errors=[" ".join(lines)])
     index = write_group_index(out)
     pages = [str(p) for p in (subject_report_path(out, s) for s in subjects) if p.is_file()]
     if pages:
@@ -424,6 +428,11 @@ def _summarise(args, out, subjects, failed, error, executed, crash, t0, plugin, 
         return EXIT_FAILED
     print(f"qsmflow: all {len(subjects)} subject(s) done; outputs in {out}", file=sys.stderr)
     return EXIT_OK
+
+
+def _node_threads(args) -> int:
+    """Threads per node: --omp-nthreads, at most --nprocs (a node never outgrows the run)."""
+    return max(1, min(args.omp_nthreads, args.nprocs or os.cpu_count() or 1))
 
 
 def _info_request(argv):
@@ -460,7 +469,7 @@ def run(argv=None) -> int:
     crash = _configure_nipype(args)
     out = args.output_dir.resolve()
     wf = init_qsmflow_wf(runs=runs, output_dir=out, config=cfg, bids_dir=args.bids_dir,
-                         omp_nthreads=args.omp_nthreads, use_gpu=use_gpu)
+                         omp_nthreads=_node_threads(args), use_gpu=use_gpu)
     wf.base_dir = str(args.work_dir)
     _write_provenance(out, runs, cfg)
     subjects = sorted({r.subject for r in runs})
@@ -500,6 +509,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("qsmflow: interrupted (re-run the same command to resume)", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, permission denied, ... outside the workflow's nodes
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"qsmflow: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

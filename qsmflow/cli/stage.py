@@ -209,6 +209,13 @@ def main(argv=None) -> int:
     except MemoryError:
         print("qsmflow-stage: error: out of memory", file=sys.stderr)
         return 3
+    except OSError as exc:  # disk full, permission denied, ... while reading or writing
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"qsmflow-stage: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("qsmflow-stage: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

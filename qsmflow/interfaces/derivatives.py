@@ -46,8 +46,9 @@ from qsmflow.io import (
 from qsmflow.outputs import REQUIRED, derivative_path
 from qsmflow.reports.regions import REFERENCE_REGIONS, reference_offset
 
-#: not BIDS, kept out of validation: the QC reports and the per-subject logs
-BIDSIGNORE = ("*.html", "sub-*/log")
+#: not BIDS, kept out of validation: the QC reports, the per-subject logs and the loss curves
+#: of network fits (BIDS has no suffix for them)
+BIDSIGNORE = ("*.html", "sub-*/log", "*_desc-losshistory_*")
 
 #: EstimationAlgorithm of the Chimap sidecar, by inversion method
 INVERSION_NAMES = {

@@ -31,7 +31,8 @@ def _opt(inputs, name):
 _STAGE_ORDER = ("prepare", "mask", "fieldmap", "bfr", "invert", "reference")
 #: provenance keys every stage sidecar has; the rest are what the fit found (chosen
 #: regularisation, residual, stopping reason, ...)
-_COMMON_KEYS = ("stage", "method", "settings", "acquisition", "citations", "phase_scaling")
+_COMMON_KEYS = ("stage", "method", "settings", "acquisition", "citations", "phase_scaling",
+                "inputs", "outputs")
 
 
 def node_records(workflow_dir) -> tuple[dict, dict]:

@@ -75,13 +75,8 @@ class DIPResult:
     settings: dict = field(default_factory=dict)
 
     def history_tsv(self) -> str:
-        """The loss curve as tab-separated text (header line first)."""
-        cols = ("member", "seed", "iteration", "loss", "residual", "seconds")
-        lines = ["\t".join(cols)]
-        for h in self.history:
-            lines.append("\t".join(f"{h[c]:.6g}" if isinstance(h[c], float) else str(h[c])
-                                   for c in cols))
-        return "\n".join(lines) + "\n"
+        """The loss curve as tab-separated text (header line first; :func:`history_tsv`)."""
+        return history_tsv(self.history)
 
     def sidecar(self) -> dict:
         """JSON-serialisable provenance (no arrays): seeds, device, stop reasons, settings."""
@@ -89,6 +84,19 @@ class DIPResult:
                 "stopped_reason": self.stopped_reason,
                 "iterations": _iterations_per_member(self.history),
                 "settings": dict(self.settings)}
+
+
+#: columns of the loss curve (the one loss-curve format: ``<stem>_loss.tsv``)
+LOSS_COLUMNS = ("member", "seed", "iteration", "loss", "residual", "seconds")
+
+
+def history_tsv(history) -> str:
+    """Loss-curve rows (dicts with :data:`LOSS_COLUMNS`) as tab-separated text, header first."""
+    lines = ["\t".join(LOSS_COLUMNS)]
+    for h in history:
+        lines.append("\t".join(f"{h[c]:.6g}" if isinstance(h[c], float) else str(h[c])
+                               for c in LOSS_COLUMNS))
+    return "\n".join(lines) + "\n"
 
 
 def _iterations_per_member(history) -> list:
