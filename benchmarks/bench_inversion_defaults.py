@@ -48,7 +48,7 @@ def _timed(fn):
     return out, time.perf_counter() - t
 
 
-def bench_method(name: str, c) -> dict:
+def bench_method(name: str, c, modip_set: dict | None = None, score_init: bool = True) -> dict:
     from qsmflow.algorithms import regularization as reg
     from qsmflow.algorithms.inversion_direct import fit_tikhonov, invert_tikhonov, invert_tkd
     from qsmflow.algorithms.inversion_medi import invert_medi
@@ -98,7 +98,7 @@ def bench_method(name: str, c) -> dict:
         default = lambda: (invert_medi(f, m, **kw), 1000.0)  # noqa: E731
         at = lambda v: invert_medi(f, m, lam=v, **kw)  # noqa: E731
     elif name == "modip":
-        return bench_modip(c)
+        return bench_modip(c, modip_set, score_init)
     else:
         raise SystemExit(f"unknown method {name}")
     (chi, value), sec = _timed(default)
@@ -116,7 +116,7 @@ def bench_method(name: str, c) -> dict:
     return rec
 
 
-def bench_modip(c) -> dict:
+def bench_modip(c, overrides: dict | None = None, score_init: bool = True) -> dict:
     from qsmflow.algorithms import regularization as reg
     from qsmflow.algorithms.dip.modip import fit_modip
     from qsmflow.algorithms.inversion_tv import invert_tv
@@ -132,15 +132,16 @@ def bench_modip(c) -> dict:
 
     t = time.perf_counter()
     r = fit_modip(c.field, c.mask, voxel_size=c.voxel_size, noise=c.noise, device="auto",
-                  progress=progress)
+                  progress=progress, **(overrides or {}))
     sec = time.perf_counter() - t
-    init = invert_tv(c.field, c.mask, voxel_size=c.voxel_size)
+    init = invert_tv(c.field, c.mask, voxel_size=c.voxel_size) if score_init else None
     its = r.sidecar().get("iterations")
     return {"method": "modip", "default_nrmse": nrmse(r.chi, c.chi, c.mask),
             "default_seconds": sec, "stopped_reason": r.stopped_reason, "iterations": its,
             "settings": {k: r.settings.get(k) for k in ("init", "net_factor", "dc_steps",
                                                          "max_time_s", "device_defaults")},
-            "init_nrmse": nrmse(init, c.chi, c.mask),
+            "overrides": overrides or {},
+            "init_nrmse": nrmse(init, c.chi, c.mask) if init is not None else None,
             "residual": reg.data_residual(r.chi, c.field, c.mask, voxel_size=c.voxel_size,
                                           noise=c.noise)}
 
@@ -184,6 +185,10 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=160)
     ap.add_argument("--methods", default="tkd,tikhonov,tv,rts,ndi,medi,modip")
     ap.add_argument("--table", action="store_true", help="print the markdown table and exit")
+    ap.add_argument("--modip-set", action="append", default=[], metavar="NAME=VALUE",
+                    help="override a MoDIP setting (numbers only), e.g. dc_steps=10")
+    ap.add_argument("--no-init-score", action="store_true",
+                    help="do not re-run TV to score MoDIP's warm start")
     a = ap.parse_args(argv)
     if a.table:
         print(table(a.size))
@@ -193,7 +198,9 @@ def main(argv=None) -> None:
     path = OUT / f"inversion_defaults_{a.size}.json"
     for name in a.methods.split(","):
         print(f"{name} at {a.size}^3 ...", flush=True)
-        rec = bench_method(name, c)
+        mset = {k: float(v) if "." in v else int(v)
+                for k, v in (x.split("=", 1) for x in a.modip_set)}
+        rec = bench_method(name, c, mset, not a.no_init_score)
         rec.update(size=a.size, date=dt.date.today().isoformat(), machine=machine())
         with path.open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
