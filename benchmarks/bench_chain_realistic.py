@@ -63,7 +63,17 @@ def main(argv=None) -> int:
     n = int(args.size)
     vs = (170.0 / n,) * 3  # 160^3 x 1.06 mm: a 170 mm field of view at every size
     t0 = time.perf_counter()
-    head = make_realistic_head(args.preset, shape=(n, n, n), voxel_size=vs)
+    cache = OUT / f"realistic_{args.preset}_{n}.pkl"
+    if cache.exists():  # the simulation is deterministic; the cache only saves time
+        import pickle
+
+        head = pickle.loads(cache.read_bytes())
+    else:
+        import pickle
+
+        head = make_realistic_head(args.preset, shape=(n, n, n), voxel_size=vs)
+        OUT.mkdir(parents=True, exist_ok=True)
+        cache.write_bytes(pickle.dumps(head))
     print(f"# simulated {args.preset} {n}^3 in {time.perf_counter() - t0:.1f} s", flush=True)
     truth_mask = head.brain_mask
     acq = {"voxel_size": vs, "b0_dir": tuple(head.b0_dir)}

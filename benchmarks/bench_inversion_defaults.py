@@ -52,7 +52,7 @@ def bench_method(name: str, c) -> dict:
     from qsmflow.algorithms import regularization as reg
     from qsmflow.algorithms.inversion_direct import fit_tikhonov, invert_tikhonov, invert_tkd
     from qsmflow.algorithms.inversion_medi import invert_medi
-    from qsmflow.algorithms.inversion_ndi import invert_ndi
+    from qsmflow.algorithms.inversion_ndi import fit_ndi, invert_ndi
     from qsmflow.algorithms.inversion_rts import invert_rts
     from qsmflow.algorithms.inversion_tv import fit_tv, invert_tv
 
@@ -84,9 +84,13 @@ def bench_method(name: str, c) -> dict:
         default = lambda: (invert_rts(f, m, **geo), 0.15)  # noqa: E731
         at = lambda v: invert_rts(f, m, delta=v, **geo)  # noqa: E731
     elif name == "ndi":
-        param, sweep = "maxit", [25, 50, 100, 200, 400]
+        param, sweep = "maxit", [50, 100, 200, 300, 400, 600]
         kw = dict(magnitude=c.magnitude, te_s=c.te_s, b0_tesla=c.b0_tesla, **geo)
-        default = lambda: (invert_ndi(f, m, **kw), 200)  # noqa: E731
+
+        def default():
+            r = fit_ndi(f, m, noise=c.noise, **kw)
+            return r.chi, r.value
+
         at = lambda v: invert_ndi(f, m, maxit=int(v), tol=0.0, **kw)  # noqa: E731
     elif name == "medi":
         param, sweep = "lam", [100.0, 300.0, 1000.0, 3000.0, 10000.0]

@@ -310,10 +310,12 @@ def test_modip_coarse_network_with_tv_start_beats_tv(head):
     e_tv = qsm_eval.nrmse_challenge(invert_tv(head["field"], m, voxel_size=(VS,) * 3),
                                     head["chi"], m)[0]
     r = modip_mod.fit_modip(head["field"], m, voxel_size=(VS,) * 3, base=8, max_iter=30,
-                            plateau_tol=0, net_factor=2, init="tv", **FAST)
+                            plateau_tol=0, net_factor=2, init="tv", dc_steps=10, **FAST)
     e = qsm_eval.nrmse_challenge(r.chi, head["chi"], m)[0]
     assert e < 0.95 * e_tv, (e, e_tv)
-    assert r.history[-1]["loss"] < 0.5 * r.history[0]["loss"]
+    # the output layer starts at zero: the first loss is the TV map's (refined), and the
+    # network lowers it from there
+    assert r.history[-1]["loss"] < 0.8 * r.history[0]["loss"]
     assert r.sidecar()["settings"]["net_factor"] == 2
     with pytest.raises(ValueError, match="net_factor"):
         modip_mod.fit_modip(head["field"], m, net_factor=3, max_iter=1, **FAST)
@@ -336,3 +338,28 @@ def test_modip_cpu_defaults_and_time_budget(head):
     assert len(t.history) < 10**6
     with pytest.raises(ValueError, match="max_time_s"):
         modip_mod.fit_modip(head["field"], m, max_time_s=0, max_iter=1, **FAST)
+
+
+def test_modip_cpu_default_finishes_64cubed_within_its_budget():
+    """The issue's acceptance: MoDIP with every default on a CPU (device=auto, no GPU) finishes
+    a 64^3 realistic case inside its wall-clock budget (on a quiet 2-core machine by its own
+    ground-truth-free rule; on a crowded one the budget stops it), and does not lose accuracy
+    against the TV map it starts from."""
+    import time
+
+    from qsmflow.algorithms.inversion_tv import invert_tv
+    from qsmflow.sims.invivo_case import make_invivo_case
+
+    c = make_invivo_case((64,) * 3, voxel_size=(2.5,) * 3, seed=0)
+    t = time.perf_counter()
+    r = modip_mod.fit_modip(c.field, c.mask, voxel_size=c.voxel_size, noise=c.noise,
+                            device="cpu")
+    sec = time.perf_counter() - t
+    assert r.stopped_reason in ("discrepancy", "plateau", "converged", "max_iter",
+                                "time_budget")
+    # the budget covers the warm start and the iterations; allow one iteration's overshoot
+    # plus setup and the final paste
+    assert sec < modip_mod.CPU_DEFAULTS["max_time_s"] + 60
+    tv = invert_tv(c.field, c.mask, voxel_size=c.voxel_size)
+    e = qsm_eval.nrmse_challenge(r.chi, c.chi, c.mask)[0]
+    assert e < qsm_eval.nrmse_challenge(tv, c.chi, c.mask)[0] + 1.0

@@ -183,7 +183,7 @@ def test_omitted_stage_gets_the_default_preset_method():
     cfg = config_from_dict({"invert": {"method": "tkd"}})
     for s in ("unwrap", "combine", "mask", "bfr", "reference"):
         assert cfg.method(s) == default_config().method(s)
-    assert cfg.method("bfr") == "lbv"
+    assert cfg.method("bfr") == "lbv-robust"
 
 
 def test_algorithms_import_neither_nipype_nor_config():

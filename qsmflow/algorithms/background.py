@@ -611,8 +611,8 @@ def boundary_outliers(
     *,
     voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
     noise: np.ndarray | None = None,
-    layer_max: float = 15.0,
-    voxel_max: float = 40.0,
+    layer_max: float = 35.0,
+    voxel_max: float = 80.0,
     noise_max: float = 4.0,
     band_mm: float = 6.0,
     max_layers: int = 6,
@@ -629,7 +629,10 @@ def boundary_outliers(
     of the boundary layer exceeds ``layer_max`` the whole layer is removed (a mask that
     includes skull); otherwise only its voxels scoring above ``voxel_max`` are removed and
     the peel stops.  The erosion is thus chosen from the data and happens only where the
-    boundary is inconsistent.  With ``noise``, voxels whose noise exceeds ``noise_max`` times
+    boundary is inconsistent.  The defaults (35, 80) separate, on the realistic head at 96^3,
+    the outer layer of the true brain mask (median score 7 at 3 T, 22 at 7 T: partial-volume
+    field errors) from the skull layers of a too-large mask (median 42-82).  With ``noise``,
+    voxels whose noise exceeds ``noise_max`` times
     the mask's median are removed first.
 
     Returns
@@ -694,8 +697,8 @@ def remove_background_lbv_robust(
     *,
     voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
     noise: np.ndarray | None = None,
-    layer_max: float = 15.0,
-    voxel_max: float = 40.0,
+    layer_max: float = 35.0,
+    voxel_max: float = 80.0,
     noise_max: float = 4.0,
     band_mm: float = 6.0,
     two_pass: bool = False,

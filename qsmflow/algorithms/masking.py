@@ -533,6 +533,7 @@ def mask_reliable(
     residual_max: float = 0.0,
     r2star_max: float = 6.0,
     quality_vote: bool = False,
+    erode_fraction: float = 0.12,
     smooth_mm: float = 2.0,
 ) -> np.ndarray:
     """Brain mask of the voxels whose field a background removal can trust.
@@ -555,12 +556,13 @@ def mask_reliable(
        (:mod:`qsmflow.sims.realistic`) it removes the outer CSF, and LBV needs that CSF
        (the local field is small there): local-field NRMSE 65 % with the vote, 43 % without
        (96^3);
-    4. the largest 6-connected component after an opening by a one-voxel ball (cuts thin
-       bridges through the skull), grown back geodesically by one voxel within the reliable
-       voxels, holes filled (3D and slice-wise: veins, deep grey matter and calcifications
-       with high R2* inside the brain come back), and the boundary smoothed by a Gaussian of
-       ``smooth_mm`` (a majority vote: the smoothed indicator above 0.5) without growing past
-       the candidates.
+    4. bridges to scalp and neck are cut as in :func:`mask_bet`: the reliable voxels are
+       eroded by ``erode_fraction`` of the head radius (via a distance transform), the largest
+       component is kept and grown back by the same radius plus a voxel within the reliable
+       voxels (an opening by reconstruction), holes filled (3D and slice-wise: veins, deep
+       grey matter and calcifications with high R2* inside the brain come back), and the
+       boundary smoothed by a Gaussian of ``smooth_mm`` (a majority vote: the smoothed
+       indicator above 0.5) without growing past the candidates.
 
     Parameters
     ----------
@@ -581,6 +583,9 @@ def mask_reliable(
         voxels with unusable phase.
     quality_vote : bool, keyword-only
         Require the ROMEO phase quality as well (needs ``phase``).
+    erode_fraction : float, keyword-only
+        Erosion radius of step 4 as a fraction of the head's equivalent-sphere radius
+        (0 disables: then only the largest component is kept).
     smooth_mm : float, keyword-only
         Boundary smoothing (mm); 0 disables.
 
@@ -613,12 +618,19 @@ def mask_reliable(
                               te_s=te_s if ph4.shape[3] >= 2 else None)
         q = ndi.gaussian_filter(q, sigma=1.0 / h * h.min(), mode="nearest")
         good &= q > _otsu(q[cand])
-    core = largest_component(ndi.binary_opening(good, structure=ndi.generate_binary_structure(
-        3, 1)))
-    if not core.any():
-        core = largest_component(good)
-    core = ndi.binary_dilation(core, structure=ndi.generate_binary_structure(3, 1)) & good
-    mask = fill_mask_holes(largest_component(core))
+    # cut bridges to scalp/neck: erode (distance transform), largest component, grow back
+    # geodesically within the reliable voxels (an opening by reconstruction, as in mask_bet)
+    head = fill_mask_holes(largest_component(cand))
+    r_head = float(np.cbrt(3.0 * head.sum() * np.prod(h) / (4.0 * np.pi)))
+    radius = erode_fraction * r_head
+    core = largest_component(good)
+    if radius >= float(h.min()):
+        inside = ndi.distance_transform_edt(np.pad(good, 1), sampling=h)[1:-1, 1:-1, 1:-1]
+        seed = largest_component(inside > radius)
+        if seed.any():
+            reach = ndi.distance_transform_edt(~seed, sampling=h) <= radius + float(h.max())
+            core = largest_component(reach & good)
+    mask = fill_mask_holes(core)
     if smooth_mm > 0:
         sm = ndi.gaussian_filter(mask.astype(np.float32), sigma=smooth_mm / h, mode="constant")
         mask = fill_mask_holes(largest_component((sm > 0.5) & (cand | mask)))

@@ -401,13 +401,16 @@ def _failed_subjects(runs, out: Path, progress) -> dict:
 def _summarise(args, out, subjects, failed, error, executed, crash, t0, plugin, pargs) -> int:
     """Print the per-subject summary and the QC report paths; returns the exit status."""
     from qsmflow.cli._summary import failures_by_subject, subject_lines
-    from qsmflow.reports import subject_report_path, write_group_index
+    from qsmflow.reports import subject_report_path, write_failure_report, write_group_index
 
     crashes = {s: c for s, c in failures_by_subject(crash, t0).items() if s in failed}
     print(f"\nqsmflow summary ({len(executed)} node(s) executed, work dir {args.work_dir}):",
           file=sys.stderr)
     for line in subject_lines(subjects, failed, crashes, verbose=bool(args.verbose)):
         print(line, file=sys.stderr)
+    for sub in failed:  # the subject's report page says why, so the index shows the failure
+        lines = [ln.strip() for ln in subject_lines([sub], failed, crashes)]
+        write_failure_report(out, sub, errors=[" ".join(lines)])
     index = write_group_index(out)
     pages = [str(p) for p in (subject_report_path(out, s) for s in subjects) if p.is_file()]
     if pages:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from qsmflow.io import write_text_atomic
 
-__all__ = ["run_section", "write_subject_report", "write_group_index", "subject_report_path"]
+__all__ = ["run_section", "write_subject_report", "write_failure_report", "write_group_index",
+           "subject_report_path"]
 
 
 def subject_report_path(output_dir, subject: str) -> Path:
@@ -40,6 +41,16 @@ def write_subject_report(output_dir, subject: str, *, sections: list[str],
     write_text_atomic(subject_page(subject, sections, summaries=summaries, versions=versions,
                                    methods_md=methods_md, errors=list(errors)), path)
     return path
+
+
+def write_failure_report(output_dir, subject: str, *, errors: list[str],
+                         methods_md: str = "") -> Path:
+    """Write ``output_dir/sub-<subject>.html`` for a subject whose run failed: the errors
+    (node, reason, crash file) instead of figures, so the group index shows the failure."""
+    first = errors[0].strip() if errors else "failed"
+    return write_subject_report(
+        output_dir, subject, sections=[], methods_md=methods_md, errors=errors,
+        summaries=[{"prefix": f"sub-{subject}", "status": f"FAILED: {first}"[:200]}])
 
 
 def write_group_index(output_dir) -> Path | None:

@@ -219,5 +219,5 @@ def loss_curve(rows: list[dict]) -> bytes:
         a.grid(alpha=0.3)
         if len(members) > 1:
             a.legend(fontsize=7)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.16, top=0.88, wspace=0.3)
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.16, top=0.88, wspace=0.35)
     return _png(fig)

@@ -155,16 +155,19 @@ def subject_page(subject: str, sections: list[str], *, summaries: list[dict],
     from qsmflow import __version__
 
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    nav = "".join(f'<a href="#{esc(s["prefix"])}">{esc(s["prefix"])}</a>' for s in summaries)
+    nav = "".join(f'<a href="#{esc(s["prefix"])}">{esc(s["prefix"])}</a>' for s in summaries
+                  if s.get("status", "ok") == "ok")
     nav += '<a href="#methods">Methods</a><a href="index.html">All subjects</a>'
     summary_rows = "".join(
-        f"<tr><td class='l'>{esc(s['prefix'])}</td><td>{s['mask_voxels']}</td>"
-        f"<td>{_num(s['chi_median_ppm'])}</td><td>{s['relative_residual']:.3f}</td>"
-        f"<td class='l'>{esc(s['reference_region'])}</td>"
-        f"<td>{_num(s['reference_offset_ppm'])}</td></tr>" for s in summaries)
+        f"<tr><td class='l'>{esc(s['prefix'])}</td><td>{s.get('mask_voxels', '')}</td>"
+        f"<td>{_num(s.get('chi_median_ppm'))}</td>"
+        f"<td>{_num(s.get('relative_residual'), '{:.3f}')}</td>"
+        f"<td class='l'>{esc(s.get('reference_region', s.get('status', '')))}</td>"
+        f"<td>{_num(s.get('reference_offset_ppm'))}</td></tr>" for s in summaries)
     vers = versions if isinstance(versions, str) else ", ".join(
         f"{k} {v}" for k, v in versions.items())
-    errs = "".join(f"<p style='color:#a00'>{esc(e)}</p>" for e in errors)
+    errs = section("Errors", "".join(f"<pre style='color:#a00'>{esc(e)}</pre>"
+                                     for e in errors)) if errors else ""
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>qsmflow: sub-{esc(subject)}</title><style>{CSS}</style></head><body>"
@@ -218,7 +221,8 @@ def group_page(entries: list[dict]) -> str:
             rows.append(
                 "<tr>" + (f"<td class='l' rowspan='{len(runs)}'><a href='{esc(e['href'])}'>"
                           f"sub-{esc(e['subject'])}</a></td>" if i == 0 else "")
-                + f"<td class='l'>{link}</td><td>{_num(s.get('chi_median_ppm'))}</td>"
+                + f"<td class='l'>{link}</td><td class='l'>{esc(s.get('status', 'ok'))}</td>"
+                f"<td>{_num(s.get('chi_median_ppm'))}</td>"
                 f"<td>{_num(s.get('relative_residual'), '{:.3f}')}</td>"
                 f"<td>{_num(s.get('reference_offset_ppm'))}</td>"
                 f"<td class='l'>{esc(meths)}</td></tr>")
@@ -229,6 +233,7 @@ def group_page(entries: list[dict]) -> str:
         f"<p>qsmflow {esc(__version__)}; {len(entries)} subject(s); generated {now}</p>"
         "</header><main>"
         + section("Subjects", "<table><tr><th class='l'>subject</th><th class='l'>run</th>"
+                  "<th class='l'>status</th>"
                   "<th>median chi (ppm)</th><th>relative residual</th><th>reference offset "
                   "(ppm)</th><th class='l'>methods</th></tr>" + "".join(rows) + "</table>")
         + "</main></body></html>\n")

@@ -100,9 +100,9 @@ def regional_table(chi: np.ndarray, mask: np.ndarray, *, magnitude=None,
     magnitude : (X, Y, Z) array or None, keyword-only; echo-averaged magnitude
     voxel_size : mm, keyword-only
     reference_name, reference_mask, reference_offset : keyword-only
-        The reference region (its name and voxels) and the offset (ppm) subtracted from chi;
-        the reference row reports the referenced values there (mean ~ 0 by construction) and
-        carries ``offset``.
+        The reference region (its name and voxels, None when not available to the report) and
+        the offset (ppm) subtracted from chi; the reference row reports the referenced values
+        there (0 on average by construction for a mean reference) and carries ``offset``.
     tail_ppm : float, keyword-only
         Threshold of the paramagnetic / diamagnetic tail rows.
     """
@@ -119,7 +119,8 @@ def regional_table(chi: np.ndarray, mask: np.ndarray, *, magnitude=None,
     rows.append({"region": f"diamagnetic tail (chi < -{tail_ppm:g} ppm)",
                  "group": "chi cluster", **_stats(chi[mask & (chi < -tail_ppm)])})
     if reference_name is not None:
-        ref = mask if reference_mask is None else (np.asarray(reference_mask, bool) & mask)
+        ref = (np.zeros_like(mask) if reference_mask is None
+               else np.asarray(reference_mask, bool) & mask)  # unknown region: no statistics
         rows.append({"region": f"reference: {reference_name}", "group": "reference",
                      **_stats(chi[ref]), "offset": reference_offset})
     return rows

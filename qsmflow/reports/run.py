@@ -186,6 +186,7 @@ def run_section(*, prefix: str, chi, mask, local_field, total_field, brain_mask=
         offset = reference_offset(ras(_load(chi_unreferenced)[1]), chi_r, mask_r)
     table = regional_table(chi_r, mask_r, magnitude=mag_r, voxel_size=vs,
                            reference_name=REFERENCE_REGIONS.get(ref_method, ref_method),
+                           reference_mask=mask_r if ref_method == "mean" else None,
                            reference_offset=offset)
     build_s = time.time() - t0
     summary = {
