@@ -5,6 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from dicom_synth import write_series
+from test_report import _validator_errors
 
 from qsmflow.algorithms.dipole import b0_dir_from_affine
 from qsmflow.cli.convert import main as convert_main
@@ -43,6 +44,9 @@ def test_dicom_to_chi(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     assert run_main([str(bids), str(out), "participant", "-w", str(work), "--nprocs", "2",
                      "--bfr", "vsharp", "--inversion", "tv"]) == 0
+    # the converted raw dataset and the derivatives (with a session) are valid BIDS
+    assert _validator_errors(bids) == []
+    assert _validator_errors(out) == []
     anat = out / "sub-01" / "ses-20240102" / "anat"  # session from StudyDate
     chi_img = nib.load(next(anat.glob("*_Chimap.nii.gz")))
     mask_img = nib.load(next(anat.glob("*_desc-brain_mask.nii.gz")))

@@ -100,20 +100,28 @@ def test_pipeline_outputs_accuracy_and_cache(dataset, capsys):
     assert "sub-01: ok" in err and "sub-02: ok" in err
 
 
+def _no_head(path):
+    """A magnitude that passes the input checks (not all zero) but holds no head: the mask
+    node fails at run time."""
+    img = nib.load(path)
+    data = np.zeros(img.shape, np.float32)
+    data[0, 0, 0] = 1.0
+    nib.save(nib.Nifti1Image(data, img.affine), path)
+
+
 def test_failing_subject_does_not_stop_the_others(dataset, capsys):
     root, bids0 = dataset
     bids = write_bids_dataset(root / "bids_bad", subjects=SUBJECTS, shape=(32, 32, 32),
                               voxel_size=(2.0, 2.0, 2.0), te_s=(0.004, 0.012), seed=1)
     for p in (bids / "sub-02" / "anat").glob("*part-mag_MEGRE.nii.gz"):
-        img = nib.load(p)  # all-zero magnitude: passes the input checks, the mask fails
-        nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), p)
+        _no_head(p)
     out, work = root / "out_bad", root / "work_bad"
     rc = main([str(bids), str(out), "participant", "-w", str(work), "--nprocs", "2"])
     err = capsys.readouterr().err
     assert rc == 1
     assert (out / "sub-01/anat/sub-01_Chimap.nii.gz").is_file()
     assert not (out / "sub-02/anat/sub-02_Chimap.nii.gz").exists()
-    assert "sub-01: ok" in err and "sub-02: FAILED (mask)" in err
+    assert "sub-01: ok" in err and "sub-02: FAILED at mask:" in err
     assert "1 of 2 subject(s) failed" in err
 
 
@@ -124,8 +132,7 @@ def test_stop_on_first_crash_stops_the_run(dataset, capsys):
     bids = write_bids_dataset(root / "bids_stop", subjects=SUBJECTS, shape=(32, 32, 32),
                               voxel_size=(2.0, 2.0, 2.0), te_s=(0.004, 0.012), seed=1)
     for p in (bids / "sub-01" / "anat").glob("*part-mag_MEGRE.nii.gz"):
-        img = nib.load(p)
-        nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), p)
+        _no_head(p)
     out, work = root / "out_stop", root / "work_stop"
     rc = main([str(bids), str(out), "participant", "-w", str(work), "--nprocs", "1",
                "--stop-on-first-crash"])
