@@ -25,6 +25,7 @@ for arg in "$@"; do
     esac
 done
 
+mkdir -p "$STATE_DIR"
 version=$(qsmflow_version)
 [ -n "$version" ] || die "no __version__ in qsmflow/__init__.py"
 ensure_apt_packages docker.io debootstrap
@@ -37,13 +38,16 @@ ensure_wheels
 build() {  # build DOCKERFILE TAG [extra docker build args]
     local dockerfile=$1 tag=$2
     shift 2
-    log "docker build -f $dockerfile -t $tag"
+    local build_log
+    build_log="$STATE_DIR/build-$(basename "$dockerfile").log"
+    log "docker build -f $dockerfile -t $tag (log: $build_log)"
     DOCKER_BUILDKIT=0 nice -n 10 docker build --network host \
         -f "$dockerfile" -t "$tag" \
         --build-arg BASE_IMAGE="$BASE_IMAGE" \
         --build-arg QSMFLOW_VERSION="$version" \
         --build-arg TORCH_VERSION="$TORCH_VERSION" \
-        "$@" "$REPO_DIR"
+        "$@" "$REPO_DIR" >"$build_log" 2>&1 ||
+        { tail -n 40 "$build_log" >&2; die "docker build of $tag failed"; }
 }
 
 start=$(date +%s)
@@ -57,9 +61,8 @@ if [ "$cuda" = 1 ]; then
     build "$CONTAINERS_DIR/Dockerfile.cuda" "$IMAGE_NAME:$version-cuda"
 fi
 if [ "$apptainer" = 1 ]; then
+    # Apptainer >= 1.2 (build arguments); Bootstrap docker-daemon reads the image just built
     command -v apptainer >/dev/null || die "apptainer is not installed"
-    archive="$STATE_DIR/$IMAGE_NAME-$version.tar"
-    docker save -o "$archive" "$IMAGE_NAME:$version"
-    (cd "$REPO_DIR" && apptainer build --force --build-arg "ARCHIVE=$archive" \
+    (cd "$REPO_DIR" && apptainer build --force --build-arg "TAG=$version" \
         "$IMAGE_NAME-$version.sif" containers/qsmflow.def)
 fi

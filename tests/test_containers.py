@@ -74,6 +74,37 @@ def small_case(tmp_path_factory):
     return _make_case(tmp_path_factory.mktemp("qsmci_small"), 32, 2.0)
 
 
+def test_qsmci_folders_follow_the_contract(capsys):
+    """Every containers/qsm-ci folder: a known QSM-CI stage, the image of this version, a run.sh
+    taking the input and output folders, parameters with defaults that qsmflow knows."""
+    yaml = pytest.importorskip("yaml")
+    from qsm_ci.stages import STAGES
+
+    from qsmflow import __version__
+    from qsmflow.cli.stage import main as stage_main
+
+    stage_main(["invert", "--list-methods"])
+    listing, method, known = capsys.readouterr().out, None, {}
+    for line in listing.splitlines():
+        if line and not line.startswith(" "):
+            method = line.split(":")[0]
+        elif "--set " in line:
+            known.setdefault(method, set()).add(line.split("--set ")[1].split("=")[0])
+    inversion = {"qsmflow-rts": "rts", "qsmflow-modip": "modip", "qsmflow-fast": "rts"}
+
+    folders = sorted(p for p in QSMCI_DIR.iterdir() if (p / "algorithm.yml").is_file())
+    assert {p.name for p in folders} >= {"qsmflow-rts", "qsmflow-modip", "qsmflow-fast"}
+    for folder in folders:
+        meta = yaml.safe_load((folder / "algorithm.yml").read_text())
+        assert meta["slug"] == folder.name
+        assert meta["stage"] in STAGES
+        assert meta["image"] == f"qsmflow:{__version__}", folder
+        assert "${1:-/input}" in (folder / "run.sh").read_text()
+        for param in meta.get("parameters") or []:
+            assert {"name", "default", "description"} <= set(param), (folder, param)
+            assert param["name"] in known[inversion[folder.name]], (folder, param)
+
+
 def _qsmci_run(algo_dir, files, inputs, out, *, runner="local", sets=()):
     """`qsm-ci run --runner RUNNER ALGO --<artifact> FILE ... -o OUT`; qsmflow-stage from this
     checkout (the installed one may be older)."""
