@@ -49,10 +49,16 @@ def main(argv=None) -> int:
     ap.add_argument("--masks", nargs="*", default=list(MASKS))
     ap.add_argument("--bfrs", nargs="*", default=list(BFRS))
     ap.add_argument("--inversions", nargs="*", default=list(INVERSIONS))
-    ap.add_argument("--time-default", action="store_true",
-                    help="only time the fast preset's chain (wall and CPU seconds, 2 threads)")
-    ap.add_argument("--extra", action="store_true",
-                    help="also the fast chain with WLS sigma_mm=2 (MCPC-3D-S smoothing)")
+    ap.add_argument(
+        "--time-default",
+        action="store_true",
+        help="only time the fast preset's chain (wall and CPU seconds, 2 threads)",
+    )
+    ap.add_argument(
+        "--extra",
+        action="store_true",
+        help="also the fast chain with WLS sigma_mm=2 (MCPC-3D-S smoothing)",
+    )
     args = ap.parse_args(argv)
 
     from threadpoolctl import threadpool_limits
@@ -91,11 +97,13 @@ def main(argv=None) -> int:
         if name == "threshold":
             return masking.mask_threshold(head.magnitude, voxel_size=vs)
         if name == "reliable":
-            return masking.mask_reliable(head.magnitude, phase=head.phase, te_s=head.te_s,
-                                         voxel_size=vs)
+            return masking.mask_reliable(
+                head.magnitude, phase=head.phase, te_s=head.te_s, voxel_size=vs
+            )
         if name == "phase-quality":
-            return masking.mask_phase_quality(head.phase, magnitude=head.magnitude,
-                                              te_s=head.te_s, voxel_size=vs)
+            return masking.mask_phase_quality(
+                head.phase, magnitude=head.magnitude, te_s=head.te_s, voxel_size=vs
+            )
         raise ValueError(name)
 
     def bfr_call(name, field, mask):
@@ -117,9 +125,15 @@ def main(argv=None) -> int:
             sigmas = [0.0, 2.0] if (args.extra and mname != "true") else [0.0]
             for sigma in sigmas:
                 t = time.perf_counter()
-                field = estimate_field_wls(head.phase, head.magnitude, te_s=head.te_s,
-                                           b0_tesla=head.b0_tesla, mask=mask, voxel_size=vs,
-                                           sigma_mm=sigma)
+                field = estimate_field_wls(
+                    head.phase,
+                    head.magnitude,
+                    te_s=head.te_s,
+                    b0_tesla=head.b0_tesla,
+                    mask=mask,
+                    voxel_size=vs,
+                    sigma_mm=sigma,
+                )
                 t_field = time.perf_counter() - t
                 for bname in args.bfrs:
                     t = time.perf_counter()
@@ -133,14 +147,24 @@ def main(argv=None) -> int:
                         chi = reference.reference_mean(chi, m_out)
                         t_inv = time.perf_counter() - t
                         row = {
-                            "preset": args.preset, "size": n, "mask": mname, "bfr": bname,
-                            "invert": iname, "wls_sigma_mm": sigma, "dice": round(dice, 4),
-                            "extra_voxels": extra, "missed_voxels": missed,
+                            "preset": args.preset,
+                            "size": n,
+                            "mask": mname,
+                            "bfr": bname,
+                            "invert": iname,
+                            "wls_sigma_mm": sigma,
+                            "dice": round(dice, 4),
+                            "extra_voxels": extra,
+                            "missed_voxels": missed,
                             "coverage": round(float(ev.sum() / truth_mask.sum()), 4),
                             "local_nrmse": round(local_nrmse, 1),
                             "chi_nrmse": round(_nrmse(chi, head.chi_local, ev), 1),
-                            "seconds": {"mask": round(t_mask, 1), "field": round(t_field, 1),
-                                        "bfr": round(t_bfr, 1), "invert": round(t_inv, 1)},
+                            "seconds": {
+                                "mask": round(t_mask, 1),
+                                "field": round(t_field, 1),
+                                "bfr": round(t_bfr, 1),
+                                "invert": round(t_inv, 1),
+                            },
                         }
                         rows.append(row)
                         print(json.dumps(row), flush=True)
@@ -148,7 +172,8 @@ def main(argv=None) -> int:
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
-        "load_average": os.getloadavg(), "python": sys.version.split()[0],
+        "load_average": os.getloadavg(),
+        "python": sys.version.split()[0],
     }
     path = OUT / f"chain_{args.preset}_{n}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -178,52 +203,73 @@ def time_default_chain(head, vs) -> int:
         w0, c0 = time.perf_counter(), cpu()
         t, c = w0, c0
         mask = method("mask", names["mask"]).function(
-            head.magnitude, phase=head.phase, te_s=head.te_s, voxel_size=vs,
-            **cfg.settings("mask"))
+            head.magnitude, phase=head.phase, te_s=head.te_s, voxel_size=vs, **cfg.settings("mask")
+        )
         times["mask"] = (time.perf_counter() - t, cpu() - c)
         t, c = time.perf_counter(), cpu()
         settings = dict(cfg.settings("combine"))
         settings.setdefault("unwrap", cfg.method("unwrap"))
         field = method("combine", names["combine"]).function(
-            head.phase, head.magnitude, te_s=head.te_s, b0_tesla=head.b0_tesla, mask=mask,
-            voxel_size=vs, **settings)
+            head.phase,
+            head.magnitude,
+            te_s=head.te_s,
+            b0_tesla=head.b0_tesla,
+            mask=mask,
+            voxel_size=vs,
+            **settings,
+        )
         times["combine"] = (time.perf_counter() - t, cpu() - c)
         t, c = time.perf_counter(), cpu()
-        local, m_out = method("bfr", names["bfr"]).function(field, mask, voxel_size=vs,
-                                                            **cfg.settings("bfr"))
+        local, m_out = method("bfr", names["bfr"]).function(
+            field, mask, voxel_size=vs, **cfg.settings("bfr")
+        )
         times["bfr"] = (time.perf_counter() - t, cpu() - c)
         t, c = time.perf_counter(), cpu()
         chi = method("invert", names["invert"]).function(
-            local, m_out, voxel_size=vs, b0_dir=tuple(head.b0_dir), **cfg.settings("invert"))
+            local, m_out, voxel_size=vs, b0_dir=tuple(head.b0_dir), **cfg.settings("invert")
+        )
         chi = method("reference", names["reference"]).function(chi, m_out)
         times["invert+reference"] = (time.perf_counter() - t, cpu() - c)
         total = (time.perf_counter() - w0, cpu() - c0)
     ev = m_out & head.brain_mask
-    out = {"methods": names, "wall_cpu_s": {k: [round(a, 1), round(b, 1)] for k, (a, b) in
-                                             times.items()},
-           "total_wall_s": round(total[0], 1), "total_cpu_s": round(total[1], 1),
-           "load_average": os.getloadavg(), "chi_nrmse": round(_nrmse(chi, head.chi_local, ev), 1)}
+    out = {
+        "methods": names,
+        "wall_cpu_s": {k: [round(a, 1), round(b, 1)] for k, (a, b) in times.items()},
+        "total_wall_s": round(total[0], 1),
+        "total_cpu_s": round(total[1], 1),
+        "load_average": os.getloadavg(),
+        "chi_nrmse": round(_nrmse(chi, head.chi_local, ev), 1),
+    }
     print(json.dumps(out), flush=True)
     return 0
 
 
 def table(rows) -> str:
     """Markdown table; 'mask cost' = chi NRMSE minus the same chain with the true mask."""
-    ref = {(r["bfr"], r["invert"]): r["chi_nrmse"] for r in rows
-           if r["mask"] == "true" and r["wls_sigma_mm"] == 0}
-    lines = ["| mask | bfr | invert | WLS sigma | mask Dice | extra / missed voxels | "
-             "coverage | local NRMSE | chi NRMSE | mask cost (chi) | s (mask/field/bfr/inv) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ref = {
+        (r["bfr"], r["invert"]): r["chi_nrmse"]
+        for r in rows
+        if r["mask"] == "true" and r["wls_sigma_mm"] == 0
+    }
+    lines = [
+        "| mask | bfr | invert | WLS sigma | mask Dice | extra / missed voxels | "
+        "coverage | local NRMSE | chi NRMSE | mask cost (chi) | s (mask/field/bfr/inv) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        cost = r["chi_nrmse"] - ref[(r["bfr"], r["invert"])] if (
-            (r["bfr"], r["invert"]) in ref and r["mask"] != "true") else None
+        cost = (
+            r["chi_nrmse"] - ref[(r["bfr"], r["invert"])]
+            if ((r["bfr"], r["invert"]) in ref and r["mask"] != "true")
+            else None
+        )
         s = r["seconds"]
         lines.append(
             f"| {r['mask']} | {r['bfr']} | {r['invert']} | {r['wls_sigma_mm'] or 'default'} | "
             f"{r['dice']:.3f} | {r['extra_voxels']} / {r['missed_voxels']} | "
             f"{r['coverage']:.3f} | {r['local_nrmse']:.1f} | {r['chi_nrmse']:.1f} | "
             f"{'' if cost is None else f'{cost:+.1f}'} | "
-            f"{s['mask']}/{s['field']}/{s['bfr']}/{s['invert']} |")
+            f"{s['mask']}/{s['field']}/{s['bfr']}/{s['invert']} |"
+        )
     return "\n".join(lines)
 
 

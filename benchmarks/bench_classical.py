@@ -71,8 +71,17 @@ def simulate(size: int) -> Path:
     ph = make_head_phantom(shape=(size,) * 3, voxel_size=(vs,) * 3)
     f = simulate_fields(ph)
     mag, phase = simulate_megre(ph, total_field_ppm=f["total"], te_s=TE, b0_tesla=B0, snr=100)
-    np.savez(path, voxel_size=np.array((vs,) * 3), mag=mag, phase=phase, total=f["total"],
-             local=f["local"], chi=f["chi_local"], mask=ph.brain_mask, seg=ph.labels)
+    np.savez(
+        path,
+        voxel_size=np.array((vs,) * 3),
+        mag=mag,
+        phase=phase,
+        total=f["total"],
+        local=f["local"],
+        chi=f["chi_local"],
+        mask=ph.brain_mask,
+        seg=ph.labels,
+    )
     return path
 
 
@@ -108,12 +117,15 @@ def run_case(name: str, size: int) -> dict:
 
         unwrap, _, bfr, inv = method.split("+")
         t0 = time.perf_counter()
-        field = phase.estimate_field_wls(d["phase"], d["mag"], mask=mask, unwrap=unwrap,
-                                         **{k: common[k] for k in ("te_s", "voxel_size",
-                                                                   "b0_tesla")})
+        field = phase.estimate_field_wls(
+            d["phase"],
+            d["mag"],
+            mask=mask,
+            unwrap=unwrap,
+            **{k: common[k] for k in ("te_s", "voxel_size", "b0_tesla")},
+        )
         local, m2 = registry.method("bfr", bfr).function(field, mask, voxel_size=vs)
-        chi = registry.method("invert", inv).function(local, m2, voxel_size=vs,
-                                                      b0_dir=(0, 0, 1))
+        chi = registry.method("invert", inv).function(local, m2, voxel_size=vs, b0_dir=(0, 0, 1))
         res["seconds"] = time.perf_counter() - t0
         res.update(_metrics(qsm_eval, chi, d["chi"], m2, d["seg"]))
     else:
@@ -162,8 +174,11 @@ def run_case(name: str, size: int) -> dict:
 
 def _metrics(qsm_eval, chi, truth, mask, seg):
     nrmse, _ = qsm_eval.nrmse_challenge(chi, truth, mask)
-    return {"nrmse": nrmse, "hfen": qsm_eval.hfen(chi, truth, mask),
-            "xsim": qsm_eval.xsim(chi, truth, mask)}
+    return {
+        "nrmse": nrmse,
+        "hfen": qsm_eval.hfen(chi, truth, mask),
+        "xsim": qsm_eval.xsim(chi, truth, mask),
+    }
 
 
 def _fmt(v, nd=3):
@@ -201,8 +216,12 @@ def write_results(rows: list, size: int, path: Path) -> None:
         if "error" in r:
             lines.append(f"| {r['case']} | failed | {_fmt(tgt)} | | | | | {r['error']} |")
             continue
-        other = ", ".join(f"{k}={_fmt(v)}" for k, v in r.items() if k in (
-            "nrmse_detrend", "mask_kept", "rms_error_rad", "fraction_correct", "dice_brain"))
+        other = ", ".join(
+            f"{k}={_fmt(v)}"
+            for k, v in r.items()
+            if k
+            in ("nrmse_detrend", "mask_kept", "rms_error_rad", "fraction_correct", "dice_brain")
+        )
         miss = " (miss)" if tgt is not None and r["seconds"] > tgt else ""
         lines.append(
             f"| {r['case']} | {r['seconds']:.2f}{miss} | {_fmt(tgt)} | {r['peak_rss_mb']:.0f} "
@@ -217,8 +236,11 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=160)
     ap.add_argument("--case", choices=sorted(CASES))
     ap.add_argument("--only", nargs="+", choices=sorted(CASES), help="run only these cases")
-    ap.add_argument("--results", default=str(OUT / "classical.md"),
-                    help="markdown table to write (paste into RESULTS.md)")
+    ap.add_argument(
+        "--results",
+        default=str(OUT / "classical.md"),
+        help="markdown table to write (paste into RESULTS.md)",
+    )
     args = ap.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(args.case, args.size)))
@@ -226,8 +248,11 @@ def main(argv=None) -> int:
     simulate(args.size)
     rows = []
     for name in args.only or CASES:
-        r = subprocess.run([sys.executable, __file__, "--case", name, "--size", str(args.size)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--case", name, "--size", str(args.size)],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode == 0:
             row = json.loads(r.stdout.strip().splitlines()[-1])
         else:

@@ -38,8 +38,15 @@ OBLIQUE = tuple(np.array([0.35, -0.25, 0.9]) / np.linalg.norm([0.35, -0.25, 0.9]
 
 FAST = {"net_factor": 2, "init": "tv"}
 FAST_MEDI = {"net_factor": 2, "init": "medi"}
-INR_REF = {"hidden": 512, "layers": 9, "w0": 40.0, "tv_norm": "l2", "lambda_tv": 0.025,
-           "tv_low": 0.5, "tv_high": 0.7}
+INR_REF = {
+    "hidden": 512,
+    "layers": 9,
+    "w0": 40.0,
+    "tv_norm": "l2",
+    "lambda_tv": 0.025,
+    "tv_low": 0.5,
+    "tv_high": 0.7,
+}
 # name: (method, variant, settings)
 CASES = {
     "tkd": ("tkd", "axial", {}),
@@ -86,12 +93,21 @@ CASES = {
     "inr-ref-lr1e-4": ("inr", "axial", {**INR_REF, "lr": 1e-4}),
     "inr-ref-lr1e-5": ("inr", "axial", {**INR_REF, "lr": 1e-5}),
     # the reference's weighting and L2 term on qsmflow's smaller, faster SIREN (256 x 4, w0 30)
-    "inr-ramp-l2": ("inr", "axial", {"tv_norm": "l2", "lambda_tv": 0.025, "tv_low": 0.5,
-                                      "tv_high": 0.7}),
-    "inr-ramp-l2-3e-3": ("inr", "axial", {"tv_norm": "l2", "lambda_tv": 0.003, "tv_low": 0.5,
-                                           "tv_high": 0.7}),
-    "inr-ramp-l2-3e-4": ("inr", "axial", {"tv_norm": "l2", "lambda_tv": 0.0003, "tv_low": 0.5,
-                                           "tv_high": 0.7}),
+    "inr-ramp-l2": (
+        "inr",
+        "axial",
+        {"tv_norm": "l2", "lambda_tv": 0.025, "tv_low": 0.5, "tv_high": 0.7},
+    ),
+    "inr-ramp-l2-3e-3": (
+        "inr",
+        "axial",
+        {"tv_norm": "l2", "lambda_tv": 0.003, "tv_low": 0.5, "tv_high": 0.7},
+    ),
+    "inr-ramp-l2-3e-4": (
+        "inr",
+        "axial",
+        {"tv_norm": "l2", "lambda_tv": 0.0003, "tv_low": 0.5, "tv_high": 0.7},
+    ),
     "inr-ramp-l1": ("inr", "axial", {"tv_low": 0.5, "tv_high": 0.7}),
     "tkd-oblique": ("tkd", "oblique", {"kernel": "integral"}),
     "tv-oblique": ("tv", "oblique", {"kernel": "integral"}),
@@ -134,8 +150,14 @@ def simulate(size: int, variant: str) -> Path:
     ph, b0 = phantom(size, variant)
     vox = ph.voxel_size
     f = simulate_fields(ph, b0_dir=b0, kind="integral")
-    np.savez(path, voxel_size=np.array(vox), b0=np.array(b0), local=f["local"],
-             chi=f["chi_local"], mask=ph.brain_mask)
+    np.savez(
+        path,
+        voxel_size=np.array(vox),
+        b0=np.array(b0),
+        local=f["local"],
+        chi=f["chi_local"],
+        mask=ph.brain_mask,
+    )
     return path
 
 
@@ -145,8 +167,14 @@ def magnitude(size: int, variant: str, snr: float | None = None) -> np.ndarray:
     from qsmflow.sims.signal import simulate_megre
 
     ph, _ = phantom(size, variant)
-    mag, _ = simulate_megre(ph, total_field_ppm=np.zeros(ph.m0.shape), te_s=(0.02,),
-                            snr=snr or np.inf, phase_offset=False, seed=0)
+    mag, _ = simulate_megre(
+        ph,
+        total_field_ppm=np.zeros(ph.m0.shape),
+        te_s=(0.02,),
+        snr=snr or np.inf,
+        phase_offset=False,
+        seed=0,
+    )
     return mag[..., 0]
 
 
@@ -171,13 +199,17 @@ def run_case(name: str, size: int, iters: int, threads: int) -> dict:
             kw["schedule"] = f"2:{max(iters - 50, 0)}"
         kw.setdefault("threads", threads)
         n_iter = iters * (2 if method == "dip" else 1)
-        r = getattr(mod, f"fit_{method}")(d["local"], mask, voxel_size=vs, b0_dir=b0,
-                                          device="cpu", max_iter=n_iter, **kw)
+        r = getattr(mod, f"fit_{method}")(
+            d["local"], mask, voxel_size=vs, b0_dir=b0, device="cpu", max_iter=n_iter, **kw
+        )
         chi = r.chi
         h = r.history
-        res.update(iterations=len(h), stopped=r.stopped_reason,
-                   s_per_iter=(h[-1]["seconds"] - h[0]["seconds"]) / max(len(h) - 1, 1),
-                   residual_ppm=h[-1]["residual"])
+        res.update(
+            iterations=len(h),
+            stopped=r.stopped_reason,
+            s_per_iter=(h[-1]["seconds"] - h[0]["seconds"]) / max(len(h) - 1, 1),
+            residual_ppm=h[-1]["residual"],
+        )
     else:
         from qsmflow import registry
 
@@ -188,8 +220,11 @@ def run_case(name: str, size: int, iters: int, threads: int) -> dict:
         chi = invert(d["local"], mask, voxel_size=vs, b0_dir=b0, **kw)
     res["seconds"] = time.perf_counter() - t0
     nrmse, _ = qsm_eval.nrmse_challenge(chi, d["chi"], mask)
-    res.update(nrmse=nrmse, hfen=qsm_eval.hfen(chi, d["chi"], mask),
-               xsim=qsm_eval.xsim(chi, d["chi"], mask))
+    res.update(
+        nrmse=nrmse,
+        hfen=qsm_eval.hfen(chi, d["chi"], mask),
+        xsim=qsm_eval.xsim(chi, d["chi"], mask),
+    )
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return res
 
@@ -222,7 +257,8 @@ def write_results(rows, size, iters, path: Path) -> None:
         lines.append(
             f"| {r['case']} | {r['nrmse']:.2f} | {r['hfen']:.2f} | {r['xsim']:.3f} | "
             f"{r['seconds']:.1f} | {r.get('s_per_iter', float('nan')):.3f} | "
-            f"{r.get('iterations', '')} | {r.get('stopped', '')} | {r['peak_rss_mb']:.0f} |")
+            f"{r.get('iterations', '')} | {r.get('stopped', '')} | {r['peak_rss_mb']:.0f} |"
+        )
     with open(path, "a") as fh:
         fh.write("\n".join(lines) + "\n\n")
 
@@ -245,9 +281,22 @@ def main(argv=None) -> None:
         simulate(a.size, variant)  # once, before cases run in parallel
 
     def one(name):
-        p = subprocess.run([sys.executable, __file__, "--case", name, "--size", str(a.size),
-                            "--iters", str(a.iters), "--threads", str(a.threads)],
-                           capture_output=True, text=True)
+        p = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--case",
+                name,
+                "--size",
+                str(a.size),
+                "--iters",
+                str(a.iters),
+                "--threads",
+                str(a.threads),
+            ],
+            capture_output=True,
+            text=True,
+        )
         try:
             row = json.loads(p.stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):

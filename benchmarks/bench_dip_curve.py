@@ -74,8 +74,9 @@ def main(argv=None) -> None:
         def step_and_score(it):
             loss, chi, dchi = step(it)
             e = state["ema"]
-            state["ema"] = (chi.clone() if e is None
-                            else e.mul_(average).add_(chi, alpha=1 - average))
+            state["ema"] = (
+                chi.clone() if e is None else e.mul_(average).add_(chi, alpha=1 - average)
+            )
             if (it + 1) % a.every == 0:
                 est = problem.paste(state["ema"])
                 nrmse, _ = qsm_eval.nrmse_challenge(est, truth, mask)
@@ -83,10 +84,14 @@ def main(argv=None) -> None:
                 sec = time.perf_counter() - t0
                 hfen, xsim = qsm_eval.hfen(est, truth, mask), qsm_eval.xsim(est, truth, mask)
                 with open(out, "a") as fh:
-                    fh.write(f"{it + 1}\t{sec:.1f}\t{res:.5f}\t{nrmse:.2f}\t{hfen:.2f}\t"
-                             f"{xsim:.4f}\n")
-                print(f"it {it + 1}  {sec:.0f} s  residual {res:.4f} ppm  NRMSE {nrmse:.2f}  "
-                      f"HFEN {hfen:.2f}  XSIM {xsim:.4f}", flush=True)
+                    fh.write(
+                        f"{it + 1}\t{sec:.1f}\t{res:.5f}\t{nrmse:.2f}\t{hfen:.2f}\t{xsim:.4f}\n"
+                    )
+                print(
+                    f"it {it + 1}  {sec:.0f} s  residual {res:.4f} ppm  NRMSE {nrmse:.2f}  "
+                    f"HFEN {hfen:.2f}  XSIM {xsim:.4f}",
+                    flush=True,
+                )
             return loss, chi, dchi
 
         stepper.step = step_and_score
@@ -94,8 +99,17 @@ def main(argv=None) -> None:
 
     runner.fit = traced_fit
     settings.setdefault("plateau_tol", 0.0)
-    r = fit_modip(d["local"], mask, voxel_size=tuple(d["voxel_size"]), b0_dir=tuple(d["b0"]),
-                  device="cpu", seed=a.seed, max_iter=a.iters, threads=a.threads, **settings)
+    r = fit_modip(
+        d["local"],
+        mask,
+        voxel_size=tuple(d["voxel_size"]),
+        b0_dir=tuple(d["b0"]),
+        device="cpu",
+        seed=a.seed,
+        max_iter=a.iters,
+        threads=a.threads,
+        **settings,
+    )
     rule = runner.StopRule(max_iter=a.iters)  # the default plateau rule, replayed
     for i, h in enumerate(r.history):
         why = rule.update(i, h["residual"], None)
@@ -103,8 +117,10 @@ def main(argv=None) -> None:
             print(f"default stopping rule: {why} at iteration {i + 1}")
             break
     nrmse, _ = qsm_eval.nrmse_challenge(r.chi, truth, mask)
-    print(f"returned map: NRMSE {nrmse:.2f} after {len(r.history)} iterations "
-          f"({r.stopped_reason}); {time.perf_counter() - t0:.0f} s")
+    print(
+        f"returned map: NRMSE {nrmse:.2f} after {len(r.history)} iterations "
+        f"({r.stopped_reason}); {time.perf_counter() - t0:.0f} s"
+    )
     print(f"written {out}")
 
 

@@ -40,8 +40,11 @@ CASES = {
     "brain160-fast-bf16": (160, False, {"net_factor": 2, "amp": "bf16"}),
     "brain160-compile": (160, False, {"amp": "off", "compile_net": True}),
     "brain160-bf16-compile": (160, False, {"amp": "bf16", "compile_net": True}),
-    "brain160-fast-bf16-compile": (160, False, {"net_factor": 2, "amp": "bf16",
-                                                "compile_net": True}),
+    "brain160-fast-bf16-compile": (
+        160,
+        False,
+        {"net_factor": 2, "amp": "bf16", "compile_net": True},
+    ),
 }
 
 
@@ -57,14 +60,26 @@ def run_case(name: str, iters: int, threads: int) -> dict:
     mask = np.ones(field.shape, bool) if full else ph.brain_mask
     del ph
     t0 = time.perf_counter()
-    r = fit_modip(field, mask, voxel_size=vs, device="cpu", max_iter=iters, threads=threads,
-                  plateau_tol=0, **settings)
+    r = fit_modip(
+        field,
+        mask,
+        voxel_size=vs,
+        device="cpu",
+        max_iter=iters,
+        threads=threads,
+        plateau_tol=0,
+        **settings,
+    )
     h = r.history
-    return {"case": name, "voxels_in_mask": int(mask.sum()), "iterations": len(h),
-            "s_per_iter": (h[-1]["seconds"] - h[0]["seconds"]) / max(len(h) - 1, 1),
-            "seconds": time.perf_counter() - t0,
-            "crop": list(r.settings.get("crop_shape", [])),
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+    return {
+        "case": name,
+        "voxels_in_mask": int(mask.sum()),
+        "iterations": len(h),
+        "s_per_iter": (h[-1]["seconds"] - h[0]["seconds"]) / max(len(h) - 1, 1),
+        "seconds": time.perf_counter() - t0,
+        "crop": list(r.settings.get("crop_shape", [])),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+    }
 
 
 def main(argv=None) -> None:
@@ -78,12 +93,33 @@ def main(argv=None) -> None:
         print(json.dumps(run_case(a.case, a.iters, a.threads)))
         return
     for name in a.cases.split(","):
-        p = subprocess.run([sys.executable, __file__, "--case", name, "--iters", str(a.iters),
-                            "--threads", str(a.threads)], capture_output=True, text=True)
+        p = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--case",
+                name,
+                "--iters",
+                str(a.iters),
+                "--threads",
+                str(a.threads),
+            ],
+            capture_output=True,
+            text=True,
+        )
         out = p.stdout.strip().splitlines()
-        print(out[-1] if out else json.dumps(
-            {"case": name, "error": (p.stderr.strip().splitlines() or ["?"])[-1][:160],
-             "returncode": p.returncode}), flush=True)
+        print(
+            out[-1]
+            if out
+            else json.dumps(
+                {
+                    "case": name,
+                    "error": (p.stderr.strip().splitlines() or ["?"])[-1][:160],
+                    "returncode": p.returncode,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

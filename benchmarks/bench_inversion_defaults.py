@@ -102,17 +102,25 @@ def bench_method(name: str, c, modip_set: dict | None = None, score_init: bool =
     else:
         raise SystemExit(f"unknown method {name}")
     (chi, value), sec = _timed(default)
-    rec.update(parameter=param, default_value=float(value), default_nrmse=nrmse(chi, c.chi, m),
-               default_seconds=sec,
-               residual=reg.data_residual(chi, f, m, voxel_size=vs, noise=c.noise))
+    rec.update(
+        parameter=param,
+        default_value=float(value),
+        default_nrmse=nrmse(chi, c.chi, m),
+        default_seconds=sec,
+        residual=reg.data_residual(chi, f, m, voxel_size=vs, noise=c.noise),
+    )
     errs = []
     for v in sweep:
         x, s = _timed(lambda v=v: at(v))
         errs.append((float(v), nrmse(x, c.chi, m), s))
         print(f"  {name} {param}={v:.3g}: {errs[-1][1]:.2f} % ({s:.0f} s)", flush=True)
     k = int(np.argmin([e[1] for e in errs]))
-    rec.update(sweep=errs, best_value=errs[k][0], best_nrmse=errs[k][1],
-               gap=rec["default_nrmse"] - errs[k][1])
+    rec.update(
+        sweep=errs,
+        best_value=errs[k][0],
+        best_nrmse=errs[k][1],
+        gap=rec["default_nrmse"] - errs[k][1],
+    )
     return rec
 
 
@@ -126,24 +134,41 @@ def bench_modip(c, overrides: dict | None = None, score_init: bool = True) -> di
     def progress(d):
         if d["seconds"] - last["t"] >= 60 or d["iteration"] == 1:
             last["t"] = d["seconds"]
-            print(f"  modip it {d['iteration']}/{d['max_iter']} residual "
-                  f"{d['residual']:.4g} ppm {d['seconds']:.0f} s ETA {d['eta_s']:.0f} s",
-                  flush=True)
+            print(
+                f"  modip it {d['iteration']}/{d['max_iter']} residual "
+                f"{d['residual']:.4g} ppm {d['seconds']:.0f} s ETA {d['eta_s']:.0f} s",
+                flush=True,
+            )
 
     t = time.perf_counter()
-    r = fit_modip(c.field, c.mask, voxel_size=c.voxel_size, noise=c.noise, device="auto",
-                  progress=progress, **(overrides or {}))
+    r = fit_modip(
+        c.field,
+        c.mask,
+        voxel_size=c.voxel_size,
+        noise=c.noise,
+        device="auto",
+        progress=progress,
+        **(overrides or {}),
+    )
     sec = time.perf_counter() - t
     init = invert_tv(c.field, c.mask, voxel_size=c.voxel_size) if score_init else None
     its = r.sidecar().get("iterations")
-    return {"method": "modip", "default_nrmse": nrmse(r.chi, c.chi, c.mask),
-            "default_seconds": sec, "stopped_reason": r.stopped_reason, "iterations": its,
-            "settings": {k: r.settings.get(k) for k in ("init", "net_factor", "dc_steps",
-                                                         "max_time_s", "device_defaults")},
-            "overrides": overrides or {},
-            "init_nrmse": nrmse(init, c.chi, c.mask) if init is not None else None,
-            "residual": reg.data_residual(r.chi, c.field, c.mask, voxel_size=c.voxel_size,
-                                          noise=c.noise)}
+    return {
+        "method": "modip",
+        "default_nrmse": nrmse(r.chi, c.chi, c.mask),
+        "default_seconds": sec,
+        "stopped_reason": r.stopped_reason,
+        "iterations": its,
+        "settings": {
+            k: r.settings.get(k)
+            for k in ("init", "net_factor", "dc_steps", "max_time_s", "device_defaults")
+        },
+        "overrides": overrides or {},
+        "init_nrmse": nrmse(init, c.chi, c.mask) if init is not None else None,
+        "residual": reg.data_residual(
+            r.chi, c.field, c.mask, voxel_size=c.voxel_size, noise=c.noise
+        ),
+    }
 
 
 def machine() -> str:
@@ -161,22 +186,28 @@ def machine() -> str:
 def table(size: int) -> str:
     path = OUT / f"inversion_defaults_{size}.json"
     recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    rows = ["| method | parameter | default | NRMSE at default % | best value | best NRMSE % | "
-            "gap (points) | default s | residual RMS ppm (interior) | chi2 |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| method | parameter | default | NRMSE at default % | best value | best NRMSE % | "
+        "gap (points) | default s | residual RMS ppm (interior) | chi2 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in recs:
         res = r.get("residual", {})
         if r["method"] == "modip":
-            rows.append(f"| modip (CPU default) | - | {r['settings']} | {r['default_nrmse']:.1f} | "
-                        f"- | - | - | {r['default_seconds']:.0f} | "
-                        f"{res.get('rms_ppm', 0):.4f} ({res.get('rms_interior_ppm', 0):.4f}) | "
-                        f"{res.get('chi2', 0):.2f} |")
+            rows.append(
+                f"| modip (CPU default) | - | {r['settings']} | {r['default_nrmse']:.1f} | "
+                f"- | - | - | {r['default_seconds']:.0f} | "
+                f"{res.get('rms_ppm', 0):.4f} ({res.get('rms_interior_ppm', 0):.4f}) | "
+                f"{res.get('chi2', 0):.2f} |"
+            )
             continue
-        rows.append(f"| {r['method']} | {r['parameter']} | {r['default_value']:.3g} | "
-                    f"{r['default_nrmse']:.1f} | {r['best_value']:.3g} | {r['best_nrmse']:.1f} | "
-                    f"{r['gap']:.1f} | {r['default_seconds']:.0f} | "
-                    f"{res.get('rms_ppm', 0):.4f} ({res.get('rms_interior_ppm', 0):.4f}) | "
-                    f"{res.get('chi2', 0):.2f} |")
+        rows.append(
+            f"| {r['method']} | {r['parameter']} | {r['default_value']:.3g} | "
+            f"{r['default_nrmse']:.1f} | {r['best_value']:.3g} | {r['best_nrmse']:.1f} | "
+            f"{r['gap']:.1f} | {r['default_seconds']:.0f} | "
+            f"{res.get('rms_ppm', 0):.4f} ({res.get('rms_interior_ppm', 0):.4f}) | "
+            f"{res.get('chi2', 0):.2f} |"
+        )
     return "\n".join(rows)
 
 
@@ -185,10 +216,16 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=160)
     ap.add_argument("--methods", default="tkd,tikhonov,tv,rts,ndi,medi,modip")
     ap.add_argument("--table", action="store_true", help="print the markdown table and exit")
-    ap.add_argument("--modip-set", action="append", default=[], metavar="NAME=VALUE",
-                    help="override a MoDIP setting (numbers only), e.g. dc_steps=10")
-    ap.add_argument("--no-init-score", action="store_true",
-                    help="do not re-run TV to score MoDIP's warm start")
+    ap.add_argument(
+        "--modip-set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a MoDIP setting (numbers only), e.g. dc_steps=10",
+    )
+    ap.add_argument(
+        "--no-init-score", action="store_true", help="do not re-run TV to score MoDIP's warm start"
+    )
     a = ap.parse_args(argv)
     if a.table:
         print(table(a.size))
@@ -198,8 +235,9 @@ def main(argv=None) -> None:
     path = OUT / f"inversion_defaults_{a.size}.json"
     for name in a.methods.split(","):
         print(f"{name} at {a.size}^3 ...", flush=True)
-        mset = {k: float(v) if "." in v else int(v)
-                for k, v in (x.split("=", 1) for x in a.modip_set)}
+        mset = {
+            k: float(v) if "." in v else int(v) for k, v in (x.split("=", 1) for x in a.modip_set)
+        }
         rec = bench_method(name, c, mset, not a.no_init_score)
         rec.update(size=a.size, date=dt.date.today().isoformat(), machine=machine())
         with path.open("a") as fh:

@@ -39,8 +39,9 @@ def _inputs(root: Path, size: int) -> dict:
     from qsmflow.sims.bids import read_bids_megre, truth_paths, write_bids_dataset
 
     vox = 160.0 / size
-    bids = write_bids_dataset(root / "bids", subjects=("1",), shape=(size,) * 3,
-                              voxel_size=(vox,) * 3, phase_as_int=False)
+    bids = write_bids_dataset(
+        root / "bids", subjects=("1",), shape=(size,) * 3, voxel_size=(vox,) * 3, phase_as_int=False
+    )
     t = truth_paths(bids, "1")
     d = read_bids_megre(bids, "1")
     aff = d["affine"]
@@ -53,17 +54,23 @@ def _inputs(root: Path, size: int) -> dict:
     from scipy import ndimage
 
     mask = ndimage.binary_erosion(brain, iterations=2)
-    for name, arr in (("chi", np.where(mask, chi, 0)), ("mask", mask.astype(np.uint8)),
-                      ("chi_unreferenced", np.where(mask, chi + 0.013, 0)),
-                      ("chi_std", np.where(mask, 0.01 + 0.1 * np.abs(chi), 0))):
+    for name, arr in (
+        ("chi", np.where(mask, chi, 0)),
+        ("mask", mask.astype(np.uint8)),
+        ("chi_unreferenced", np.where(mask, chi + 0.013, 0)),
+        ("chi_std", np.where(mask, 0.01 + 0.1 * np.abs(chi), 0)),
+    ):
         files[name] = root / f"{name}.nii.gz"
         nib.save(nib.Nifti1Image(np.asarray(arr, np.float32), aff), files[name])
     files["brain_mask"] = t["desc-brain_mask"]
     files["local_field"] = t["desc-local_fieldmap"]
     files["total_field"] = t["desc-total_fieldmap"]
     rows = ["member\tseed\titeration\tloss\tresidual\tseconds"]
-    rows += [f"{m}\t{m}\t{i}\t{1.0 / (i + 1)}\t{0.01 + 0.1 / (i + 1)}\t{0.1 * i}"
-             for m in range(3) for i in range(400)]
+    rows += [
+        f"{m}\t{m}\t{i}\t{1.0 / (i + 1)}\t{0.01 + 0.1 / (i + 1)}\t{0.1 * i}"
+        for m in range(3)
+        for i in range(400)
+    ]
     files["loss_history"] = root / "loss.tsv"
     files["loss_history"].write_text("\n".join(rows) + "\n")
     return {k: str(v) for k, v in files.items()}
@@ -83,19 +90,25 @@ def _case(size: int, case: str, files: dict) -> dict:
     c0 = time.process_time()
     t0 = time.perf_counter()
     img = nib.load(files["chi"])
-    args = [np.asarray(nib.load(files[k]).dataobj, np.float32)
-            for k in ("chi", "local_field", "mask")]
-    data_consistency_residual_map(args[0], args[1], args[2] > 0,
-                                  voxel_size=img.header.get_zooms()[:3],
-                                  b0_dir=b0_dir_from_affine(img.affine))
+    args = [
+        np.asarray(nib.load(files[k]).dataobj, np.float32) for k in ("chi", "local_field", "mask")
+    ]
+    data_consistency_residual_map(
+        args[0],
+        args[1],
+        args[2] > 0,
+        voxel_size=img.header.get_zooms()[:3],
+        b0_dir=b0_dir_from_affine(img.affine),
+    )
     out["residual_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     frag, summary = run_section(prefix="sub-1", metadata={}, **files)
     out["section_s"] = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        page = write_subject_report(d, "1", sections=[frag], summaries=[summary],
-                                    methods_md="# Methods\n\ntext\n")
+        page = write_subject_report(
+            d, "1", sections=[frag], summaries=[summary], methods_md="# Methods\n\ntext\n"
+        )
         out["write_s"] = time.perf_counter() - t0
         out["html_mb"] = page.stat().st_size / 1e6
     out["total_s"] = out["section_s"] + out["write_s"]
@@ -118,11 +131,15 @@ def main(argv=None) -> int:
     import matplotlib
     import scipy
 
-    print(f"- date: {dt.date.today()}; machine: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs; Python {platform.python_version()}, NumPy "
-          f"{np.__version__}, SciPy {scipy.__version__}, matplotlib {matplotlib.__version__}")
-    print("\n| size | case | report s (wall) | CPU s | residual s | HTML MB | peak RSS MB | "
-          "load |\n|---|---|---|---|---|---|---|---|")
+    print(
+        f"- date: {dt.date.today()}; machine: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs; Python {platform.python_version()}, NumPy "
+        f"{np.__version__}, SciPy {scipy.__version__}, matplotlib {matplotlib.__version__}"
+    )
+    print(
+        "\n| size | case | report s (wall) | CPU s | residual s | HTML MB | peak RSS MB | "
+        "load |\n|---|---|---|---|---|---|---|---|"
+    )
     for size in args.size:
         with tempfile.TemporaryDirectory() as d:
             files = _inputs(Path(d), size)
@@ -130,12 +147,27 @@ def main(argv=None) -> int:
             fj.write_text(json.dumps(files))
             for case in ("classical", "dip"):
                 proc = subprocess.run(
-                    [sys.executable, __file__, "--size", str(size), "--case", case,
-                     "--files", str(fj)], capture_output=True, text=True, check=True)
+                    [
+                        sys.executable,
+                        __file__,
+                        "--size",
+                        str(size),
+                        "--case",
+                        case,
+                        "--files",
+                        str(fj),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
-                print(f"| {size}^3 | {case} | {r['total_s']:.1f} | {r['cpu_s']:.1f} | "
-                      f"{r['residual_s']:.1f} | {r['html_mb']:.2f} | {r['peak_rss_mb']:.0f} | "
-                      f"{r['load']:.1f} |", flush=True)
+                print(
+                    f"| {size}^3 | {case} | {r['total_s']:.1f} | {r['cpu_s']:.1f} | "
+                    f"{r['residual_s']:.1f} | {r['html_mb']:.2f} | {r['peak_rss_mb']:.0f} | "
+                    f"{r['load']:.1f} |",
+                    flush=True,
+                )
     return 0
 
 

@@ -42,9 +42,24 @@ REPO = HERE.parent
 def _qsmflow(bids: Path, out: Path, work: Path, *extra) -> float:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "qsmflow.cli.run", str(bids), str(out),
-                        "participant", "-w", str(work), "--preset", "fast", *extra],
-                       env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qsmflow.cli.run",
+            str(bids),
+            str(out),
+            "participant",
+            "-w",
+            str(work),
+            "--preset",
+            "fast",
+            *extra,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     dt_s = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"qsmflow failed ({r.returncode}): {r.stderr[-2000:]}")
@@ -59,8 +74,10 @@ def run_case(case: str, bids: Path, tmp: Path, subjects) -> float:
         return _qsmflow(bids, out, work, "--nprocs", "2", "--omp-nthreads", "1")
     if case == "one-run-2-threads":
         return _qsmflow(bids, out, work, "--nprocs", "2", "--omp-nthreads", "2")
-    return sum(_qsmflow(bids, out, work, "--participant-label", s, "--nprocs", "2",
-                        "--omp-nthreads", "2") for s in subjects)
+    return sum(
+        _qsmflow(bids, out, work, "--participant-label", s, "--nprocs", "2", "--omp-nthreads", "2")
+        for s in subjects
+    )
 
 
 def main(argv=None) -> int:
@@ -78,8 +95,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_threads_") as d:
         tmp = Path(d)
         vs = 160.0 / args.size
-        bids = write_bids_dataset(tmp / "bids", subjects=subjects, shape=(args.size,) * 3,
-                                  voxel_size=(vs,) * 3)
+        bids = write_bids_dataset(
+            tmp / "bids", subjects=subjects, shape=(args.size,) * 3, voxel_size=(vs,) * 3
+        )
         load0 = os.getloadavg()
         for i in range(args.repeats):
             for case in cases if i % 2 == 0 else cases[::-1]:

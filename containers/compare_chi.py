@@ -28,8 +28,10 @@ def main(argv):
             continue
         diff = float(np.abs(np.asarray(img.dataobj, dtype=np.float64) - ref).max())
         ok = diff <= 1e-4 * scale
-        print(f"{path}: max |difference| {diff:.3g} ppm (max |chi| {scale:.3g} ppm) "
-              f"{'OK' if ok else 'TOO LARGE'}")
+        print(
+            f"{path}: max |difference| {diff:.3g} ppm (max |chi| {scale:.3g} ppm) "
+            f"{'OK' if ok else 'TOO LARGE'}"
+        )
         status |= not ok
     return status
 

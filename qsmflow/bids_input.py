@@ -21,8 +21,13 @@ import numpy as np
 
 #: entities that tell runs apart (everything else is per file)
 RUN_ENTITIES = ("subject", "session", "acquisition", "reconstruction", "run")
-_SHORT = {"subject": "sub", "session": "ses", "acquisition": "acq", "reconstruction": "rec",
-          "run": "run"}
+_SHORT = {
+    "subject": "sub",
+    "session": "ses",
+    "acquisition": "acq",
+    "reconstruction": "rec",
+    "run": "run",
+}
 
 
 class BIDSInputError(ValueError):
@@ -74,8 +79,7 @@ class MEGRERun:
     @property
     def node_name(self) -> str:
         """A workflow-safe name for the run (``run_ses1_acqx_run1``; ``run`` when bare)."""
-        parts = [f"{_SHORT[k]}{self.entities[k]}" for k in RUN_ENTITIES[1:]
-                 if self.entities.get(k)]
+        parts = [f"{_SHORT[k]}{self.entities[k]}" for k in RUN_ENTITIES[1:] if self.entities.get(k)]
         return "_".join(["run"] + parts)
 
     def as_dict(self) -> dict:
@@ -85,7 +89,7 @@ class MEGRERun:
 # --------------------------------------------------------------------------------------------
 def _strip(label: str, prefix: str) -> str:
     label = str(label)
-    return label[len(prefix) + 1:] if label.startswith(prefix + "-") else label
+    return label[len(prefix) + 1 :] if label.startswith(prefix + "-") else label
 
 
 def find_runs(
@@ -110,8 +114,7 @@ def find_runs(
     wanted = None
     if participant_labels:
         wanted = [_strip(s, "sub") for s in participant_labels]
-        problems += [f"{root}: participant sub-{s} not found" for s in wanted
-                     if s not in subjects]
+        problems += [f"{root}: participant sub-{s} not found" for s in wanted if s not in subjects]
     sessions = [_strip(s, "ses") for s in session_labels] if session_labels else None
     query = {"suffix": suffix, "extension": [".nii", ".nii.gz"], "datatype": "anat"}
     if wanted:
@@ -147,13 +150,17 @@ def _make_run(layout, entities, members) -> MEGRERun:
             other.append(f.path)
             continue
         if echo in target:
-            problems.append(f"{f.path}: a second {part} image for echo {echo} "
-                            f"(also {target[echo]})")
+            problems.append(
+                f"{f.path}: a second {part} image for echo {echo} (also {target[echo]})"
+            )
         target[echo] = f.path
     for p in other:
         problems.append(f"{p}: MEGRE image without part-mag or part-phase (not used)")
-    run = MEGRERun(entities=entities, phase_files=[phase[e] for e in sorted(phase)],
-                   magnitude_files=[mag[e] for e in sorted(mag)])
+    run = MEGRERun(
+        entities=entities,
+        phase_files=[phase[e] for e in sorted(phase)],
+        magnitude_files=[mag[e] for e in sorted(mag)],
+    )
     if not phase:
         problems.append(f"{_where(run, members)}: no part-phase images (QSM needs the phase)")
     else:
@@ -162,8 +169,10 @@ def _make_run(layout, entities, members) -> MEGRERun:
         if missing:
             problems.append(f"{phase[max(phase)]}: phase echo(es) {missing} missing")
         if mag and sorted(mag) != sorted(phase):
-            problems.append(f"{_where(run, members)}: magnitude echoes {sorted(mag)} do not "
-                            f"match phase echoes {sorted(phase)}")
+            problems.append(
+                f"{_where(run, members)}: magnitude echoes {sorted(mag)} do not "
+                f"match phase echoes {sorted(phase)}"
+            )
     # sidecars
     from qsmflow.validation import check_echo_times, check_field_strength
 
@@ -176,21 +185,24 @@ def _make_run(layout, entities, members) -> MEGRERun:
             problems.append(f"{p}: EchoTime missing from the JSON sidecar{_named(where, p)}")
         elif isinstance(te, list) or check_echo_times(te, where=where):
             problems += check_echo_times(te, where=where) or [
-                f"{where}: EchoTime {te!r} must be one number per echo file"]
+                f"{where}: EchoTime {te!r} must be one number per echo file"
+            ]
         else:
             tes.append(float(te))
         b0 = md.get("MagneticFieldStrength")
         if b0 is None:
-            problems.append(f"{p}: MagneticFieldStrength missing from the JSON sidecar"
-                            f"{_named(where, p)}")
+            problems.append(
+                f"{p}: MagneticFieldStrength missing from the JSON sidecar{_named(where, p)}"
+            )
         elif check_field_strength(b0, where=where):
             problems += check_field_strength(b0, where=where)
         else:
             b0s.append(float(b0))
     if len(tes) == len(run.phase_files) and tes:
         if any(b <= a for a, b in zip(tes, tes[1:])):
-            problems.append(f"{run.phase_files[0]}: EchoTime values {tes} do not increase with "
-                            "the echo number")
+            problems.append(
+                f"{run.phase_files[0]}: EchoTime values {tes} do not increase with the echo number"
+            )
         run.te_s = tuple(tes)
     if b0s:
         run.b0_tesla = b0s[0]
@@ -241,8 +253,10 @@ def check_run(run: MEGRERun, *, check_phase_values: bool = True) -> list[str]:
             if len(shape) == 4 and shape[3] == 1:
                 shape = shape[:3]
             if len(shape) != 3:
-                problems.append(f"{p}: {kind} image must be 3D (one echo per file), got shape "
-                                f"{tuple(img.shape)}")
+                problems.append(
+                    f"{p}: {kind} image must be 3D (one echo per file), got shape "
+                    f"{tuple(img.shape)}"
+                )
                 continue
             if ref is None:
                 ref = (p, shape, img.affine)
@@ -264,8 +278,9 @@ def check_run(run: MEGRERun, *, check_phase_values: bool = True) -> list[str]:
         run.voxel_size = tuple(float(v) for v in voxel_size_from_affine(ref[2]))
         run.b0_dir = tuple(float(v) for v in b0_dir_from_affine(ref[2]))
     if len(notes) > 1:
-        problems.append(f"{run.phase_files[0]}: echoes use different phase codings: "
-                        f"{sorted(notes)}")
+        problems.append(
+            f"{run.phase_files[0]}: echoes use different phase codings: {sorted(notes)}"
+        )
     run.phase_scaling = "; ".join(sorted(notes))
     run.problems = problems
     return problems
@@ -274,8 +289,7 @@ def check_run(run: MEGRERun, *, check_phase_values: bool = True) -> list[str]:
 def collect_runs(bids_dir, *, participant_labels=None, session_labels=None) -> list[MEGRERun]:
     """:func:`find_runs` + :func:`check_run` of each; raises :class:`BIDSInputError` listing
     every problem of every run."""
-    runs = find_runs(bids_dir, participant_labels=participant_labels,
-                     session_labels=session_labels)
+    runs = find_runs(bids_dir, participant_labels=participant_labels, session_labels=session_labels)
     problems = []
     for r in runs:
         problems += check_run(r)

@@ -5,14 +5,14 @@ A configuration file (or a shipped preset, ``qsmflow/data/presets/<name>.toml``)
     description = "fast CPU default"
 
     [unwrap]
-    method = "romeo"          # spatial unwrapping used by the field mapping
+    method = "romeo"  # spatial unwrapping used by the field mapping
 
-    [combine]                 # field mapping / echo combination
+    [combine]  # field mapping / echo combination
     method = "wls"
 
     [mask]
     method = "bet"
-    [mask.bet]                # settings of one method (used only when that method is chosen)
+    [mask.bet]  # settings of one method (used only when that method is chosen)
     fractional_intensity = 0.5
 
     [bfr]
@@ -26,7 +26,7 @@ A configuration file (or a shipped preset, ``qsmflow/data/presets/<name>.toml``)
 
     [execution]
     seed = 0
-    device = "cpu"            # auto | cpu | cuda
+    device = "cpu"  # auto | cpu | cuda
 
 Per-method tables (``[invert.tv]``) keep settings of several methods side by side, so changing
 only the method on the command line (``--inversion tv``) picks the right settings.  Settings are
@@ -154,8 +154,10 @@ def config_from_dict(data: dict, *, where: str = "config") -> QSMConfig:
     data = dict(data)
     unknown = set(data) - set(STAGE_ORDER) - {"execution", "description", "source"}
     if unknown:
-        raise ConfigError(f"{where}: unknown table(s) {', '.join(sorted(unknown))}; valid: "
-                          f"{', '.join(STAGE_ORDER)}, execution")
+        raise ConfigError(
+            f"{where}: unknown table(s) {', '.join(sorted(unknown))}; valid: "
+            f"{', '.join(STAGE_ORDER)}, execution"
+        )
     stages = {}
     for s in STAGE_ORDER:
         table = data.get(s, {})
@@ -182,7 +184,9 @@ def config_from_dict(data: dict, *, where: str = "config") -> QSMConfig:
     if problems:
         raise ConfigError("; ".join(problems))
     cfg = QSMConfig(
-        stages=stages, seed=execution.seed, device=execution.device,
+        stages=stages,
+        seed=execution.seed,
+        device=execution.device,
         description=str(data.get("description", "")),
     )
     problems = validate_config(cfg)
@@ -218,8 +222,9 @@ def validate_config(cfg: QSMConfig) -> list[str]:
             continue
         for meth, sets in st.settings.items():
             if meth not in valid:
-                problems.append(f"[{s}.{meth}] is not a {s} method; choose from: "
-                                f"{', '.join(valid)}")
+                problems.append(
+                    f"[{s}.{meth}] is not a {s} method; choose from: {', '.join(valid)}"
+                )
                 continue
             if s == "unwrap":
                 if sets:
@@ -232,8 +237,9 @@ def validate_config(cfg: QSMConfig) -> list[str]:
                 continue
             problems += registry.method(s, meth).check_types(sets, where=f"[{s}.{meth}]")
     if cfg.device not in DEVICES:
-        problems.append(f"[execution] device must be one of {', '.join(DEVICES)}, "
-                        f"got {cfg.device!r}")
+        problems.append(
+            f"[execution] device must be one of {', '.join(DEVICES)}, got {cfg.device!r}"
+        )
     if cfg.seed < 0:
         problems.append("[execution] seed must be >= 0")
     return problems

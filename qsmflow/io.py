@@ -76,8 +76,9 @@ def write_text_atomic(text: str, path) -> None:
 def copy_file_atomic(src, dst) -> None:
     import shutil
 
-    write_atomic(Path(dst), lambda tmp: shutil.copyfile(src, tmp),
-                 suffix="".join(Path(dst).suffixes))
+    write_atomic(
+        Path(dst), lambda tmp: shutil.copyfile(src, tmp), suffix="".join(Path(dst).suffixes)
+    )
 
 
 def _json_default(o):

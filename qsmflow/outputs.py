@@ -23,8 +23,7 @@ DERIVATIVES = {
     "local_magnitude": ("fmap", "desc-local_magnitude"),
 }
 #: the outputs every successful run writes (NIfTI + JSON each)
-REQUIRED = ("chi", "brain_mask", "total_field", "local_field", "total_magnitude",
-            "local_magnitude")
+REQUIRED = ("chi", "brain_mask", "total_field", "local_field", "total_magnitude", "local_magnitude")
 
 
 def run_dir(output_dir, prefix: str, session: str | None = None) -> Path:
@@ -33,8 +32,9 @@ def run_dir(output_dir, prefix: str, session: str | None = None) -> Path:
     return Path(output_dir) / sub / (f"ses-{session}" if session else "")
 
 
-def derivative_path(output_dir, prefix: str, output: str, *, session: str | None = None,
-                    ext: str = ".nii.gz") -> Path:
+def derivative_path(
+    output_dir, prefix: str, output: str, *, session: str | None = None, ext: str = ".nii.gz"
+) -> Path:
     """Path of one derivative (``output`` a key of :data:`DERIVATIVES`)."""
     folder, suffix = DERIVATIVES[output]
     return run_dir(output_dir, prefix, session) / folder / f"{prefix}_{suffix}{ext}"

@@ -26,8 +26,17 @@ from functools import cached_property
 
 #: parameters filled from the data and the acquisition, never from user settings
 STANDARD_INPUTS = (
-    "phase", "magnitude", "field", "chi", "mask", "noise", "csf_mask", "voxel_size", "b0_dir",
-    "te_s", "b0_tesla",
+    "phase",
+    "magnitude",
+    "field",
+    "chi",
+    "mask",
+    "noise",
+    "csf_mask",
+    "voxel_size",
+    "b0_dir",
+    "te_s",
+    "b0_tesla",
 )
 #: parameters never taken from settings (``device`` and ``threads`` are settings a user may pin;
 #: otherwise the runner fills them from the node's resources)
@@ -62,21 +71,58 @@ class Stage:
 STAGES = {
     s.name: s
     for s in (
-        Stage("unwrap", "spatial (+temporal) phase unwrapping: wrapped phase -> rad",
-              ("phase",), ("magnitude", "mask"), "unwrapped.nii.gz", "unwrapped"),
-        Stage("combine", "field mapping: multi-echo phase (+magnitude) -> total field (ppm)",
-              ("phase",), ("magnitude", "mask"), "totalfield.nii.gz", "field",
-              extras=("noise",)),
-        Stage("mask", "brain mask from magnitude (or phase quality)",
-              (), ("magnitude", "phase"), "mask.nii.gz", "mask", is_mask=True),
-        Stage("bfr", "background field removal: total field -> local field (ppm)",
-              ("field", "mask"), ("noise",), "localfield.nii.gz", "local_field",
-              extras=("mask",)),
-        Stage("invert", "dipole inversion: local field (ppm) -> susceptibility (ppm)",
-              ("field", "mask"), ("magnitude", "noise"), "chimap.nii.gz", "chi",
-              extras=("std",)),
-        Stage("reference", "susceptibility referencing (mean over the mask, or over a CSF mask)",
-              ("chi", "mask"), ("csf_mask", "magnitude"), "chimap_ref.nii.gz", "chi"),
+        Stage(
+            "unwrap",
+            "spatial (+temporal) phase unwrapping: wrapped phase -> rad",
+            ("phase",),
+            ("magnitude", "mask"),
+            "unwrapped.nii.gz",
+            "unwrapped",
+        ),
+        Stage(
+            "combine",
+            "field mapping: multi-echo phase (+magnitude) -> total field (ppm)",
+            ("phase",),
+            ("magnitude", "mask"),
+            "totalfield.nii.gz",
+            "field",
+            extras=("noise",),
+        ),
+        Stage(
+            "mask",
+            "brain mask from magnitude (or phase quality)",
+            (),
+            ("magnitude", "phase"),
+            "mask.nii.gz",
+            "mask",
+            is_mask=True,
+        ),
+        Stage(
+            "bfr",
+            "background field removal: total field -> local field (ppm)",
+            ("field", "mask"),
+            ("noise",),
+            "localfield.nii.gz",
+            "local_field",
+            extras=("mask",),
+        ),
+        Stage(
+            "invert",
+            "dipole inversion: local field (ppm) -> susceptibility (ppm)",
+            ("field", "mask"),
+            ("magnitude", "noise"),
+            "chimap.nii.gz",
+            "chi",
+            extras=("std",),
+        ),
+        Stage(
+            "reference",
+            "susceptibility referencing (mean over the mask, or over a CSF mask)",
+            ("chi", "mask"),
+            ("csf_mask", "magnitude"),
+            "chimap_ref.nii.gz",
+            "chi",
+        ),
     )
 }
 #: qsm-ci's stage names for the same operations
@@ -119,15 +165,18 @@ class Method:
 
     @property
     def required_inputs(self) -> frozenset:
-        return frozenset(n for n, p in self.parameters.items()
-                         if n in STANDARD_INPUTS and p.default is p.empty)
+        return frozenset(
+            n for n, p in self.parameters.items() if n in STANDARD_INPUTS and p.default is p.empty
+        )
 
     @property
     def defaults(self) -> dict:
         """Settings (keyword-only, not inputs, not run-time) and their default values."""
-        return {n: p.default for n, p in self.parameters.items()
-                if p.kind == p.KEYWORD_ONLY and n not in STANDARD_INPUTS
-                and n not in RUNTIME_PARAMETERS}
+        return {
+            n: p.default
+            for n, p in self.parameters.items()
+            if p.kind == p.KEYWORD_ONLY and n not in STANDARD_INPUTS and n not in RUNTIME_PARAMETERS
+        }
 
     @property
     def summary(self) -> str:
@@ -185,75 +234,204 @@ _A = "qsmflow.algorithms."
 #: every method, in the order listed to users (the first of a stage is not the default: the
 #: default is the ``fast`` preset's choice)
 METHODS = (
-    _m("unwrap", "romeo", _A + "unwrap:unwrap_romeo", ["romeo"],
-       "The phase was unwrapped with ROMEO [romeo]."),
-    _m("unwrap", "laplacian", _A + "unwrap:unwrap_laplacian", ["laplacian"],
-       "The phase was unwrapped with the Laplacian method [laplacian]."),
-    _m("combine", "wls", _A + "phase:estimate_field_wls", ["mcpc3ds", "wls"],
-       "The echo-independent phase offset was removed with MCPC-3D-S [mcpc3ds], the phase was "
-       "unwrapped spatially ({unwrap} [{unwrap}]) in a template echo and temporally in the "
-       "others, and the total field was the magnitude-weighted least-squares fit of phase "
-       "against echo time [wls]."),
-    _m("combine", "complexfit", _A + "phase:estimate_field_complexfit", ["complexfit"],
-       "The total field and its noise map were obtained by a nonlinear fit of the complex "
-       "multi-echo signal [complexfit], initialised with {unwrap} unwrapping [{unwrap}].",
-       provides=("noise",)),
-    _m("mask", "bet", _A + "masking:mask_bet", ["bet"],
-       "A brain mask was computed from the magnitude by morphological skull stripping inspired "
-       "by BET [bet]."),
-    _m("mask", "threshold", _A + "masking:mask_threshold", ["threshold"],
-       "A brain mask was computed by thresholding the magnitude [threshold]."),
-    _m("mask", "phase-quality", _A + "masking:mask_phase_quality", ["romeo"],
-       "A brain mask was computed from a ROMEO phase-quality map [romeo]."),
-    _m("mask", "reliable", _A + "masking:mask_reliable", ["threshold"],
-       "A brain mask was computed by thresholding the magnitude [threshold] and excluding "
-       "voxels with a high multi-echo field noise or R2*, followed by hole filling and "
-       "boundary smoothing."),
-    _m("bfr", "vsharp", _A + "background:remove_background_vsharp", ["vsharp", "sharp"],
-       "Background fields were removed with V-SHARP [vsharp; sharp].", provides=("mask",)),
-    _m("bfr", "pdf", _A + "background:remove_background_pdf", ["pdf"],
-       "Background fields were removed with projection onto dipole fields [pdf].",
-       provides=("mask",)),
-    _m("bfr", "lbv", _A + "background:remove_background_lbv", ["lbv"],
-       "Background fields were removed with the Laplacian boundary value method [lbv].",
-       provides=("mask",)),
-    _m("bfr", "resharp", _A + "background:remove_background_resharp", ["resharp"],
-       "Background fields were removed with RESHARP [resharp].", provides=("mask",)),
-    _m("bfr", "lbv-robust", _A + "background:remove_background_lbv_robust", ["lbv"],
-       "Background fields were removed with the Laplacian boundary value method [lbv] after "
-       "removing mask boundary voxels whose field was inconsistent with a harmonic background "
-       "field (Laplacian test).", provides=("mask",)),
-    _m("invert", "tkd", _A + "inversion_direct:invert_tkd", ["tkd"],
-       "Susceptibility was computed by thresholded k-space division [tkd]."),
-    _m("invert", "tikhonov", _A + "inversion_direct:fit_tikhonov", ["tikhonov"],
-       "Susceptibility was computed by closed-form Tikhonov-regularised inversion [tikhonov], "
-       "the weight chosen from the data at the L-curve corner unless set (value in the "
-       "sidecar's InversionFit)."),
-    _m("invert", "tv", _A + "inversion_tv:fit_tv", ["tv"],
-       "Susceptibility was computed by total-variation regularised inversion solved with ADMM "
-       "[tv], the weight chosen from the data at the L-curve knee unless set (value in the "
-       "sidecar's InversionFit)."),
-    _m("invert", "rts", _A + "inversion_rts:invert_rts", ["rts"],
-       "Susceptibility was computed with rapid two-step (RTS) inversion [rts]."),
-    _m("invert", "ndi", _A + "inversion_ndi:fit_ndi", ["ndi"],
-       "Susceptibility was computed by nonlinear dipole inversion [ndi], stopped by the "
-       "discrepancy principle unless set (iterations in the sidecar's InversionFit)."),
-    _m("invert", "medi", _A + "inversion_medi:invert_medi", ["medi"],
-       "Susceptibility was computed with nonlinear morphology-enabled dipole inversion (MEDI) "
-       "[medi]."),
-    _m("invert", "modip", _A + "dip.modip:fit_modip", ["modip", "dip"],
-       "Susceptibility was computed with the model-based deep image prior (MoDIP) [modip; dip], "
-       "an untrained network fitted to this data set alone.", gpu=True, provides=("std",)),
-    _m("invert", "dip", _A + "dip.dip:fit_dip", ["dip"],
-       "Susceptibility was computed with a deep image prior [dip], an untrained network fitted "
-       "to this data set alone.", gpu=True, provides=("std",)),
-    _m("invert", "inr", _A + "dip.inr:fit_inr", ["inr", "siren"],
-       "Susceptibility was computed with INR-QSM [inr], an implicit neural representation "
-       "(SIREN [siren]) fitted to this data set alone.", gpu=True, provides=("std",)),
-    _m("reference", "mean", _A + "reference:reference_mean", [],
-       "Susceptibility was referenced to its mean over the brain mask."),
-    _m("reference", "csf", _A + "reference:reference_csf", ["csf"],
-       "Susceptibility was referenced to cerebrospinal fluid [csf]."),
+    _m(
+        "unwrap",
+        "romeo",
+        _A + "unwrap:unwrap_romeo",
+        ["romeo"],
+        "The phase was unwrapped with ROMEO [romeo].",
+    ),
+    _m(
+        "unwrap",
+        "laplacian",
+        _A + "unwrap:unwrap_laplacian",
+        ["laplacian"],
+        "The phase was unwrapped with the Laplacian method [laplacian].",
+    ),
+    _m(
+        "combine",
+        "wls",
+        _A + "phase:estimate_field_wls",
+        ["mcpc3ds", "wls"],
+        "The echo-independent phase offset was removed with MCPC-3D-S [mcpc3ds], the phase was "
+        "unwrapped spatially ({unwrap} [{unwrap}]) in a template echo and temporally in the "
+        "others, and the total field was the magnitude-weighted least-squares fit of phase "
+        "against echo time [wls].",
+    ),
+    _m(
+        "combine",
+        "complexfit",
+        _A + "phase:estimate_field_complexfit",
+        ["complexfit"],
+        "The total field and its noise map were obtained by a nonlinear fit of the complex "
+        "multi-echo signal [complexfit], initialised with {unwrap} unwrapping [{unwrap}].",
+        provides=("noise",),
+    ),
+    _m(
+        "mask",
+        "bet",
+        _A + "masking:mask_bet",
+        ["bet"],
+        "A brain mask was computed from the magnitude by morphological skull stripping inspired "
+        "by BET [bet].",
+    ),
+    _m(
+        "mask",
+        "threshold",
+        _A + "masking:mask_threshold",
+        ["threshold"],
+        "A brain mask was computed by thresholding the magnitude [threshold].",
+    ),
+    _m(
+        "mask",
+        "phase-quality",
+        _A + "masking:mask_phase_quality",
+        ["romeo"],
+        "A brain mask was computed from a ROMEO phase-quality map [romeo].",
+    ),
+    _m(
+        "mask",
+        "reliable",
+        _A + "masking:mask_reliable",
+        ["threshold"],
+        "A brain mask was computed by thresholding the magnitude [threshold] and excluding "
+        "voxels with a high multi-echo field noise or R2*, followed by hole filling and "
+        "boundary smoothing.",
+    ),
+    _m(
+        "bfr",
+        "vsharp",
+        _A + "background:remove_background_vsharp",
+        ["vsharp", "sharp"],
+        "Background fields were removed with V-SHARP [vsharp; sharp].",
+        provides=("mask",),
+    ),
+    _m(
+        "bfr",
+        "pdf",
+        _A + "background:remove_background_pdf",
+        ["pdf"],
+        "Background fields were removed with projection onto dipole fields [pdf].",
+        provides=("mask",),
+    ),
+    _m(
+        "bfr",
+        "lbv",
+        _A + "background:remove_background_lbv",
+        ["lbv"],
+        "Background fields were removed with the Laplacian boundary value method [lbv].",
+        provides=("mask",),
+    ),
+    _m(
+        "bfr",
+        "resharp",
+        _A + "background:remove_background_resharp",
+        ["resharp"],
+        "Background fields were removed with RESHARP [resharp].",
+        provides=("mask",),
+    ),
+    _m(
+        "bfr",
+        "lbv-robust",
+        _A + "background:remove_background_lbv_robust",
+        ["lbv"],
+        "Background fields were removed with the Laplacian boundary value method [lbv] after "
+        "removing mask boundary voxels whose field was inconsistent with a harmonic background "
+        "field (Laplacian test).",
+        provides=("mask",),
+    ),
+    _m(
+        "invert",
+        "tkd",
+        _A + "inversion_direct:invert_tkd",
+        ["tkd"],
+        "Susceptibility was computed by thresholded k-space division [tkd].",
+    ),
+    _m(
+        "invert",
+        "tikhonov",
+        _A + "inversion_direct:fit_tikhonov",
+        ["tikhonov"],
+        "Susceptibility was computed by closed-form Tikhonov-regularised inversion [tikhonov], "
+        "the weight chosen from the data at the L-curve corner unless set (value in the "
+        "sidecar's InversionFit).",
+    ),
+    _m(
+        "invert",
+        "tv",
+        _A + "inversion_tv:fit_tv",
+        ["tv"],
+        "Susceptibility was computed by total-variation regularised inversion solved with ADMM "
+        "[tv], the weight chosen from the data at the L-curve knee unless set (value in the "
+        "sidecar's InversionFit).",
+    ),
+    _m(
+        "invert",
+        "rts",
+        _A + "inversion_rts:invert_rts",
+        ["rts"],
+        "Susceptibility was computed with rapid two-step (RTS) inversion [rts].",
+    ),
+    _m(
+        "invert",
+        "ndi",
+        _A + "inversion_ndi:fit_ndi",
+        ["ndi"],
+        "Susceptibility was computed by nonlinear dipole inversion [ndi], stopped by the "
+        "discrepancy principle unless set (iterations in the sidecar's InversionFit).",
+    ),
+    _m(
+        "invert",
+        "medi",
+        _A + "inversion_medi:invert_medi",
+        ["medi"],
+        "Susceptibility was computed with nonlinear morphology-enabled dipole inversion (MEDI) "
+        "[medi].",
+    ),
+    _m(
+        "invert",
+        "modip",
+        _A + "dip.modip:fit_modip",
+        ["modip", "dip"],
+        "Susceptibility was computed with the model-based deep image prior (MoDIP) [modip; dip], "
+        "an untrained network fitted to this data set alone.",
+        gpu=True,
+        provides=("std",),
+    ),
+    _m(
+        "invert",
+        "dip",
+        _A + "dip.dip:fit_dip",
+        ["dip"],
+        "Susceptibility was computed with a deep image prior [dip], an untrained network fitted "
+        "to this data set alone.",
+        gpu=True,
+        provides=("std",),
+    ),
+    _m(
+        "invert",
+        "inr",
+        _A + "dip.inr:fit_inr",
+        ["inr", "siren"],
+        "Susceptibility was computed with INR-QSM [inr], an implicit neural representation "
+        "(SIREN [siren]) fitted to this data set alone.",
+        gpu=True,
+        provides=("std",),
+    ),
+    _m(
+        "reference",
+        "mean",
+        _A + "reference:reference_mean",
+        [],
+        "Susceptibility was referenced to its mean over the brain mask.",
+    ),
+    _m(
+        "reference",
+        "csf",
+        _A + "reference:reference_csf",
+        ["csf"],
+        "Susceptibility was referenced to cerebrospinal fluid [csf].",
+    ),
 )
 
 
@@ -275,8 +453,9 @@ def method(stage_name: str, name: str) -> Method:
     """The method ``name`` of a stage; ValueError listing the valid names if unknown."""
     methods = methods_for(stage_name)
     if name not in methods:
-        raise ValueError(f"unknown {stage(stage_name).name} method {name!r}; choose from: "
-                         f"{', '.join(methods)}")
+        raise ValueError(
+            f"unknown {stage(stage_name).name} method {name!r}; choose from: {', '.join(methods)}"
+        )
     return methods[name]
 
 

@@ -195,32 +195,42 @@ def load_inputs(files: dict, *, te_s=None, b0_tesla=None, b0_dir=None, voxel_siz
     acq = {
         "te_s": tuple(float(t) for t in np.ravel(te_s)) if te_s is not None else None,
         "b0_tesla": float(b0_tesla) if b0_tesla is not None else None,
-        "b0_dir": tuple(float(x) for x in (b0_dir if b0_dir is not None
-                                           else b0_dir_from_affine(ref[0].affine))),
-        "voxel_size": tuple(float(v) for v in (voxel_size if voxel_size is not None
-                                               else voxel_size_from_affine(ref[0].affine))),
+        "b0_dir": tuple(
+            float(x) for x in (b0_dir if b0_dir is not None else b0_dir_from_affine(ref[0].affine))
+        ),
+        "voxel_size": tuple(
+            float(v)
+            for v in (
+                voxel_size if voxel_size is not None else voxel_size_from_affine(ref[0].affine)
+            )
+        ),
     }
     _check_acquisition(acq)
     if "phase" in inputs and inputs["phase"].ndim == 4 and acq["te_s"] is not None:
         if len(acq["te_s"]) != inputs["phase"].shape[3]:
-            raise StageInputError(f"{loaded['phase'][1]}: {inputs['phase'].shape[3]} echoes "
-                                  f"but {len(acq['te_s'])} echo times")
+            raise StageInputError(
+                f"{loaded['phase'][1]}: {inputs['phase'].shape[3]} echoes "
+                f"but {len(acq['te_s'])} echo times"
+            )
     inputs.update({k: v for k, v in acq.items() if v is not None})
     return inputs, ref[0]
 
 
 def _check_acquisition(acq: dict) -> None:
     if acq["te_s"] is not None and any(t <= 0 or t > 1 for t in acq["te_s"]):
-        raise StageInputError(f"echo times must be in seconds (0 < TE < 1), got "
-                              f"{list(acq['te_s'])}")
+        raise StageInputError(
+            f"echo times must be in seconds (0 < TE < 1), got {list(acq['te_s'])}"
+        )
     if acq["b0_tesla"] is not None and not acq["b0_tesla"] > 0:
         raise StageInputError(f"field strength must be > 0 T, got {acq['b0_tesla']}")
     if len(acq["b0_dir"]) != 3 or np.linalg.norm(acq["b0_dir"]) == 0:
-        raise StageInputError(f"B0 direction must be a non-zero 3-vector, got "
-                              f"{list(acq['b0_dir'])}")
+        raise StageInputError(
+            f"B0 direction must be a non-zero 3-vector, got {list(acq['b0_dir'])}"
+        )
     if len(acq["voxel_size"]) != 3 or min(acq["voxel_size"]) <= 0:
-        raise StageInputError(f"voxel size must be 3 positive numbers (mm), got "
-                              f"{list(acq['voxel_size'])}")
+        raise StageInputError(
+            f"voxel size must be 3 positive numbers (mm), got {list(acq['voxel_size'])}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,9 +239,16 @@ def _check_acquisition(acq: dict) -> None:
 _WHAT = {"te_s": "echo times", "b0_tesla": "the field strength (T)"}
 
 
-def execute(stage: str, method: str, inputs: dict, settings: dict | None = None, *,
-            seed: int | None = None, device: str | None = None,
-            n_threads: int | None = None) -> StageResult:
+def execute(
+    stage: str,
+    method: str,
+    inputs: dict,
+    settings: dict | None = None,
+    *,
+    seed: int | None = None,
+    device: str | None = None,
+    n_threads: int | None = None,
+) -> StageResult:
     """Run one registered method on arrays.
 
     Parameters
@@ -270,11 +287,19 @@ def execute(stage: str, method: str, inputs: dict, settings: dict | None = None,
     result = _decode(st, method, out)
     full = {**meth.defaults, **settings}
     acq = {k: inputs[k] for k in ("te_s", "b0_tesla", "b0_dir", "voxel_size") if k in inputs}
-    result.provenance = {"stage": st.name, "method": method, "settings": full,
-                         "acquisition": acq, "citations": list(meth.citations),
-                         **({"phase_scaling": inputs["phase_scaling"]}
-                            if "phase_scaling" in inputs and "phase" in call else {}),
-                         **result.provenance}
+    result.provenance = {
+        "stage": st.name,
+        "method": method,
+        "settings": full,
+        "acquisition": acq,
+        "citations": list(meth.citations),
+        **(
+            {"phase_scaling": inputs["phase_scaling"]}
+            if "phase_scaling" in inputs and "phase" in call
+            else {}
+        ),
+        **result.provenance,
+    }
     if st.name == "invert":
         _record_inversion_fit(result, inputs)
     return result
@@ -288,14 +313,20 @@ def _record_inversion_fit(result: StageResult, inputs: dict) -> None:
     noise map), so methods can be compared without ground truth."""
     from qsmflow.algorithms.regularization import data_residual
 
-    fit = dict(result.provenance.get("InversionFit") or {"Method": result.method,
-                                                         "Rule": "fixed"})
-    if not fit.get("Residual") and inputs.get("field") is not None \
-            and inputs.get("mask") is not None:
+    fit = dict(result.provenance.get("InversionFit") or {"Method": result.method, "Rule": "fixed"})
+    if (
+        not fit.get("Residual")
+        and inputs.get("field") is not None
+        and inputs.get("mask") is not None
+    ):
         fit["Residual"] = data_residual(
-            result.data, inputs["field"], inputs["mask"],
+            result.data,
+            inputs["field"],
+            inputs["mask"],
             voxel_size=inputs.get("voxel_size", (1.0, 1.0, 1.0)),
-            b0_dir=inputs.get("b0_dir", (0.0, 0.0, 1.0)), noise=inputs.get("noise"))
+            b0_dir=inputs.get("b0_dir", (0.0, 0.0, 1.0)),
+            noise=inputs.get("noise"),
+        )
     if "stopped_reason" in result.provenance:
         fit.setdefault("StoppedReason", result.provenance["stopped_reason"])
     result.provenance["InversionFit"] = fit
@@ -315,8 +346,10 @@ def _decode(st: registry.Stage, method: str, out) -> StageResult:
     elif isinstance(out, tuple):
         data, rest = out[0], out[1:]
         if len(rest) > len(st.extras):
-            raise TypeError(f"{st.name} method {method!r} returned {len(rest)} extra outputs; "
-                            f"the stage has {len(st.extras)} ({', '.join(st.extras)})")
+            raise TypeError(
+                f"{st.name} method {method!r} returned {len(rest)} extra outputs; "
+                f"the stage has {len(st.extras)} ({', '.join(st.extras)})"
+            )
         extras = {k: v for k, v in zip(st.extras, rest) if v is not None}
     else:
         data = out
@@ -362,8 +395,9 @@ def write_result(result: StageResult, ref_img, out) -> dict:
     write_nifti_atomic(result.data, ref_img, paths["main"], dtype=main_dtype)
     written["main"] = str(paths["main"])
     for name, arr in result.extras.items():
-        write_nifti_atomic(arr, ref_img, paths[name],
-                           dtype=mask_dtype if arr.dtype == bool else np.float32)
+        write_nifti_atomic(
+            arr, ref_img, paths[name], dtype=mask_dtype if arr.dtype == bool else np.float32
+        )
         written[name] = str(paths[name])
     if result.loss is not None:
         from qsmflow.algorithms.dip.runner import history_tsv
@@ -375,9 +409,21 @@ def write_result(result: StageResult, ref_img, out) -> dict:
     return written
 
 
-def run_stage(stage: str, method: str, files: dict, out, *, settings: dict | None = None,
-              te_s=None, b0_tesla=None, b0_dir=None, voxel_size=None, seed=None, device=None,
-              n_threads=None):
+def run_stage(
+    stage: str,
+    method: str,
+    files: dict,
+    out,
+    *,
+    settings: dict | None = None,
+    te_s=None,
+    b0_tesla=None,
+    b0_dir=None,
+    voxel_size=None,
+    seed=None,
+    device=None,
+    n_threads=None,
+):
     """Load ``files``, run the method, write its outputs at ``out``.
 
     Returns ``(StageResult, {output name: path})``; see :func:`load_inputs`,
@@ -390,14 +436,17 @@ def run_stage(stage: str, method: str, files: dict, out, *, settings: dict | Non
             raise StageInputError(f"{st.name} needs the {name.replace('_', ' ')} image")
     wanted = {k: v for k, v in files.items() if k in st.requires + st.accepts}
     if not any(v is not None for v in wanted.values()):
-        raise StageInputError(f"{st.name} needs one of: "
-                              f"{', '.join(st.requires + st.accepts)}")
+        raise StageInputError(f"{st.name} needs one of: {', '.join(st.requires + st.accepts)}")
     del meth  # validated above (unknown method -> ValueError before any file is read)
-    inputs, ref_img = load_inputs(wanted, te_s=te_s, b0_tesla=b0_tesla, b0_dir=b0_dir,
-                                  voxel_size=voxel_size)
-    result = execute(st.name, method, inputs, settings, seed=seed, device=device,
-                     n_threads=n_threads)
-    result.provenance["inputs"] = {k: (str(v) if isinstance(v, (str, Path))
-                                       else [str(p) for p in v])
-                                   for k, v in wanted.items() if v is not None}
+    inputs, ref_img = load_inputs(
+        wanted, te_s=te_s, b0_tesla=b0_tesla, b0_dir=b0_dir, voxel_size=voxel_size
+    )
+    result = execute(
+        st.name, method, inputs, settings, seed=seed, device=device, n_threads=n_threads
+    )
+    result.provenance["inputs"] = {
+        k: (str(v) if isinstance(v, (str, Path)) else [str(p) for p in v])
+        for k, v in wanted.items()
+        if v is not None
+    }
     return result, write_result(result, ref_img, out)

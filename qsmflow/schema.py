@@ -36,8 +36,11 @@ def _type_name(default) -> str:
 def value_matches(value, default) -> bool:
     """Whether ``value`` has the type the ``default`` implies."""
     if default is None or default == "auto":  # "auto" settings are numbers or names
-        return True if default is None else (isinstance(value, str) or _is_number(value)
-                                             or value is None)
+        return (
+            True
+            if default is None
+            else (isinstance(value, str) or _is_number(value) or value is None)
+        )
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):
@@ -56,8 +59,10 @@ def check_setting_types(settings: dict, defaults: dict, *, where: str) -> list[s
     problems = []
     for key, value in settings.items():
         if key in defaults and not value_matches(value, defaults[key]):
-            problems.append(f"{where} {key} = {value!r}: expected {_type_name(defaults[key])} "
-                            f"(default {defaults[key]!r})")
+            problems.append(
+                f"{where} {key} = {value!r}: expected {_type_name(defaults[key])} "
+                f"(default {defaults[key]!r})"
+            )
     return problems
 
 
@@ -81,8 +86,9 @@ def parse_execution(table: dict, *, where: str, devices=("auto", "cpu", "cuda"))
         seed = 0
     device = table.get("device", "cpu")
     if device not in devices:
-        problems.append(f"{where}: [execution] device = {device!r}: expected one of "
-                        f"{', '.join(devices)}")
+        problems.append(
+            f"{where}: [execution] device = {device!r}: expected one of {', '.join(devices)}"
+        )
         device = "cpu"
     return Execution(seed=seed, device=device), problems
 
@@ -101,8 +107,11 @@ class AcquisitionParams:
 def _vector3(value, *, where: str, key: str, positive: bool) -> tuple[tuple | None, list]:
     if value is None:
         return None, []
-    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(
-            _is_number(v) for v in value):
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 3
+        or not all(_is_number(v) for v in value)
+    ):
         return None, [f"{where}: {key} = {value!r}: expected a list of 3 numbers"]
     vec = tuple(float(v) for v in value)
     if positive and min(vec) <= 0:
@@ -121,8 +130,11 @@ def parse_params(data: dict, *, where: str) -> tuple[AcquisitionParams, list[str
     te_key = "TE" if "TE" in data else "EchoTime"
     if te is not None:
         problems += check_echo_times(te, where=where, key=te_key)
-        te = tuple(float(t) for t in (te if isinstance(te, (list, tuple)) else [te])) \
-            if not problems else None
+        te = (
+            tuple(float(t) for t in (te if isinstance(te, (list, tuple)) else [te]))
+            if not problems
+            else None
+        )
     b0 = data.get("B0", data.get("MagneticFieldStrength"))
     b0_key = "B0" if "B0" in data else "MagneticFieldStrength"
     if b0 is not None:

@@ -56,8 +56,7 @@ def check_field_strength(value, *, where: str, key: str = "MagneticFieldStrength
         hint = " (must be positive)"
     elif 100 <= v <= 25_000:
         hint = f" (looks like millitesla or gauss; in tesla: {v / 1000:g})"
-    return [f"{where}: {key} {value!r} is not a field strength in tesla "
-            f"({lo:g}-{hi:g} T){hint}"]
+    return [f"{where}: {key} {value!r} is not a field strength in tesla ({lo:g}-{hi:g} T){hint}"]
 
 
 def check_echo_times(values, *, where: str, key: str = "EchoTime") -> list[str]:
@@ -73,8 +72,7 @@ def check_echo_times(values, *, where: str, key: str = "EchoTime") -> list[str]:
     out = [n for n in nums if not lo <= n <= hi]
     if out:
         hint = " (looks like milliseconds)" if all(1 <= n <= 500 for n in out) else ""
-        return [f"{where}: {key} {out[0]:g} is not an echo time in seconds "
-                f"({lo:g}-{hi:g} s){hint}"]
+        return [f"{where}: {key} {out[0]:g} is not an echo time in seconds ({lo:g}-{hi:g} s){hint}"]
     return []
 
 
@@ -127,8 +125,11 @@ def read_image(path, what: str):
     try:
         data = np.asarray(img.dataobj)
     except Exception as exc:  # noqa: BLE001 - truncated gzip, short file, ...
-        return None, None, [f"{p}: {what} data cannot be read, the file is truncated or "
-                            f"damaged ({_reason(exc)})"]
+        return (
+            None,
+            None,
+            [f"{p}: {what} data cannot be read, the file is truncated or damaged ({_reason(exc)})"],
+        )
     return img, data, []
 
 
@@ -144,8 +145,10 @@ def check_finite(data, *, where: str, what: str) -> list[str]:
         return []
     bad = int(np.count_nonzero(~np.isfinite(data)))
     if bad:
-        return [f"{where}: {what} has {bad} NaN or infinite value(s) of {np.size(data)}; "
-                "replace them (e.g. with 0 outside the head) before running"]
+        return [
+            f"{where}: {what} has {bad} NaN or infinite value(s) of {np.size(data)}; "
+            "replace them (e.g. with 0 outside the head) before running"
+        ]
     return []
 
 
@@ -159,8 +162,10 @@ def check_magnitude(data, *, where: str) -> list[str]:
         return [f"{where}: magnitude is all zero (no signal)"]
     neg = np.count_nonzero(finite < 0) / finite.size
     if neg > 0.01:
-        return [f"{where}: magnitude has negative values in {100 * neg:.0f}% of voxels; "
-                "are phase and magnitude swapped?"]
+        return [
+            f"{where}: magnitude has negative values in {100 * neg:.0f}% of voxels; "
+            "are phase and magnitude swapped?"
+        ]
     return []
 
 

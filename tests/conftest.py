@@ -37,8 +37,13 @@ class SimulatedHead:
 _CACHE: dict = {}
 
 
-def _simulate(shape=(24, 24, 24), voxel_size=(2.0, 2.0, 2.0), te_s=(0.004, 0.008, 0.012),
-              b0_tesla=7.0, snr=200.0) -> SimulatedHead:
+def _simulate(
+    shape=(24, 24, 24),
+    voxel_size=(2.0, 2.0, 2.0),
+    te_s=(0.004, 0.008, 0.012),
+    b0_tesla=7.0,
+    snr=200.0,
+) -> SimulatedHead:
     key = (tuple(shape), tuple(voxel_size), tuple(te_s), float(b0_tesla), float(snr))
     if key not in _CACHE:
         from qsmflow.sims.field import simulate_fields
@@ -47,10 +52,12 @@ def _simulate(shape=(24, 24, 24), voxel_size=(2.0, 2.0, 2.0), te_s=(0.004, 0.008
 
         ph = make_head_phantom(shape=tuple(shape), voxel_size=tuple(voxel_size))
         f = simulate_fields(ph)
-        mag, phase = simulate_megre(ph, total_field_ppm=f["total"], te_s=tuple(te_s),
-                                    b0_tesla=b0_tesla, snr=snr)
-        _CACHE[key] = SimulatedHead(ph, f, mag, phase, tuple(te_s), float(b0_tesla),
-                                    tuple(float(v) for v in voxel_size))
+        mag, phase = simulate_megre(
+            ph, total_field_ppm=f["total"], te_s=tuple(te_s), b0_tesla=b0_tesla, snr=snr
+        )
+        _CACHE[key] = SimulatedHead(
+            ph, f, mag, phase, tuple(te_s), float(b0_tesla), tuple(float(v) for v in voxel_size)
+        )
     return _CACHE[key]
 
 
@@ -73,12 +80,14 @@ def head_files(tmp_path_factory):
         return str(p)
 
     f = head.fields
-    return {"phase": save("phase.nii.gz", head.phase),
-            "magnitude": save("mag.nii.gz", head.magnitude),
-            "mask": save("mask.nii.gz", head.mask, np.uint8),
-            "totalfield": save("total.nii.gz", f["total"]),
-            "localfield": save("local.nii.gz", f["local"]),
-            "chimap": save("chi.nii.gz", f["chi_local"]),
-            "csf-mask": save("csf.nii.gz", head.mask, np.uint8),
-            "noise": save("noise.nii.gz", np.full(head.mask.shape, 0.01)),
-            "head": head}
+    return {
+        "phase": save("phase.nii.gz", head.phase),
+        "magnitude": save("mag.nii.gz", head.magnitude),
+        "mask": save("mask.nii.gz", head.mask, np.uint8),
+        "totalfield": save("total.nii.gz", f["total"]),
+        "localfield": save("local.nii.gz", f["local"]),
+        "chimap": save("chi.nii.gz", f["chi_local"]),
+        "csf-mask": save("csf.nii.gz", head.mask, np.uint8),
+        "noise": save("noise.nii.gz", np.full(head.mask.shape, 0.01)),
+        "head": head,
+    }

@@ -17,8 +17,19 @@ from qsmflow.sims.bids import phase_to_siemens_int
 LPS = np.diag([-1.0, -1.0, 1.0])
 
 
-def _base(*, patient_id, study_uid, study_date, series_uid, series_number, description,
-          manufacturer="SIEMENS", scanning="GR", sequence_name="*fl3d3r", b0=3.0):
+def _base(
+    *,
+    patient_id,
+    study_uid,
+    study_date,
+    series_uid,
+    series_number,
+    description,
+    manufacturer="SIEMENS",
+    scanning="GR",
+    sequence_name="*fl3d3r",
+    b0=3.0,
+):
     ds = Dataset()
     ds.PatientID = patient_id
     ds.PatientName = "Synthetic^Phantom"
@@ -63,10 +74,25 @@ def _save(ds, path: Path):
     ds.save_as(path, enforce_file_format=True)
 
 
-def write_series(out_dir, volumes, affine, *, te_s, part, series_number, description,
-                 patient_id="phantom", study_uid=None, study_date="20240102", b0=3.0,
-                 scanning="GR", sequence_name="*fl3d3r", file_prefix="", coil="HEA;HEP",
-                 phase_bits=12):
+def write_series(
+    out_dir,
+    volumes,
+    affine,
+    *,
+    te_s,
+    part,
+    series_number,
+    description,
+    patient_id="phantom",
+    study_uid=None,
+    study_date="20240102",
+    b0=3.0,
+    scanning="GR",
+    sequence_name="*fl3d3r",
+    file_prefix="",
+    coil="HEA;HEP",
+    phase_bits=12,
+):
     """Write one classic (one file per slice) series; return the list of file paths.
 
     ``volumes``: (X, Y, Z, E) float array; magnitude is stored as uint16 with one rescale
@@ -92,10 +118,17 @@ def write_series(out_dir, volumes, affine, *, te_s, part, series_number, descrip
     paths = []
     for e in range(vol.shape[3]):
         for k in range(vol.shape[2]):
-            ds = _base(patient_id=patient_id, study_uid=study_uid, study_date=study_date,
-                       series_uid=series_uid, series_number=series_number,
-                       description=description, b0=b0, scanning=scanning,
-                       sequence_name=sequence_name)
+            ds = _base(
+                patient_id=patient_id,
+                study_uid=study_uid,
+                study_date=study_date,
+                series_uid=series_uid,
+                series_number=series_number,
+                description=description,
+                b0=b0,
+                scanning=scanning,
+                sequence_name=sequence_name,
+            )
             ds.SOPClassUID = MRImageStorage
             ds.SOPInstanceUID = generate_uid()
             ds.ImageType = image_type
@@ -119,18 +152,37 @@ def write_series(out_dir, volumes, affine, *, te_s, part, series_number, descrip
     return paths
 
 
-def write_enhanced_series(path, volumes, affine, *, te_s, part, series_number, description,
-                          patient_id="phantom", study_uid=None, study_date="20240102", b0=3.0,
-                          spacing_tag=True, series_uid=None):
+def write_enhanced_series(
+    path,
+    volumes,
+    affine,
+    *,
+    te_s,
+    part,
+    series_number,
+    description,
+    patient_id="phantom",
+    study_uid=None,
+    study_date="20240102",
+    b0=3.0,
+    spacing_tag=True,
+    series_uid=None,
+):
     """Write one Enhanced MR (multi-frame) file holding every slice of every echo."""
     from pydicom.uid import EnhancedMRImageStorage
 
     study_uid = study_uid or generate_uid()
     vol = np.asarray(volumes, dtype=np.float64)
     a, h, iop = _geometry(affine)
-    ds = _base(patient_id=patient_id, study_uid=study_uid, study_date=study_date,
-               series_uid=series_uid or generate_uid(), series_number=series_number,
-               description=description, b0=b0)
+    ds = _base(
+        patient_id=patient_id,
+        study_uid=study_uid,
+        study_date=study_date,
+        series_uid=series_uid or generate_uid(),
+        series_number=series_number,
+        description=description,
+        b0=b0,
+    )
     del ds.ScanningSequence, ds.SequenceVariant
     ds.EchoPulseSequence = "GRADIENT"
     ds.SOPClassUID = EnhancedMRImageStorage

@@ -119,8 +119,7 @@ def test_insensitive_to_added_harmonic_field(method):
     sc = scenario("iso")
     harm = _harmonic_poly(sc["vs"])
     local, mask_out = result(method, "iso")
-    local2, mask_out2 = bgm.METHODS[method](sc["total"] + harm, sc["mask"],
-                                            **_kwargs(method, sc))
+    local2, mask_out2 = bgm.METHODS[method](sc["total"] + harm, sc["mask"], **_kwargs(method, sc))
     assert np.array_equal(mask_out, mask_out2)
     d = (local2 - local)[mask_out]
     change = np.sqrt(np.mean((d - d.mean()) ** 2)) / harm[sc["mask"]].std()
@@ -189,8 +188,9 @@ def test_pdf_uses_oblique_b0():
     nrmse, corr = score(local, sc, mask_out)
     assert nrmse < 60.0 and corr > 0.81, (nrmse, corr)  # measured 56.4 / 0.826
     # the same data with B0 taken along z: much worse (measured 161 %)
-    wrong, _ = bgm.remove_background_pdf(sc["total"], sc["mask"], voxel_size=sc["vs"],
-                                         b0_dir=(0, 0, 1), kind=sc["kind"])
+    wrong, _ = bgm.remove_background_pdf(
+        sc["total"], sc["mask"], voxel_size=sc["vs"], b0_dir=(0, 0, 1), kind=sc["kind"]
+    )
     nrmse_wrong, _ = score(wrong, sc, mask_out)
     assert nrmse_wrong > 2 * nrmse, nrmse_wrong
 

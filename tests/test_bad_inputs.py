@@ -32,8 +32,11 @@ TE = (0.004, 0.008)
 def _hashes(root: Path) -> dict:
     if root.is_file():
         return {str(root): hashlib.sha256(root.read_bytes()).hexdigest()}
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _call(main, argv, capsys):
@@ -55,8 +58,9 @@ def _assert_clean(rc, text, expect_rc, needles):
 @pytest.fixture(scope="module")
 def bids_base(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_inputs")
-    return write_bids_dataset(root / "bids", subjects=("01",), shape=SHAPE,
-                              voxel_size=(4.0, 4.0, 4.0), te_s=TE, snr=50.0)
+    return write_bids_dataset(
+        root / "bids", subjects=("01",), shape=SHAPE, voxel_size=(4.0, 4.0, 4.0), te_s=TE, snr=50.0
+    )
 
 
 def _anat(bids):
@@ -81,6 +85,7 @@ def _set_meta(key, value, part="phase", echo=1):
             meta[key] = value
         p.write_text(json.dumps(meta))
         return [p.name, key]
+
     return mutate
 
 
@@ -92,6 +97,7 @@ def _write_text(rel, text):
         p = bids / rel if not callable(rel) else rel(bids)
         p.write_text(text)
         return [p.name]
+
     return mutate
 
 
@@ -101,6 +107,7 @@ def _truncate(part, echo):
         raw = p.read_bytes()
         p.write_bytes(raw[: len(raw) // 2])
         return [p.name, "truncated"]
+
     return mutate
 
 
@@ -111,6 +118,7 @@ def _replace_data(part, echo, fn, *, dtype=np.float32):
         data = fn(np.asarray(img.dataobj, dtype=np.float64), bids)
         nib.save(nib.Nifti1Image(np.asarray(data, dtype=dtype), img.affine), p)
         return [p.name]
+
     return mutate
 
 
@@ -141,6 +149,7 @@ def _drop(part, echo):
         _img(bids, part, echo).unlink()
         _side(bids, part, echo).unlink()
         return []
+
     return mutate
 
 
@@ -159,40 +168,89 @@ QSMFLOW_CASES = [
     ("te-string", _set_meta("EchoTime", "4ms"), [], 2, ["not a number"]),
     ("te-negative", _set_meta("EchoTime", -0.004), [], 2, ["not an echo time"]),
     ("te-list", _set_meta("EchoTime", [0.004, 0.008]), [], 2, ["one number per echo"]),
-    ("te-not-increasing", lambda b, t: _set_meta("EchoTime", 0.02)(b, t)[1:], [], 2,
-     ["do not increase"]),
+    (
+        "te-not-increasing",
+        lambda b, t: _set_meta("EchoTime", 0.02)(b, t)[1:],
+        [],
+        2,
+        ["do not increase"],
+    ),
     ("te-missing", _set_meta("EchoTime", _DELETE), [], 2, ["EchoTime missing"]),
-    ("sidecar-invalid-json", _write_text(lambda b: _side(b, "phase", 2), "{EchoTime: 0.008"),
-     [], 2, ["not valid JSON"]),
-    ("sidecar-json-array", _write_text(lambda b: _side(b, "mag", 1), "[1, 2]"), [], 2,
-     ["must be an object"]),
-    ("description-invalid-json", _write_text("dataset_description.json", "{"), [], 2,
-     ["dataset_description.json", "not valid JSON"]),
+    (
+        "sidecar-invalid-json",
+        _write_text(lambda b: _side(b, "phase", 2), "{EchoTime: 0.008"),
+        [],
+        2,
+        ["not valid JSON"],
+    ),
+    (
+        "sidecar-json-array",
+        _write_text(lambda b: _side(b, "mag", 1), "[1, 2]"),
+        [],
+        2,
+        ["must be an object"],
+    ),
+    (
+        "description-invalid-json",
+        _write_text("dataset_description.json", "{"),
+        [],
+        2,
+        ["dataset_description.json", "not valid JSON"],
+    ),
     ("phase-truncated-gz", _truncate("phase", 1), [], 2, []),
     ("magnitude-truncated-gz", _truncate("mag", 2), [], 2, []),
-    ("phase-not-nifti", _write_text(lambda b: _img(b, "phase", 2), "hello"), [], 2,
-     ["cannot read phase"]),
+    (
+        "phase-not-nifti",
+        _write_text(lambda b: _img(b, "phase", 2), "hello"),
+        [],
+        2,
+        ["cannot read phase"],
+    ),
     ("magnitude-all-zero", _replace_data("mag", 1, lambda d, b: 0 * d), [], 2, ["all zero"]),
     ("phase-magnitude-swapped", _swap, [], 2, ["swapped?"]),
     ("phase-nan-block", _replace_data("phase", 1, _nan_block), [], 2, ["NaN or infinite"]),
     ("magnitude-inf", _replace_data("mag", 2, _inf), [], 2, ["NaN or infinite"]),
-    ("phase-all-nan", _replace_data("phase", 2, lambda d, b: d * np.nan), [], 2,
-     ["NaN or infinite"]),
-    ("phase-not-radians", _replace_data("phase", 1, lambda d, b: d + 100.5), [], 2,
-     ["neither radians"]),
-    ("phase-shape-mismatch", _replace_data("phase", 2, lambda d, b: d[:8]), [], 2,
-     ["does not match"]),
-    ("magnitude-4d", _replace_data("mag", 1, lambda d, b: np.stack([d, d], -1)), [], 2,
-     ["must be 3D"]),
+    (
+        "phase-all-nan",
+        _replace_data("phase", 2, lambda d, b: d * np.nan),
+        [],
+        2,
+        ["NaN or infinite"],
+    ),
+    (
+        "phase-not-radians",
+        _replace_data("phase", 1, lambda d, b: d + 100.5),
+        [],
+        2,
+        ["neither radians"],
+    ),
+    (
+        "phase-shape-mismatch",
+        _replace_data("phase", 2, lambda d, b: d[:8]),
+        [],
+        2,
+        ["does not match"],
+    ),
+    (
+        "magnitude-4d",
+        _replace_data("mag", 1, lambda d, b: np.stack([d, d], -1)),
+        [],
+        2,
+        ["must be 3D"],
+    ),
     ("phase-echo-missing", _drop("phase", 1), [], 2, ["missing"]),
     ("magnitude-echo-missing", _drop("mag", 2), [], 2, ["do not match phase echoes"]),
     ("participant-bad-label", _noop, ["--participant-label", "!!"], 2, ["invalid label"]),
     ("participant-not-found", _noop, ["--participant-label", "09"], 2, ["sub-09 not found"]),
     ("session-not-found", _noop, ["--session-label", "pre"], 2, ["no *_MEGRE"]),
-    ("no-dataset-description", lambda b, t: (b / "dataset_description.json").unlink() or [],
-     [], 2, ["not a BIDS dataset"]),
-    ("no-megre-images", lambda b, t: shutil.rmtree(b / "sub-01") or [], [], 2,
-     ["no *_MEGRE"]),
+    (
+        "no-dataset-description",
+        lambda b, t: (b / "dataset_description.json").unlink() or [],
+        [],
+        2,
+        ["not a BIDS dataset"],
+    ),
+    ("no-megre-images", lambda b, t: shutil.rmtree(b / "sub-01") or [], [], 2, ["no *_MEGRE"]),
     ("mem-bad", _noop, ["--mem", "lots"], 2, ["invalid memory"]),
     ("nprocs-zero", _noop, ["--nprocs", "0"], 2, ["positive integer"]),
     ("unknown-preset", _noop, ["--preset", "nope"], 2, ["unknown preset"]),
@@ -226,14 +284,20 @@ def _argv_cases():
 
     def cfg(text, needles):
         def make(tmp):
-            return ([tmp / "out", "participant", "--config-file", _file(tmp, "c.toml", text)],
-                    ["c.toml", *needles])
+            return (
+                [tmp / "out", "participant", "--config-file", _file(tmp, "c.toml", text)],
+                ["c.toml", *needles],
+            )
+
         return make
 
     def plugin(text, needles):
         def make(tmp):
-            return ([tmp / "out", "participant", "--use-plugin", _file(tmp, "p.yml", text)],
-                    ["p.yml", *needles])
+            return (
+                [tmp / "out", "participant", "--use-plugin", _file(tmp, "p.yml", text)],
+                ["p.yml", *needles],
+            )
+
         return make
 
     return [
@@ -241,26 +305,50 @@ def _argv_cases():
         ("output-dir-under-file", out_under_file),
         ("work-dir-is-file", work_is_file),
         ("work-dir-under-file", work_under_file),
-        ("config-setting-wrong-type", cfg('[invert]\nmethod = "rts"\n[invert.rts]\n'
-                                          'delta = "big"\n', ["delta", "expected a number"])),
+        (
+            "config-setting-wrong-type",
+            cfg(
+                '[invert]\nmethod = "rts"\n[invert.rts]\ndelta = "big"\n',
+                ["delta", "expected a number"],
+            ),
+        ),
         ("config-seed-wrong-type", cfg('[execution]\nseed = "zero"\n', ["seed", "integer"])),
         ("config-device-unknown", cfg('[execution]\ndevice = "tpu"\n', ["device"])),
-        ("config-unknown-execution-key", cfg('[execution]\nthreads = 2\n', ["threads"])),
-        ("config-invalid-toml", cfg('[invert\nmethod = rts\n', ["not valid TOML"])),
-        ("config-method-not-string", cfg('[invert]\nmethod = 3\n', ["expected a method"])),
-        ("config-unknown-setting", cfg('[bfr]\nmethod = "vsharp"\n[bfr.vsharp]\nradius = 3\n',
-                                       ["unknown parameter 'radius'"])),
-        ("config-missing", lambda tmp: ([tmp / "out", "participant", "--config-file",
-                                         tmp / "none.toml"], ["not found"])),
+        ("config-unknown-execution-key", cfg("[execution]\nthreads = 2\n", ["threads"])),
+        ("config-invalid-toml", cfg("[invert\nmethod = rts\n", ["not valid TOML"])),
+        ("config-method-not-string", cfg("[invert]\nmethod = 3\n", ["expected a method"])),
+        (
+            "config-unknown-setting",
+            cfg(
+                '[bfr]\nmethod = "vsharp"\n[bfr.vsharp]\nradius = 3\n',
+                ["unknown parameter 'radius'"],
+            ),
+        ),
+        (
+            "config-missing",
+            lambda tmp: (
+                [tmp / "out", "participant", "--config-file", tmp / "none.toml"],
+                ["not found"],
+            ),
+        ),
         ("plugin-unknown", plugin("plugin: Turbo\n", ["not a Nipype plugin"])),
         ("plugin-invalid-yaml", plugin("plugin: [MultiProc\n", ["not valid YAML"])),
         ("plugin-no-plugin-key", plugin("plugin_args: {}\n", ["needs a 'plugin:' key"])),
-        ("plugin-nprocs-zero", plugin("plugin: MultiProc\nplugin_args:\n  n_procs: 0\n",
-                                      ["n_procs"])),
-        ("plugin-args-not-mapping", plugin("plugin: MultiProc\nplugin_args: [1]\n",
-                                           ["must be a mapping"])),
-        ("plugin-missing", lambda tmp: ([tmp / "out", "participant", "--use-plugin",
-                                         tmp / "none.yml"], ["plugin file not found"])),
+        (
+            "plugin-nprocs-zero",
+            plugin("plugin: MultiProc\nplugin_args:\n  n_procs: 0\n", ["n_procs"]),
+        ),
+        (
+            "plugin-args-not-mapping",
+            plugin("plugin: MultiProc\nplugin_args: [1]\n", ["must be a mapping"]),
+        ),
+        (
+            "plugin-missing",
+            lambda tmp: (
+                [tmp / "out", "participant", "--use-plugin", tmp / "none.yml"],
+                ["plugin file not found"],
+            ),
+        ),
     ]
 
 
@@ -295,8 +383,9 @@ def test_qsmflow_bad_arguments(case, bids_base, tmp_path, capsys):
     bids = _copy_bids(bids_base, tmp_path)
     argv, needles = case[1](tmp_path)
     before = _hashes(tmp_path)
-    rc, text = _call(main, [bids, *argv, *(["-w", tmp_path / "w"] if "-w" not in argv else [])],
-                     capsys)
+    rc, text = _call(
+        main, [bids, *argv, *(["-w", tmp_path / "w"] if "-w" not in argv else [])], capsys
+    )
     _assert_clean(rc, text, 2, needles)
     assert _hashes(tmp_path) == before  # nothing written anywhere, no input changed
     assert not (tmp_path / "w").exists() and not (tmp_path / "out").exists()
@@ -321,8 +410,9 @@ def test_slurm_plugin_without_logname(bids_base, tmp_path, capsys, monkeypatch):
     bids = _copy_bids(bids_base, tmp_path)
     monkeypatch.delenv("LOGNAME", raising=False)
     p = _file(tmp_path, "slurm.yml", "plugin: SLURM\nplugin_args:\n  sbatch_args: ''\n")
-    rc, text = _call(main, [bids, tmp_path / "o", "participant", "-w", tmp_path / "w",
-                            "--use-plugin", p], capsys)
+    rc, text = _call(
+        main, [bids, tmp_path / "o", "participant", "-w", tmp_path / "w", "--use-plugin", p], capsys
+    )
     needle = "LOGNAME" if shutil.which("sbatch") else "needs 'sbatch'"
     _assert_clean(rc, text, 2, [needle])
     assert not (tmp_path / "o").exists()
@@ -352,8 +442,13 @@ def test_dataset_under_folders_named_like_entities(tmp_path, parents):
     """Entities come from paths inside the dataset only (pybids alone takes parent folders)."""
     from qsmflow.bids_input import collect_runs
 
-    bids = write_bids_dataset(tmp_path / parents, subjects=("01", "02"), shape=(12, 12, 12),
-                              voxel_size=(4.0,) * 3, te_s=TE)
+    bids = write_bids_dataset(
+        tmp_path / parents,
+        subjects=("01", "02"),
+        shape=(12, 12, 12),
+        voxel_size=(4.0,) * 3,
+        te_s=TE,
+    )
     runs = collect_runs(bids)
     assert [r.bids_prefix for r in runs] == ["sub-01", "sub-02"]
     assert all(r.te_s == TE and r.n_echoes == 2 for r in runs)
@@ -374,8 +469,7 @@ def stage_files(tmp_path_factory):
     mag = (rng.uniform(50, 100, SHAPE + (2,)) * (0.2 + mask[..., None])).astype(np.float32)
     phase = np.angle(np.exp(1j * rng.uniform(-3, 3, SHAPE + (2,)))).astype(np.float32)
     files = {}
-    for name, arr in (("mask", mask), ("localfield", field), ("magnitude", mag),
-                      ("phase", phase)):
+    for name, arr in (("mask", mask), ("localfield", field), ("magnitude", mag), ("phase", phase)):
         files[name] = root / f"{name}.nii.gz"
         nib.save(nib.Nifti1Image(arr, aff), files[name])
     files["params"] = root / "params.json"
@@ -420,6 +514,7 @@ def _stage_cases():
     def params(obj):
         def make(f, t):
             f["params"].write_text(obj if isinstance(obj, str) else json.dumps(obj))
+
         return make
 
     inv = ["invert", "--method", "tkd", "--localfield", "{localfield}", "--mask", "{mask}"]
@@ -428,23 +523,47 @@ def _stage_cases():
         "output-overwrites-input": c(inv + ["-o", "{localfield}"], ["overwrite the input"]),
         "output-overwrites-mask": c(inv + ["-o", "{mask}"], ["overwrite the input"]),
         "output-under-file": c(inv + ["-o", "{params}/chi.nii.gz"], ["params.json is a file"]),
-        "params-invalid-json": c(comb + ["--params", "{params}"], ["not valid JSON"],
-                                 make=params("{TE: 1")),
-        "params-te-string": c(comb + ["--params", "{params}"], ["TE", "not a number"],
-                              make=params({"TE": ["a", "b"], "B0": 3})),
-        "params-b0-millitesla": c(comb + ["--params", "{params}"], ["B0", "millitesla"],
-                                  make=params({"TE": list(TE), "B0": 3000})),
-        "params-b0-string": c(comb + ["--params", "{params}"], ["B0", "not a number"],
-                              make=params({"TE": list(TE), "B0": "3T"})),
-        "params-b0dir-length": c(inv + ["--params", "{params}"], ["B0_dir"],
-                                 make=params({"B0_dir": [0, 1]})),
-        "params-voxel-negative": c(inv + ["--params", "{params}"], ["voxel_size"],
-                                   make=params({"voxel_size": [1, -1, 1]})),
-        "params-not-object": c(comb + ["--params", "{params}"], ["must be an object"],
-                               make=params("[0.004]")),
-        "set-wrong-type": c(["invert", "--method", "tv", "--localfield", "{localfield}",
-                             "--mask", "{mask}", "--set", "alpha=fast"],
-                            ["alpha", "expected a number"]),
+        "params-invalid-json": c(
+            comb + ["--params", "{params}"], ["not valid JSON"], make=params("{TE: 1")
+        ),
+        "params-te-string": c(
+            comb + ["--params", "{params}"],
+            ["TE", "not a number"],
+            make=params({"TE": ["a", "b"], "B0": 3}),
+        ),
+        "params-b0-millitesla": c(
+            comb + ["--params", "{params}"],
+            ["B0", "millitesla"],
+            make=params({"TE": list(TE), "B0": 3000}),
+        ),
+        "params-b0-string": c(
+            comb + ["--params", "{params}"],
+            ["B0", "not a number"],
+            make=params({"TE": list(TE), "B0": "3T"}),
+        ),
+        "params-b0dir-length": c(
+            inv + ["--params", "{params}"], ["B0_dir"], make=params({"B0_dir": [0, 1]})
+        ),
+        "params-voxel-negative": c(
+            inv + ["--params", "{params}"], ["voxel_size"], make=params({"voxel_size": [1, -1, 1]})
+        ),
+        "params-not-object": c(
+            comb + ["--params", "{params}"], ["must be an object"], make=params("[0.004]")
+        ),
+        "set-wrong-type": c(
+            [
+                "invert",
+                "--method",
+                "tv",
+                "--localfield",
+                "{localfield}",
+                "--mask",
+                "{mask}",
+                "--set",
+                "alpha=fast",
+            ],
+            ["alpha", "expected a number"],
+        ),
         "set-unknown": c(inv + ["--set", "radius=3"], ["unknown parameter 'radius'"]),
         "set-no-equals": c(inv + ["--set", "threshold"], ["NAME=VALUE"]),
         "localfield-truncated": c(inv, ["localfield.nii.gz", "truncated"], make=trunc),
@@ -453,18 +572,38 @@ def _stage_cases():
         "mask-shape-mismatch": c(inv, ["does not match"], make=small_mask),
         "te-milliseconds": c(comb + ["--te", "4", "8", "--b0", "3"], ["milliseconds"]),
         "b0-zero": c(comb + ["--te", "0.004", "0.008", "--b0", "0"], ["must be positive"]),
-        "magnitude-all-zero": c(["mask", "--method", "bet", "--magnitude", "{magnitude}"],
-                                ["all zero"], make=zero_mag),
-        "phase-magnitude-swapped": c(["combine", "--method", "wls", "--phase", "{magnitude}",
-                                      "--magnitude", "{phase}", "--te", "0.004", "0.008",
-                                      "--b0", "3"], ["swapped?"]),
+        "magnitude-all-zero": c(
+            ["mask", "--method", "bet", "--magnitude", "{magnitude}"], ["all zero"], make=zero_mag
+        ),
+        "phase-magnitude-swapped": c(
+            [
+                "combine",
+                "--method",
+                "wls",
+                "--phase",
+                "{magnitude}",
+                "--magnitude",
+                "{phase}",
+                "--te",
+                "0.004",
+                "0.008",
+                "--b0",
+                "3",
+            ],
+            ["swapped?"],
+        ),
         "unknown-method": c(["invert", "--method", "magic"], ["unknown invert method"]),
-        "missing-input": c(["invert", "--method", "tkd", "--mask", "{mask}"],
-                           ["needs --localfield"]),
-        "input-not-found": c(["invert", "--method", "tkd", "--localfield", "{tmp}/nope.nii",
-                              "--mask", "{mask}"], ["file not found"]),
-        "input-is-folder": c(["invert", "--method", "tkd", "--localfield", "{tmp}",
-                              "--mask", "{mask}"], ["is a folder"]),
+        "missing-input": c(
+            ["invert", "--method", "tkd", "--mask", "{mask}"], ["needs --localfield"]
+        ),
+        "input-not-found": c(
+            ["invert", "--method", "tkd", "--localfield", "{tmp}/nope.nii", "--mask", "{mask}"],
+            ["file not found"],
+        ),
+        "input-is-folder": c(
+            ["invert", "--method", "tkd", "--localfield", "{tmp}", "--mask", "{mask}"],
+            ["is a folder"],
+        ),
     }
 
 
@@ -493,14 +632,31 @@ def test_stage_phase_zero_to_two_pi_gives_the_same_field(stage_files, tmp_path, 
 
     files = _stage_dir(stage_files, tmp_path)
     ph = np.asarray(nib.load(files["phase"]).dataobj)
-    shifted = _nifti_like(files["phase"], np.mod(ph, 2 * np.pi).astype(np.float32),
-                          tmp_path / "phase_2pi.nii.gz")
+    shifted = _nifti_like(
+        files["phase"], np.mod(ph, 2 * np.pi).astype(np.float32), tmp_path / "phase_2pi.nii.gz"
+    )
     outs = []
     for p in (files["phase"], shifted):
         out = tmp_path / f"field_{len(outs)}.nii.gz"
-        rc, text = _call(main, ["combine", "--method", "wls", "--phase", p, "--magnitude",
-                                files["magnitude"], "--te", *map(str, TE), "--b0", "3",
-                                "-o", out], capsys)
+        rc, text = _call(
+            main,
+            [
+                "combine",
+                "--method",
+                "wls",
+                "--phase",
+                p,
+                "--magnitude",
+                files["magnitude"],
+                "--te",
+                *map(str, TE),
+                "--b0",
+                "3",
+                "-o",
+                out,
+            ],
+            capsys,
+        )
         assert rc == 0, text
         outs.append(np.asarray(nib.load(out).dataobj))
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-4)
@@ -516,10 +672,26 @@ def _dicom_series(d: Path):
     rng = np.random.default_rng(0)
     aff = np.diag([1.0, 1.0, 2.0, 1.0])
     shape = (12, 12, 4, 2)
-    write_series(d / "mag", rng.uniform(1, 100, shape), aff, te_s=TE, part="mag",
-                 series_number=5, description="gre_qsm", study_uid="1.2.3.4")
-    write_series(d / "pha", rng.uniform(-3, 3, shape), aff, te_s=TE, part="phase",
-                 series_number=6, description="gre_qsm", study_uid="1.2.3.4")
+    write_series(
+        d / "mag",
+        rng.uniform(1, 100, shape),
+        aff,
+        te_s=TE,
+        part="mag",
+        series_number=5,
+        description="gre_qsm",
+        study_uid="1.2.3.4",
+    )
+    write_series(
+        d / "pha",
+        rng.uniform(-3, 3, shape),
+        aff,
+        te_s=TE,
+        part="phase",
+        series_number=6,
+        description="gre_qsm",
+        study_uid="1.2.3.4",
+    )
 
 
 def _damage_header(dicom):
@@ -556,9 +728,13 @@ def _convert_cases():
         h = _file(tmp, "h.json", "{")
         return [tmp / "dicom", tmp / "bids", "--heuristic", h], ["h.json"]
 
-    return {"damaged-header": damaged, "truncated-file": truncated,
-            "dicom-dir-missing": missing, "bids-dir-is-file": bids_is_file,
-            "heuristic-invalid-json": heuristic_invalid}
+    return {
+        "damaged-header": damaged,
+        "truncated-file": truncated,
+        "dicom-dir-missing": missing,
+        "bids-dir-is-file": bids_is_file,
+        "heuristic-invalid-json": heuristic_invalid,
+    }
 
 
 CONVERT_CASES = _convert_cases()
@@ -580,13 +756,16 @@ def test_convert_bad_input(name, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 # qsmflow-demo
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("argv,needle", [
-    (["--size", "0"], "--size 0"),
-    (["--size", "8"], "--size 8"),
-    (["--nprocs", "0"], "--nprocs 0"),
-    (["--preset", "nope"], "unknown"),
-    (["--size", "ten"], "invalid int"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--size", "0"], "--size 0"),
+        (["--size", "8"], "--size 8"),
+        (["--nprocs", "0"], "--nprocs 0"),
+        (["--preset", "nope"], "unknown"),
+        (["--size", "ten"], "invalid int"),
+    ],
+)
 def test_demo_bad_arguments(argv, needle, tmp_path, capsys):
     from qsmflow.cli.demo import main
 

@@ -11,9 +11,19 @@ from qsmflow.cli.run import build_parser, main, parse_mem
 from qsmflow.sims.bids import write_bids_dataset
 
 
-@pytest.mark.parametrize("text,gb", [("8", 8.0), ("8GB", 8.0), ("8g", 8.0), ("500MB", 0.5),
-                                     ("16000M", 16.0), ("1T", 1000.0), ("1.5", 1.5),
-                                     ("2GiB", 2 * 1.024**3)])
+@pytest.mark.parametrize(
+    "text,gb",
+    [
+        ("8", 8.0),
+        ("8GB", 8.0),
+        ("8g", 8.0),
+        ("500MB", 0.5),
+        ("16000M", 16.0),
+        ("1T", 1000.0),
+        ("1.5", 1.5),
+        ("2GiB", 2 * 1.024**3),
+    ],
+)
 def test_parse_mem_units(text, gb):
     assert parse_mem(text) == pytest.approx(gb)
 
@@ -25,8 +35,20 @@ def test_parse_mem_rejects(bad):
 
 
 def test_labels_accept_sub_prefix():
-    a = build_parser().parse_args(["b", "o", "participant", "--participant-label", "sub-01",
-                                   "02", "--session-label", "ses-pre", "--mem", "4GB"])
+    a = build_parser().parse_args(
+        [
+            "b",
+            "o",
+            "participant",
+            "--participant-label",
+            "sub-01",
+            "02",
+            "--session-label",
+            "ses-pre",
+            "--mem",
+            "4GB",
+        ]
+    )
     assert a.participant_label == ["01", "02"] and a.session_label == ["pre"] and a.mem == 4.0
 
 
@@ -35,16 +57,28 @@ def test_help_and_version(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--participant-label", "--preset", "--use-plugin", "--inversion", "--mem",
-                 "--stop-on-first-crash", "exit status"):
+    for flag in (
+        "--participant-label",
+        "--preset",
+        "--use-plugin",
+        "--inversion",
+        "--mem",
+        "--stop-on-first-crash",
+        "exit status",
+    ):
         assert flag in out
 
 
 @pytest.fixture(scope="module")
 def bids(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    return write_bids_dataset(root / "bids", subjects=("01",), shape=(24, 24, 24),
-                              voxel_size=(2.5, 2.5, 2.5), te_s=(0.004, 0.012))
+    return write_bids_dataset(
+        root / "bids",
+        subjects=("01",),
+        shape=(24, 24, 24),
+        voxel_size=(2.5, 2.5, 2.5),
+        te_s=(0.004, 0.012),
+    )
 
 
 def _run(args, capsys):
@@ -59,8 +93,7 @@ def test_usage_errors_exit_2(bids, tmp_path, capsys):
     assert rc == 2 and "unknown preset" in err
     rc, err = _run([bids, tmp_path / "o", "participant", "--inversion", "magic", *w], capsys)
     assert rc == 2 and "unknown method 'magic'" in err
-    rc, err = _run([bids, tmp_path / "o", "participant", "--participant-label", "09", *w],
-                   capsys)
+    rc, err = _run([bids, tmp_path / "o", "participant", "--participant-label", "09", *w], capsys)
     assert rc == 2 and "sub-09 not found" in err
     with pytest.raises(SystemExit) as e:
         main([str(bids), str(tmp_path / "o"), "second-level"])
@@ -78,8 +111,13 @@ def test_list_presets(capsys):
 
 
 def test_bad_inputs_listed_and_nothing_run(tmp_path, capsys):
-    bids = write_bids_dataset(tmp_path / "bids", subjects=("01", "02"), shape=(16, 16, 16),
-                              voxel_size=(4.0, 4.0, 4.0), te_s=(0.004, 0.008, 0.012))
+    bids = write_bids_dataset(
+        tmp_path / "bids",
+        subjects=("01", "02"),
+        shape=(16, 16, 16),
+        voxel_size=(4.0, 4.0, 4.0),
+        te_s=(0.004, 0.008, 0.012),
+    )
     a1 = bids / "sub-01" / "anat"
     (a1 / "sub-01_echo-2_part-phase_MEGRE.nii.gz").unlink()  # missing echo
     side = a1 / "sub-01_echo-1_part-phase_MEGRE.json"

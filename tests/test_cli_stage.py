@@ -39,8 +39,11 @@ def sim(tmp_path_factory):
         "totalfield": save("totalfield.nii.gz", f["total"]),
     }
     params = d / "params.json"
-    params.write_text(json.dumps({"TE": list(te), "B0": 3.0, "B0_dir": [0, 0, 1],
-                                  "voxel_size": [1.25, 1.25, 1.25]}))
+    params.write_text(
+        json.dumps(
+            {"TE": list(te), "B0": 3.0, "B0_dir": [0, 0, 1], "voxel_size": [1.25, 1.25, 1.25]}
+        )
+    )
     paths["params"] = str(params)
     return d, paths, f, ph
 
@@ -52,16 +55,45 @@ def _load(p):
 def test_invert_from_local_field(sim):
     d, paths, f, ph = sim
     out = d / "chi_tkd.nii.gz"
-    rc = main(["invert", "--method", "tkd", "--localfield", paths["localfield"],
-               "--mask", paths["mask"], "-o", str(out)])
+    rc = main(
+        [
+            "invert",
+            "--method",
+            "tkd",
+            "--localfield",
+            paths["localfield"],
+            "--mask",
+            paths["mask"],
+            "-o",
+            str(out),
+        ]
+    )
     assert rc == 0
     chi = _load(out)
     nrmse, _ = qsm_eval.nrmse_challenge(chi, f["chi_local"], ph.brain_mask)
     assert nrmse < 47  # 45.6
     # the same call with a wrong B0 direction is measurably worse: B0_dir is honoured
     out2 = d / "chi_tkd_wrongdir.nii.gz"
-    assert main(["invert", "--method", "tkd", "--localfield", paths["localfield"],
-                 "--mask", paths["mask"], "--b0-dir", "1", "0", "0", "-o", str(out2)]) == 0
+    assert (
+        main(
+            [
+                "invert",
+                "--method",
+                "tkd",
+                "--localfield",
+                paths["localfield"],
+                "--mask",
+                paths["mask"],
+                "--b0-dir",
+                "1",
+                "0",
+                "0",
+                "-o",
+                str(out2),
+            ]
+        )
+        == 0
+    )
     nrmse2, _ = qsm_eval.nrmse_challenge(_load(out2), f["chi_local"], ph.brain_mask)
     assert nrmse2 > nrmse + 20
 
@@ -69,17 +101,64 @@ def test_invert_from_local_field(sim):
 def test_chain_phase_to_chi(sim):
     d, paths, f, ph = sim
     tf = d / "chain" / "totalfield.nii.gz"
-    assert main(["combine", "--method", "wls", "--phase", paths["phase"], "--magnitude",
-                 paths["magnitude"], "--mask", paths["mask"], "--params", paths["params"],
-                 "-o", str(tf)]) == 0
+    assert (
+        main(
+            [
+                "combine",
+                "--method",
+                "wls",
+                "--phase",
+                paths["phase"],
+                "--magnitude",
+                paths["magnitude"],
+                "--mask",
+                paths["mask"],
+                "--params",
+                paths["params"],
+                "-o",
+                str(tf),
+            ]
+        )
+        == 0
+    )
     lf = d / "chain" / "localfield.nii.gz"
-    assert main(["bfr", "--method", "vsharp", "--totalfield", str(tf), "--mask", paths["mask"],
-                 "--params", paths["params"], "-o", str(lf)]) == 0
+    assert (
+        main(
+            [
+                "bfr",
+                "--method",
+                "vsharp",
+                "--totalfield",
+                str(tf),
+                "--mask",
+                paths["mask"],
+                "--params",
+                paths["params"],
+                "-o",
+                str(lf),
+            ]
+        )
+        == 0
+    )
     assert (d / "chain" / "localfield_mask.nii.gz").exists()
     eroded = _load(d / "chain" / "localfield_mask.nii.gz").astype(bool)
     chi = d / "chain" / "chimap.nii.gz"
-    assert main(["dipole", "--method", "tkd", "--localfield", str(lf), "--mask",
-                 str(d / "chain" / "localfield_mask.nii.gz"), "-o", str(d / "chain") + "/"]) == 0
+    assert (
+        main(
+            [
+                "dipole",
+                "--method",
+                "tkd",
+                "--localfield",
+                str(lf),
+                "--mask",
+                str(d / "chain" / "localfield_mask.nii.gz"),
+                "-o",
+                str(d / "chain") + "/",
+            ]
+        )
+        == 0
+    )
     nrmse, _ = qsm_eval.nrmse_challenge(_load(chi), f["chi_local"], eroded)
     assert nrmse < 76  # 72.9: limited by background removal at 3.3 mm voxels
 
@@ -95,12 +174,25 @@ def test_bad_inputs_one_line_error(sim, capsys, tmp_path):
     out = tmp_path / "chi.nii.gz"
     base = ["invert", "--method", "tkd", "-o", str(out)]
     # missing file
-    rc, err = _err(capsys, base + ["--localfield", str(tmp_path / "nope.nii.gz"),
-                                   "--mask", paths["mask"]])
+    rc, err = _err(
+        capsys, base + ["--localfield", str(tmp_path / "nope.nii.gz"), "--mask", paths["mask"]]
+    )
     assert rc != 0 and "nope.nii.gz" in err and "not found" in err and "\n" not in err
     # unknown method
-    rc, err = _err(capsys, ["invert", "--method", "magic", "--localfield", paths["localfield"],
-                            "--mask", paths["mask"], "-o", str(out)])
+    rc, err = _err(
+        capsys,
+        [
+            "invert",
+            "--method",
+            "magic",
+            "--localfield",
+            paths["localfield"],
+            "--mask",
+            paths["mask"],
+            "-o",
+            str(out),
+        ],
+    )
     assert rc != 0 and "magic" in err and "tkd" in err
     # shape mismatch
     small = tmp_path / "small.nii.gz"
@@ -124,17 +216,36 @@ def test_bad_inputs_one_line_error(sim, capsys, tmp_path):
     assert rc != 0 and "NaN" in err and "nan.nii.gz" in err
     # empty mask
     empty = tmp_path / "empty.nii.gz"
-    nib.save(nib.Nifti1Image(np.zeros(ph.brain_mask.shape, np.uint8),
-                             nib.load(paths["mask"]).affine), empty)
+    nib.save(
+        nib.Nifti1Image(np.zeros(ph.brain_mask.shape, np.uint8), nib.load(paths["mask"]).affine),
+        empty,
+    )
     rc, err = _err(capsys, base + ["--localfield", paths["localfield"], "--mask", str(empty)])
     assert rc != 0 and "empty" in err
     # unknown --set parameter
-    rc, err = _err(capsys, base + ["--localfield", paths["localfield"], "--mask", paths["mask"],
-                                   "--set", "bogus=1"])
+    rc, err = _err(
+        capsys,
+        base + ["--localfield", paths["localfield"], "--mask", paths["mask"], "--set", "bogus=1"],
+    )
     assert rc != 0 and "bogus" in err
     # echo count mismatch
-    rc, err = _err(capsys, ["combine", "--method", "wls", "--phase", paths["phase"], "--te",
-                            "0.004", "0.008", "--b0", "3", "-o", str(out)])
+    rc, err = _err(
+        capsys,
+        [
+            "combine",
+            "--method",
+            "wls",
+            "--phase",
+            paths["phase"],
+            "--te",
+            "0.004",
+            "0.008",
+            "--b0",
+            "3",
+            "-o",
+            str(out),
+        ],
+    )
     assert rc != 0 and "echo" in err
     # nothing was written under the final name, and no temporary files were left behind
     assert not out.exists()
@@ -146,17 +257,46 @@ def test_set_override_changes_result(sim, tmp_path):
     outs = []
     for thr in ("0.1", "0.3"):
         out = tmp_path / f"chi_{thr}.nii.gz"
-        assert main(["invert", "--method", "tkd", "--localfield", paths["localfield"], "--mask",
-                     paths["mask"], "--set", f"threshold={thr}", "-o", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "invert",
+                    "--method",
+                    "tkd",
+                    "--localfield",
+                    paths["localfield"],
+                    "--mask",
+                    paths["mask"],
+                    "--set",
+                    f"threshold={thr}",
+                    "-o",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         outs.append(_load(out))
     assert np.abs(outs[0] - outs[1]).max() > 1e-3
 
 
 def test_console_script_exit_code(sim, tmp_path):
     d, paths, f, ph = sim
-    r = subprocess.run([sys.executable, "-m", "qsmflow.cli.stage", "bfr", "--method", "vsharp",
-                        "--totalfield", str(tmp_path / "missing.nii.gz"), "--mask", paths["mask"]],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qsmflow.cli.stage",
+            "bfr",
+            "--method",
+            "vsharp",
+            "--totalfield",
+            str(tmp_path / "missing.nii.gz"),
+            "--mask",
+            paths["mask"],
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "missing.nii.gz" in r.stderr
 
@@ -165,10 +305,34 @@ def test_dip_method_writes_std_loss_curve_and_seeds(sim, tmp_path):
     pytest.importorskip("torch")
     d, paths, f, ph = sim
     out = tmp_path / "chi.nii.gz"
-    assert main(["invert", "--method", "modip", "--localfield", paths["localfield"], "--mask",
-                 paths["mask"], "--set", "base=8", "--set", "max_iter=3", "--set", "ensemble=2",
-                 "--set", "seed=5", "--set", "device=cpu", "--set", "plateau_tol=0",
-                 "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "invert",
+                "--method",
+                "modip",
+                "--localfield",
+                paths["localfield"],
+                "--mask",
+                paths["mask"],
+                "--set",
+                "base=8",
+                "--set",
+                "max_iter=3",
+                "--set",
+                "ensemble=2",
+                "--set",
+                "seed=5",
+                "--set",
+                "device=cpu",
+                "--set",
+                "plateau_tol=0",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = ph.brain_mask
     chi, std = _load(out), _load(tmp_path / "chi_std.nii.gz")
     assert np.abs(chi[m]).max() > 0 and std[m].mean() > 0 and np.all(std[~m] == 0)
@@ -185,9 +349,29 @@ def test_modip_medi_start_and_amp_through_the_stage(sim, tmp_path, capsys):
     pytest.importorskip("torch")
     d, paths, f, ph = sim
     out = tmp_path / "chi.nii.gz"
-    base = ["invert", "--method", "modip", "--localfield", paths["localfield"], "--mask",
-            paths["mask"], "--set", "base=8", "--set", "max_iter=2", "--set", "device=cpu",
-            "--set", "net_factor=2", "--set", "init=medi", "--set", "amp=off", "-o", str(out)]
+    base = [
+        "invert",
+        "--method",
+        "modip",
+        "--localfield",
+        paths["localfield"],
+        "--mask",
+        paths["mask"],
+        "--set",
+        "base=8",
+        "--set",
+        "max_iter=2",
+        "--set",
+        "device=cpu",
+        "--set",
+        "net_factor=2",
+        "--set",
+        "init=medi",
+        "--set",
+        "amp=off",
+        "-o",
+        str(out),
+    ]
     rc, err = _err(capsys, base)
     assert rc != 0 and "magnitude" in err and "\n" not in err and not out.exists()
     assert main(base + ["--magnitude", paths["magnitude"], "--params", paths["params"]]) == 0

@@ -52,15 +52,19 @@ def _make_case(d, n, vox):
     mag, phase = simulate_megre(ph, total_field_ppm=f["total"], te_s=te, b0_tesla=3.0, snr=200)
     aff = np.diag([vox, vox, vox, 1.0])
     files = {}
-    for name, arr, dtype in (("phase", phase, np.float32), ("magnitude", mag, np.float32),
-                             ("mask", ph.brain_mask, np.uint8),
-                             ("localfield", f["local"], np.float32),
-                             ("chi", f["chi_local"], np.float32)):
+    for name, arr, dtype in (
+        ("phase", phase, np.float32),
+        ("magnitude", mag, np.float32),
+        ("mask", ph.brain_mask, np.uint8),
+        ("localfield", f["local"], np.float32),
+        ("chi", f["chi_local"], np.float32),
+    ):
         files[name] = d / f"{name}.nii.gz"
         nib.save(nib.Nifti1Image(np.asarray(arr, dtype=dtype), aff), files[name])
     files["params"] = d / "params.json"
-    files["params"].write_text(json.dumps({"TE": list(te), "B0": 3.0, "B0_dir": [0, 0, 1],
-                                           "voxel_size": [vox] * 3}))
+    files["params"].write_text(
+        json.dumps({"TE": list(te), "B0": 3.0, "B0_dir": [0, 0, 1], "voxel_size": [vox] * 3})
+    )
     return d, files, np.asarray(f["chi_local"]), np.asarray(ph.brain_mask, bool)
 
 
@@ -108,9 +112,11 @@ def test_qsmci_folders_follow_the_contract(capsys):
 def _qsmci_run(algo_dir, files, inputs, out, *, runner="local", sets=()):
     """`qsm-ci run --runner RUNNER ALGO --<artifact> FILE ... -o OUT`; qsmflow-stage from this
     checkout (the installed one may be older)."""
-    env = {**os.environ, "QSMFLOW_STAGE": f"{sys.executable} -m qsmflow.cli.stage",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                       os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "QSMFLOW_STAGE": f"{sys.executable} -m qsmflow.cli.stage",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     cmd = [sys.executable, "-m", "qsm_ci.cli", "run", "--runner", runner, str(algo_dir)]
     for art in inputs:
         cmd += [f"--{art}", str(files[art])]
@@ -135,26 +141,54 @@ def test_qsmci_rts_dipole_stage(qsmci_case, tmp_path):
     from qsmflow.cli.stage import main as stage_main
 
     d, files, truth, mask = qsmci_case
-    chi = _qsmci_run(QSMCI_DIR / "qsmflow-rts", files, ["localfield", "mask", "params"],
-                     tmp_path / "chimap.nii.gz")
-    assert stage_main(["invert", "--method", "rts", "--localfield", str(files["localfield"]),
-                       "--mask", str(files["mask"]), "--params", str(files["params"]),
-                       "-o", str(tmp_path / "direct.nii.gz")]) == 0
+    chi = _qsmci_run(
+        QSMCI_DIR / "qsmflow-rts",
+        files,
+        ["localfield", "mask", "params"],
+        tmp_path / "chimap.nii.gz",
+    )
+    assert (
+        stage_main(
+            [
+                "invert",
+                "--method",
+                "rts",
+                "--localfield",
+                str(files["localfield"]),
+                "--mask",
+                str(files["mask"]),
+                "--params",
+                str(files["params"]),
+                "-o",
+                str(tmp_path / "direct.nii.gz"),
+            ]
+        )
+        == 0
+    )
     direct = np.asarray(nib.load(tmp_path / "direct.nii.gz").dataobj, dtype=np.float64)
     np.testing.assert_allclose(chi, direct, rtol=0, atol=1e-6 * np.abs(direct).max())
     assert np.all(chi[~mask] == 0)
     err = _nrmse(chi, truth, mask)
     assert err < 50, err  # 46.0 at 48^3 (TKD: 45.6, tests/test_cli_stage.py)
-    chi2 = _qsmci_run(QSMCI_DIR / "qsmflow-rts", files, ["localfield", "mask", "params"],
-                      tmp_path / "chimap_mu.nii.gz", sets=["max_iter=1"])
+    chi2 = _qsmci_run(
+        QSMCI_DIR / "qsmflow-rts",
+        files,
+        ["localfield", "mask", "params"],
+        tmp_path / "chimap_mu.nii.gz",
+        sets=["max_iter=1"],
+    )
     assert np.abs(chi2 - chi).max() > 1e-3 * np.abs(chi).max()
 
 
 def test_qsmci_fast_end_to_end(qsmci_case, tmp_path):
     """The end-to-end span from wrapped phase: chi close to the truth (eroded mask)."""
     d, files, truth, mask = qsmci_case
-    chi = _qsmci_run(QSMCI_DIR / "qsmflow-fast", files, ["phase", "magnitude", "mask", "params"],
-                     tmp_path / "chimap.nii.gz")
+    chi = _qsmci_run(
+        QSMCI_DIR / "qsmflow-fast",
+        files,
+        ["phase", "magnitude", "mask", "params"],
+        tmp_path / "chimap.nii.gz",
+    )
     inner = mask & (chi != 0)
     assert inner.sum() > 0.5 * mask.sum()
     err = _nrmse(chi, truth, inner)
@@ -168,15 +202,22 @@ def test_qsmci_modip_dipole_stage(small_case, tmp_path):
     TV-ADMM): the --set values reach qsmflow and the map is close to the truth."""
     pytest.importorskip("torch")
     d, files, truth, mask = small_case
-    chi = _qsmci_run(QSMCI_DIR / "qsmflow-modip", files, ["localfield", "mask", "params"],
-                     tmp_path / "chimap.nii.gz", sets=["max_iter=3", "device=cpu"])
+    chi = _qsmci_run(
+        QSMCI_DIR / "qsmflow-modip",
+        files,
+        ["localfield", "mask", "params"],
+        tmp_path / "chimap.nii.gz",
+        sets=["max_iter=3", "device=cpu"],
+    )
     assert np.all(chi[~mask] == 0)
     r = np.corrcoef(chi[mask], truth[mask])[0, 1]
     assert r > 0.8, r
 
 
-@pytest.mark.skipif(not os.environ.get("QSMFLOW_IMAGE"),
-                    reason="QSMFLOW_IMAGE (a built image) not set; containers/test.sh sets it")
+@pytest.mark.skipif(
+    not os.environ.get("QSMFLOW_IMAGE"),
+    reason="QSMFLOW_IMAGE (a built image) not set; containers/test.sh sets it",
+)
 def test_qsmci_rts_docker_runner(qsmci_case, tmp_path):
     """qsm-ci's docker runner (--network none, /algo, /input, /output) with the built image
     gives the map of the local runner."""
@@ -186,12 +227,10 @@ def test_qsmci_rts_docker_runner(qsmci_case, tmp_path):
     algo = tmp_path / "qsmflow-rts"
     shutil.copytree(QSMCI_DIR / "qsmflow-rts", algo)
     yml = (algo / "algorithm.yml").read_text().splitlines()
-    yml = [f"image: {os.environ['QSMFLOW_IMAGE']}" if ln.startswith("image:") else ln
-           for ln in yml]
+    yml = [f"image: {os.environ['QSMFLOW_IMAGE']}" if ln.startswith("image:") else ln for ln in yml]
     (algo / "algorithm.yml").write_text("\n".join(yml) + "\n")
     inputs = ["localfield", "mask", "params"]
     chi_docker = _qsmci_run(algo, files, inputs, tmp_path / "docker.nii.gz", runner="docker")
     chi_local = _qsmci_run(QSMCI_DIR / "qsmflow-rts", files, inputs, tmp_path / "local.nii.gz")
-    np.testing.assert_allclose(chi_docker, chi_local, rtol=0,
-                               atol=1e-4 * np.abs(chi_local).max())
+    np.testing.assert_allclose(chi_docker, chi_local, rtol=0, atol=1e-4 * np.abs(chi_local).max())
     assert _nrmse(chi_docker, truth, mask) < 50

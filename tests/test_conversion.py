@@ -32,9 +32,11 @@ VOX = (1.0, 1.0, 2.0)
 
 
 def tree_digest(root: Path) -> dict:
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(),
-                                       p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +82,10 @@ def check_megre(anat: Path, stem: str, sim, mag_step: float):
         assert in_pi_range(pimg.get_fdata(dtype=np.float32))
         assert np.abs(circ_diff(pdat, sim["phase"][..., e])).max() <= np.pi / 4096 + 1e-5
         # B0 direction in the simulator's array axes survives the round trip
-        t = nib.orientations.ornt_transform(nib.orientations.io_orientation(pimg.affine),
-                                            nib.orientations.io_orientation(sim["affine"]))
+        t = nib.orientations.ornt_transform(
+            nib.orientations.io_orientation(pimg.affine),
+            nib.orientations.io_orientation(sim["affine"]),
+        )
         b = b0_dir_from_affine(pimg.affine)
         b_sim_axes = np.zeros(3)
         for ax, (new_ax, flip) in enumerate(t):
@@ -96,26 +100,42 @@ def check_megre(anat: Path, stem: str, sim, mag_step: float):
 def test_synthetic_classic_oblique_roundtrip(tmp_path, sim):
     dcm = tmp_path / "dicom"
     # nested, two series (Siemens: magnitude and phase apart), InstanceNumber reused per echo
-    write_series(dcm / "x" / "y", sim["mag"], sim["affine"], te_s=TE, part="mag",
-                 series_number=5, description="gre_qsm", study_uid="1.2.3.4")
-    write_series(dcm / "z", sim["phase"], sim["affine"], te_s=TE, part="phase",
-                 series_number=6, description="gre_qsm", study_uid="1.2.3.4")
+    write_series(
+        dcm / "x" / "y",
+        sim["mag"],
+        sim["affine"],
+        te_s=TE,
+        part="mag",
+        series_number=5,
+        description="gre_qsm",
+        study_uid="1.2.3.4",
+    )
+    write_series(
+        dcm / "z",
+        sim["phase"],
+        sim["affine"],
+        te_s=TE,
+        part="phase",
+        series_number=6,
+        description="gre_qsm",
+        study_uid="1.2.3.4",
+    )
     (dcm / "x" / "README.txt").write_text("not dicom")
     before = tree_digest(dcm)
-    res = convert_dicom_to_bids(dcm, tmp_path / "bids", participant_label="01",
-                                session_label="a")
+    res = convert_dicom_to_bids(dcm, tmp_path / "bids", participant_label="01", session_label="a")
     assert tree_digest(dcm) == before
     assert any("ignored (not DICOM)" in n and "README.txt" in n for n in res.notes)
     anat = tmp_path / "bids" / "sub-01" / "ses-a" / "anat"
     assert len(list(anat.glob("*.nii.gz"))) == 6
     check_megre(anat, "sub-01_ses-a", sim, sim["mag"].max() / 4095)
     assert (tmp_path / "bids" / "participants.tsv").read_text().splitlines() == [
-        "participant_id", "sub-01"]
+        "participant_id",
+        "sub-01",
+    ]
     assert not list(tmp_path.glob(".bids.qsmflow-staging-*"))
     # re-running is a no-op
     snap = tree_digest(tmp_path / "bids")
-    again = convert_dicom_to_bids(dcm, tmp_path / "bids", participant_label="01",
-                                  session_label="a")
+    again = convert_dicom_to_bids(dcm, tmp_path / "bids", participant_label="01", session_label="a")
     assert again.written == [] and len(again.unchanged) == 12  # 6 NIfTI + 6 JSON
     assert tree_digest(tmp_path / "bids") == snap
 
@@ -126,10 +146,18 @@ def test_synthetic_enhanced_roundtrip(tmp_path, sim):
     for part, num, uid in (("mag", 7, "1.2.3.71"), ("phase", 8, "1.2.3.81")):
         data = sim["mag"] if part == "mag" else sim["phase"]
         for e in range(len(TE)):
-            write_enhanced_series(dcm / f"{part}{e}.dcm", data[..., e:e + 1], sim["affine"],
-                                  te_s=TE[e:e + 1], part=part, series_number=num,
-                                  description="gre_enh", patient_id="P 7",
-                                  study_uid="1.2.3.7", series_uid=uid)
+            write_enhanced_series(
+                dcm / f"{part}{e}.dcm",
+                data[..., e : e + 1],
+                sim["affine"],
+                te_s=TE[e : e + 1],
+                part=part,
+                series_number=num,
+                description="gre_enh",
+                patient_id="P 7",
+                study_uid="1.2.3.7",
+                series_uid=uid,
+            )
     convert_dicom_to_bids(dcm, tmp_path / "bids")
     anat = tmp_path / "bids" / "sub-P7" / "ses-20240102" / "anat"
     check_megre(anat, "sub-P7_ses-20240102", sim, sim["mag"][..., :1].max() / 4095)
@@ -138,8 +166,15 @@ def test_synthetic_enhanced_roundtrip(tmp_path, sim):
 def test_enhanced_multi_echo_single_file_is_refused(tmp_path, sim):
     """dcm2niix interleaves slices and echoes of such files: refuse, naming the series."""
     dcm = tmp_path / "dicom"
-    write_enhanced_series(dcm / "m.dcm", sim["mag"], sim["affine"], te_s=TE, part="mag",
-                          series_number=7, description="gre_enh")
+    write_enhanced_series(
+        dcm / "m.dcm",
+        sim["mag"],
+        sim["affine"],
+        te_s=TE,
+        part="mag",
+        series_number=7,
+        description="gre_enh",
+    )
     with pytest.raises(ConversionError) as err:
         convert_dicom_to_bids(dcm, tmp_path / "bids")
     assert "series 7 'gre_enh'" in str(err.value) and "4-D" in str(err.value)
@@ -152,9 +187,15 @@ def test_enhanced_geometry_disagreement_is_refused(tmp_path, sim):
     import pydicom
 
     dcm = tmp_path / "dicom"
-    path = write_enhanced_series(dcm / "m.dcm", sim["mag"][..., :1], sim["affine"],
-                                 te_s=TE[:1], part="mag", series_number=7,
-                                 description="gre_enh")
+    path = write_enhanced_series(
+        dcm / "m.dcm",
+        sim["mag"][..., :1],
+        sim["affine"],
+        te_s=TE[:1],
+        part="mag",
+        series_number=7,
+        description="gre_enh",
+    )
     ds = pydicom.dcmread(path)
     ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SpacingBetweenSlices = 3.0
     ds.save_as(path)
@@ -166,8 +207,15 @@ def test_enhanced_geometry_disagreement_is_refused(tmp_path, sim):
 
 def test_refuses_to_overwrite_different_data(tmp_path, sim):
     dcm = tmp_path / "dicom"
-    write_series(dcm, sim["mag"][..., :1], sim["affine"], te_s=TE[:1], part="mag",
-                 series_number=3, description="gre")
+    write_series(
+        dcm,
+        sim["mag"][..., :1],
+        sim["affine"],
+        te_s=TE[:1],
+        part="mag",
+        series_number=3,
+        description="gre",
+    )
     convert_dicom_to_bids(dcm, tmp_path / "bids", participant_label="1", session_label="")
     target = tmp_path / "bids/sub-1/anat/sub-1_echo-1_part-mag_MEGRE.json"
     target.write_text('{"EchoTime": 1}')
@@ -181,8 +229,17 @@ def test_coil_uncombined_is_detected(tmp_path, sim):
     dcm = tmp_path / "dicom"
     uid = "1.2.3.9"
     for coil in ("H1", "H2"):
-        write_series(dcm / coil, sim["mag"][..., :1], sim["affine"], te_s=TE[:1], part="mag",
-                     series_number=4, description="gre_uncomb", coil=coil, study_uid=uid)
+        write_series(
+            dcm / coil,
+            sim["mag"][..., :1],
+            sim["affine"],
+            te_s=TE[:1],
+            part="mag",
+            series_number=4,
+            description="gre_uncomb",
+            coil=coil,
+            study_uid=uid,
+        )
     # same SeriesInstanceUID for both coil elements, as the scanner writes them
     import pydicom
 
@@ -192,8 +249,16 @@ def test_coil_uncombined_is_detected(tmp_path, sim):
         series_uid = series_uid or ds.SeriesInstanceUID
         ds.SeriesInstanceUID = series_uid
         ds.save_as(p)
-    write_series(dcm / "ok", sim["mag"], sim["affine"], te_s=TE, part="mag", series_number=5,
-                 description="gre_qsm", study_uid=uid)
+    write_series(
+        dcm / "ok",
+        sim["mag"],
+        sim["affine"],
+        te_s=TE,
+        part="mag",
+        series_number=5,
+        description="gre_qsm",
+        study_uid=uid,
+    )
     res = convert_dicom_to_bids(dcm, tmp_path / "bids", dry_run=True)
     aside = [(s.label, why) for s, why in res.plan.aside]
     assert aside and aside[0][0] == "series 4 'gre_uncomb'" and "coil-uncombined" in aside[0][1]
@@ -218,8 +283,10 @@ def test_dcm_qa_me_real_siemens(tmp_path):
         r = nib.load(ref / f"{name}.nii")
         np.testing.assert_array_equal(img.get_fdata(), r.get_fdata())
         np.testing.assert_allclose(img.affine, r.affine, atol=1e-4)
-    tes = [json.loads((fmap / f"sub-01_ses-1_magnitude{i}.json").read_text())["EchoTime"]
-           for i in (1, 2)]
+    tes = [
+        json.loads((fmap / f"sub-01_ses-1_magnitude{i}.json").read_text())["EchoTime"]
+        for i in (1, 2)
+    ]
     assert tes == pytest.approx([0.00519, 0.00765], abs=1e-9)
     pd = nib.load(fmap / "sub-01_ses-1_phasediff.nii.gz")
     pdat = pd.get_fdata()
@@ -228,7 +295,8 @@ def test_dcm_qa_me_real_siemens(tmp_path):
     np.testing.assert_allclose(pdat, rph * np.pi / 4096, atol=1e-6)
     side = json.loads((fmap / "sub-01_ses-1_phasediff.json").read_text())
     assert side["EchoTime1"] == pytest.approx(0.00519) and side["EchoTime2"] == pytest.approx(
-        0.00765)
+        0.00765
+    )
     assert not list((bids / "sub-01" / "ses-1").glob("anat/*MEGRE*"))
     func = bids / "sub-01" / "ses-1" / "func"
     for e in (1, 2):
@@ -237,5 +305,4 @@ def test_dcm_qa_me_real_siemens(tmp_path):
         np.testing.assert_array_equal(img.get_fdata(), r.get_fdata())
         np.testing.assert_allclose(img.affine, r.affine, atol=1e-4)
     assert any("protocols.pdf" in n for n in res.notes)
-    assert convert_dicom_to_bids(src, bids, participant_label="01",
-                                 session_label="1").written == []
+    assert convert_dicom_to_bids(src, bids, participant_label="01", session_label="1").written == []

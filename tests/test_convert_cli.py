@@ -30,10 +30,26 @@ def _vols(seed=0):
 def _megre(dcm: Path, *, affine=None, te=TE, uid="1.2.3.4"):
     mag, ph = _vols()
     affine = oblique_affine((1.0, 1.0, 2.0), shape=SHAPE) if affine is None else affine
-    write_series(dcm / "mag", mag, affine, te_s=te, part="mag", series_number=5,
-                 description="gre_qsm", study_uid=uid)
-    write_series(dcm / "pha", ph, affine, te_s=te, part="phase", series_number=6,
-                 description="gre_qsm", study_uid=uid)
+    write_series(
+        dcm / "mag",
+        mag,
+        affine,
+        te_s=te,
+        part="mag",
+        series_number=5,
+        description="gre_qsm",
+        study_uid=uid,
+    )
+    write_series(
+        dcm / "pha",
+        ph,
+        affine,
+        te_s=te,
+        part="phase",
+        series_number=6,
+        description="gre_qsm",
+        study_uid=uid,
+    )
 
 
 def _run_bad(tmp_path, capsys, must_name):
@@ -62,9 +78,17 @@ def test_only_non_dicom_files(tmp_path, capsys):
 
 def test_no_gre_series(tmp_path, capsys):
     mag, _ = _vols()
-    write_series(tmp_path / "dicom", mag[..., :1], np.diag([1.0, 1.0, 2.0, 1.0]),
-                 te_s=(0.09,), part="mag", series_number=9, description="t2_tse",
-                 scanning="SE", sequence_name="*tse2d1")
+    write_series(
+        tmp_path / "dicom",
+        mag[..., :1],
+        np.diag([1.0, 1.0, 2.0, 1.0]),
+        te_s=(0.09,),
+        part="mag",
+        series_number=9,
+        description="t2_tse",
+        scanning="SE",
+        sequence_name="*tse2d1",
+    )
     _run_bad(tmp_path, capsys, ["no gradient-echo (GRE) series", "series 9 't2_tse'"])
 
 
@@ -83,8 +107,16 @@ def test_echoes_with_different_geometry(tmp_path, capsys):
 
     a = oblique_affine((1.0, 1.0, 2.0), shape=SHAPE)
     a[2, 3] += 5.0
-    extra = write_series(tmp_path / "dicom" / "x", mag[..., :1], a, te_s=(0.012,), part="mag",
-                         series_number=5, description="gre_qsm", study_uid="1.2.3.4")
+    extra = write_series(
+        tmp_path / "dicom" / "x",
+        mag[..., :1],
+        a,
+        te_s=(0.012,),
+        part="mag",
+        series_number=5,
+        description="gre_qsm",
+        study_uid="1.2.3.4",
+    )
     uid = pydicom.dcmread(next((tmp_path / "dicom" / "mag").glob("*.dcm"))).SeriesInstanceUID
     for p in extra:
         ds = pydicom.dcmread(p)
@@ -106,8 +138,17 @@ def test_missing_echo_time(tmp_path, capsys):
 
 def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
     _megre(tmp_path / "dicom")
-    rc = main([str(tmp_path / "dicom"), str(tmp_path / "bids"), "--dry-run",
-               "--participant-label", "07", "--session-label", "pre"])
+    rc = main(
+        [
+            str(tmp_path / "dicom"),
+            str(tmp_path / "bids"),
+            "--dry-run",
+            "--participant-label",
+            "07",
+            "--session-label",
+            "pre",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "series 6 'gre_qsm'" in out
@@ -118,8 +159,10 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
 def test_heuristic_and_rerun(tmp_path, capsys):
     _megre(tmp_path / "dicom")
     heur = tmp_path / "map.json"
-    heur.write_text('{"participants": {"phantom": "A1"}, "sessions": {"20240102": ""}, '
-                    '"series": {"gre_qsm": {"acq": "qsm"}}}')
+    heur.write_text(
+        '{"participants": {"phantom": "A1"}, "sessions": {"20240102": ""}, '
+        '"series": {"gre_qsm": {"acq": "qsm"}}}'
+    )
     args = [str(tmp_path / "dicom"), str(tmp_path / "bids"), "--heuristic", str(heur)]
     assert main(args) == 0
     assert (tmp_path / "bids/sub-A1/anat/sub-A1_acq-qsm_echo-1_part-mag_MEGRE.nii.gz").exists()
@@ -133,8 +176,9 @@ def test_nipype_workflow(tmp_path):
     from qsmflow.workflows.conversion import init_dicom_to_bids_wf
 
     _megre(tmp_path / "dicom")
-    wf = init_dicom_to_bids_wf(dicom_dir=tmp_path / "dicom", bids_dir=tmp_path / "bids",
-                               participant_label="01")
+    wf = init_dicom_to_bids_wf(
+        dicom_dir=tmp_path / "dicom", bids_dir=tmp_path / "bids", participant_label="01"
+    )
     wf.base_dir = str(tmp_path / "work")
     graph = wf.run()
     node = next(n for n in graph.nodes() if n.name == "convert")

@@ -18,8 +18,10 @@ def test_demo_runs_and_reports_accuracy(tmp_path, capsys):
     tail = out.rsplit("QC reports", 1)[-1]
     pages = re.findall(r"(\S+\.html)", tail)
     assert [p.rsplit("/", 1)[-1] for p in pages] == ["sub-01.html", "sub-02.html", "index.html"]
-    assert all((tmp_path / "demo" / "derivatives" / "qsmflow" / p.rsplit("/", 1)[-1]).is_file()
-               for p in pages)
+    assert all(
+        (tmp_path / "demo" / "derivatives" / "qsmflow" / p.rsplit("/", 1)[-1]).is_file()
+        for p in pages
+    )
     scores = [float(x) for x in re.findall(r"NRMSE ([0-9.]+) %", out)]
     corrs = [float(x) for x in re.findall(r"correlation ([0-9.]+)", out)]
     assert len(scores) == 2 and len(corrs) == 2

@@ -22,8 +22,9 @@ VOX = (2.0, 2.0, 2.5)
 
 
 def _to_grid(img, ref_affine):
-    t = nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine),
-                                        nib.orientations.io_orientation(ref_affine))
+    t = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(img.affine), nib.orientations.io_orientation(ref_affine)
+    )
     return nib.orientations.apply_orientation(np.asarray(img.get_fdata()), t)
 
 
@@ -34,16 +35,48 @@ def test_dicom_to_chi(tmp_path):
     fields = simulate_fields(ph, b0_dir=b0)
     mag, phase = simulate_megre(ph, total_field_ppm=fields["total"], te_s=TE, snr=100.0)
     dcm = tmp_path / "dicom"
-    write_series(dcm / "mag", mag, affine, te_s=TE, part="mag", series_number=5,
-                 description="gre_qsm", study_uid="1.2.3.9")
-    write_series(dcm / "pha", phase, affine, te_s=TE, part="phase", series_number=6,
-                 description="gre_qsm", study_uid="1.2.3.9")
+    write_series(
+        dcm / "mag",
+        mag,
+        affine,
+        te_s=TE,
+        part="mag",
+        series_number=5,
+        description="gre_qsm",
+        study_uid="1.2.3.9",
+    )
+    write_series(
+        dcm / "pha",
+        phase,
+        affine,
+        te_s=TE,
+        part="phase",
+        series_number=6,
+        description="gre_qsm",
+        study_uid="1.2.3.9",
+    )
     bids = tmp_path / "bids"
     assert convert_main([str(dcm), str(bids), "--participant-label", "01", "-q"]) == 0
 
     out, work = tmp_path / "out", tmp_path / "work"
-    assert run_main([str(bids), str(out), "participant", "-w", str(work), "--nprocs", "2",
-                     "--bfr", "vsharp", "--inversion", "tv"]) == 0
+    assert (
+        run_main(
+            [
+                str(bids),
+                str(out),
+                "participant",
+                "-w",
+                str(work),
+                "--nprocs",
+                "2",
+                "--bfr",
+                "vsharp",
+                "--inversion",
+                "tv",
+            ]
+        )
+        == 0
+    )
     # the converted raw dataset and the derivatives (with a session) are valid BIDS
     assert _validator_errors(bids) == []
     assert _validator_errors(out) == []

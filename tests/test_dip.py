@@ -52,9 +52,11 @@ def _corr(a, b, m):
 
 
 def test_import_does_not_need_torch():
-    code = ("import sys, qsmflow.algorithms.dip as d, qsmflow.algorithms.dip.modip, "
-            "qsmflow.algorithms.dip.dip, qsmflow.algorithms.dip.inr; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, qsmflow.algorithms.dip as d, qsmflow.algorithms.dip.modip, "
+        "qsmflow.algorithms.dip.dip, qsmflow.algorithms.dip.inr; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -73,14 +75,16 @@ def test_torch_dipole_matches_numpy(head):
     x = head["chi"][4:28, 2:30, 5:27]
     ref = DipoleOperator(x.shape, voxel_size=(1, 1, 2), b0_dir=OBLIQUE, pad_factor=1.5).forward(x)
     got = TorchDipole(x.shape, voxel_size=(1, 1, 2), b0_dir=OBLIQUE, pad_factor=1.5)(
-        torch.from_numpy(x)).numpy()
+        torch.from_numpy(x)
+    ).numpy()
     np.testing.assert_allclose(got, ref, atol=1e-6 * np.abs(ref).max() + 1e-9)
 
 
 def test_modip_fits_and_is_accurate(head):
     m = head["mask"]
-    r = modip_mod.fit_modip(head["field"], m, voxel_size=(VS,) * 3, base=16, max_iter=40,
-                            plateau_tol=0, **PUBLISHED)
+    r = modip_mod.fit_modip(
+        head["field"], m, voxel_size=(VS,) * 3, base=16, max_iter=40, plateau_tol=0, **PUBLISHED
+    )
     assert r.stopped_reason == "max_iter" and len(r.history) == 40
     l0, l1 = _first_last(r.history, "loss")
     r0, r1 = _first_last(r.history, "residual")
@@ -114,8 +118,9 @@ def test_stopping_rule_plateau_and_discrepancy(head):
     rng = np.random.default_rng(0)
     sigma = 0.25 * float(np.sqrt(np.mean(head["field"][m] ** 2)))
     noisy = head["field"] + rng.normal(0, sigma, m.shape).astype(np.float32)
-    r = modip_mod.fit_modip(noisy, m, noise=np.full(m.shape, sigma, np.float32),
-                            plateau_tol=0, **kw)
+    r = modip_mod.fit_modip(
+        noisy, m, noise=np.full(m.shape, sigma, np.float32), plateau_tol=0, **kw
+    )
     assert r.stopped_reason == "discrepancy" and len(r.history) < 200
     assert r.history[-1]["discrepancy"] <= 1.0 < r.history[0]["discrepancy"]
     # map convergence: the averaged map's change per window is recorded and decreases; a
@@ -148,8 +153,9 @@ def test_modip_respects_b0_direction(head):
     # continuous kernel: the simulator's default "integral" kernel disagrees with the
     # dipole model by ~30-45 % for oblique B0 (reported), which would hide the effect tested
     f = simulate_fields(head["ph"], b0_dir=OBLIQUE, kind="continuous")["local"]
-    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=25, plateau_tol=0, dc_mode="kspace",
-              **PUBLISHED)
+    kw = dict(
+        voxel_size=(VS,) * 3, base=8, max_iter=25, plateau_tol=0, dc_mode="kspace", **PUBLISHED
+    )
     good = modip_mod.invert_modip(f, m, b0_dir=OBLIQUE, **kw)
     bad = modip_mod.invert_modip(f, m, b0_dir=(0, 0, 1), **kw)
     e_good = qsm_eval.nrmse_challenge(good, head["chi"], m)[0]
@@ -168,8 +174,17 @@ def test_modip_kspace_and_coarse_to_fine_modes(head):
 
 def test_dip_loss_and_residual_decrease(head):
     m = head["mask"]
-    r = dip_mod.fit_dip(head["field"], m, voxel_size=(VS,) * 3, base=8, depth=2, lr=1e-2,
-                        max_iter=30, plateau_tol=0, **FAST)
+    r = dip_mod.fit_dip(
+        head["field"],
+        m,
+        voxel_size=(VS,) * 3,
+        base=8,
+        depth=2,
+        lr=1e-2,
+        max_iter=30,
+        plateau_tol=0,
+        **FAST,
+    )
     l0, l1 = _first_last(r.history, "loss")
     r0, r1 = _first_last(r.history, "residual")
     # plain DIP converges slowly (no data-consistency steps): 30 iterations only start it
@@ -197,8 +212,9 @@ def test_inr_gradient_weights_ramp():
     mask = np.zeros(chi0.shape, bool)
     mask[1:-1, 1:-1, 1:-1] = True
     w = inr_mod.gradient_weights(chi0, mask, (1.0, 1.0, 1.0), (0.5, 0.7))
-    g = np.abs(np.stack([np.diff(chi0, axis=i, append=np.take(chi0, [-1], axis=i))
-                         for i in range(3)]))
+    g = np.abs(
+        np.stack([np.diff(chi0, axis=i, append=np.take(chi0, [-1], axis=i)) for i in range(3)])
+    )
     lo, hi = np.quantile(g[:, mask], [0.5, 0.7])
     assert w.shape == (3,) + chi0.shape
     assert np.all(w[g <= lo] == 1) and np.all(w[g >= hi] == 0)
@@ -275,8 +291,9 @@ def test_modip_checkpointing_gives_the_same_fit(head):
 def test_modip_warm_start_from_tv_and_medi(head):
     m, ph = head["mask"], head["ph"]
     mag = ph.m0 * np.exp(-0.02 * ph.r2star)
-    kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=5, plateau_tol=0, magnitude=mag, net_factor=1,
-              **FAST)
+    kw = dict(
+        voxel_size=(VS,) * 3, base=8, max_iter=5, plateau_tol=0, magnitude=mag, net_factor=1, **FAST
+    )
     err = {}
     for init in ("none", "tv", "medi"):
         chi = modip_mod.invert_modip(head["field"], m, init=init, **kw)
@@ -308,10 +325,21 @@ def test_modip_coarse_network_with_tv_start_beats_tv(head):
     from qsmflow.algorithms.inversion_tv import invert_tv
 
     m = head["mask"]
-    e_tv = qsm_eval.nrmse_challenge(invert_tv(head["field"], m, voxel_size=(VS,) * 3),
-                                    head["chi"], m)[0]
-    r = modip_mod.fit_modip(head["field"], m, voxel_size=(VS,) * 3, base=8, max_iter=30,
-                            plateau_tol=0, net_factor=2, init="tv", dc_steps=10, **FAST)
+    e_tv = qsm_eval.nrmse_challenge(
+        invert_tv(head["field"], m, voxel_size=(VS,) * 3), head["chi"], m
+    )[0]
+    r = modip_mod.fit_modip(
+        head["field"],
+        m,
+        voxel_size=(VS,) * 3,
+        base=8,
+        max_iter=30,
+        plateau_tol=0,
+        net_factor=2,
+        init="tv",
+        dc_steps=10,
+        **FAST,
+    )
     e = qsm_eval.nrmse_challenge(r.chi, head["chi"], m)[0]
     assert e < 0.95 * e_tv, (e, e_tv)
     # the output layer starts at zero: the first loss is the TV map's (refined), and the
@@ -326,15 +354,27 @@ def test_modip_cpu_defaults_and_time_budget(head):
     """device=auto without a GPU gets the CPU recipe (coarse network, TV start, a wall-clock
     budget, recorded); a budget stops the fit with its own reason."""
     m = head["mask"]
-    r = modip_mod.fit_modip(head["field"], m, voxel_size=(VS,) * 3, base=8, max_iter=3,
-                            plateau_tol=0, **FAST)
+    r = modip_mod.fit_modip(
+        head["field"], m, voxel_size=(VS,) * 3, base=8, max_iter=3, plateau_tol=0, **FAST
+    )
     s = r.sidecar()["settings"]
     assert (s["init"], s["net_factor"], s["device_defaults"]) == ("tv", 2, "cpu")
     assert s["max_time_s"] == modip_mod.CPU_DEFAULTS["max_time_s"] <= 15 * 60
-    assert modip_mod.GPU_DEFAULTS == {"init": "none", "net_factor": 1, "dc_steps": 10,
-                                      "max_time_s": None}
-    t = modip_mod.fit_modip(head["field"], m, voxel_size=(VS,) * 3, base=8, max_iter=10**6,
-                            plateau_tol=0, **{**PUBLISHED, "max_time_s": 1.0})
+    assert modip_mod.GPU_DEFAULTS == {
+        "init": "none",
+        "net_factor": 1,
+        "dc_steps": 10,
+        "max_time_s": None,
+    }
+    t = modip_mod.fit_modip(
+        head["field"],
+        m,
+        voxel_size=(VS,) * 3,
+        base=8,
+        max_iter=10**6,
+        plateau_tol=0,
+        **{**PUBLISHED, "max_time_s": 1.0},
+    )
     assert t.stopped_reason == "time_budget"
     assert len(t.history) < 10**6
     with pytest.raises(ValueError, match="max_time_s"):
@@ -353,11 +393,9 @@ def test_modip_cpu_default_finishes_64cubed_within_its_budget():
 
     c = make_invivo_case((64,) * 3, voxel_size=(2.5,) * 3, seed=0)
     t = time.perf_counter()
-    r = modip_mod.fit_modip(c.field, c.mask, voxel_size=c.voxel_size, noise=c.noise,
-                            device="cpu")
+    r = modip_mod.fit_modip(c.field, c.mask, voxel_size=c.voxel_size, noise=c.noise, device="cpu")
     sec = time.perf_counter() - t
-    assert r.stopped_reason in ("discrepancy", "plateau", "converged", "max_iter",
-                                "time_budget")
+    assert r.stopped_reason in ("discrepancy", "plateau", "converged", "max_iter", "time_budget")
     # the budget covers the warm start and the iterations; allow one iteration's overshoot
     # plus setup and the final paste
     assert sec < modip_mod.CPU_DEFAULTS["max_time_s"] + 60

@@ -129,8 +129,8 @@ def test_uniform_field_inside_ellipsoid_oblique():
         for oy in offs:
             for oz in offs:
                 frac += ((g + ox)[:, None, None] / ax[0]) ** 2 + (
-                    (g + oy)[None, :, None] / ax[1]) ** 2 + (
-                    (g + oz)[None, None, :] / ax[2]) ** 2 <= 1
+                    (g + oy)[None, :, None] / ax[1]
+                ) ** 2 + ((g + oz)[None, None, :] / ax[2]) ** 2 <= 1
     frac /= 27
 
     def demag(i):
@@ -139,7 +139,8 @@ def test_uniform_field_inside_ellipsoid_oblique():
 
     N = np.array([demag(i) for i in range(3)])
     inner = (g[:, None, None] / ax[0]) ** 2 + (g[None, :, None] / ax[1]) ** 2 + (
-        g[None, None, :] / ax[2]) ** 2 < 0.25
+        g[None, None, :] / ax[2]
+    ) ** 2 < 0.25
     b = np.array([0.3, 0.2, 0.93]) / np.linalg.norm([0.3, 0.2, 0.93])
     exact = 1 / 3 - np.sum(N * b**2)
     f_int = forward_field(frac, b0_dir=b, kind="integral")[inner]

@@ -30,19 +30,30 @@ def _env():
 
 
 def _cmd(bids, out, work, *extra):
-    return [sys.executable, "-m", "qsmflow.cli.run", str(bids), str(out), "participant",
-            "-w", str(work), "--nprocs", "2", *map(str, extra)]
+    return [
+        sys.executable,
+        "-m",
+        "qsmflow.cli.run",
+        str(bids),
+        str(out),
+        "participant",
+        "-w",
+        str(work),
+        "--nprocs",
+        "2",
+        *map(str, extra),
+    ]
 
 
 def _run(bids, out, work, *extra, timeout=600):
-    res = subprocess.run(_cmd(bids, out, work, *extra), capture_output=True, text=True,
-                         env=_env(), timeout=timeout)
+    res = subprocess.run(
+        _cmd(bids, out, work, *extra), capture_output=True, text=True, env=_env(), timeout=timeout
+    )
     return res.returncode, res.stdout + res.stderr
 
 
 def _chi(out, sub):
-    return np.asarray(nib.load(out / f"sub-{sub}" / "anat" / f"sub-{sub}_Chimap.nii.gz")
-                      .dataobj)
+    return np.asarray(nib.load(out / f"sub-{sub}" / "anat" / f"sub-{sub}_Chimap.nii.gz").dataobj)
 
 
 def _break_subject(bids, sub):
@@ -83,8 +94,9 @@ def test_one_broken_subject_of_eight(eight):
 
 def test_verbose_shows_the_traceback(eight, tmp_path):
     root, _, _, _ = eight
-    rc, text = _run(root / "bids", tmp_path / "out", root / "work", "--participant-label",
-                    "05", "-v")
+    rc, text = _run(
+        root / "bids", tmp_path / "out", root / "work", "--participant-label", "05", "-v"
+    )
     assert rc == 1 and "Traceback" in text and "sub-05: FAILED" in text
 
 
@@ -108,8 +120,13 @@ def test_interrupt_stops_workers_and_rerun_resumes(sig, code, eight, tmp_path):
     _, ref_out, _, _ = eight
     bids = write_bids_dataset(tmp_path / "bids", subjects=SUBJECTS[:2], **KW)
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.Popen(_cmd(bids, out, work), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=_env())
+    proc = subprocess.Popen(
+        _cmd(bids, out, work),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+    )
     deadline = time.monotonic() + 300
     wf = work / "qsmflow_0_1_wf"
     while time.monotonic() < deadline and proc.poll() is None:
@@ -143,8 +160,13 @@ def test_interrupt_stops_workers_and_rerun_resumes(sig, code, eight, tmp_path):
 
 
 def test_work_dir_a_file_does_not_hang(tmp_path):
-    bids = write_bids_dataset(tmp_path / "bids", subjects=("01",), shape=(12, 12, 12),
-                              voxel_size=(4.0,) * 3, te_s=(0.004, 0.012))
+    bids = write_bids_dataset(
+        tmp_path / "bids",
+        subjects=("01",),
+        shape=(12, 12, 12),
+        voxel_size=(4.0,) * 3,
+        te_s=(0.004, 0.012),
+    )
     (tmp_path / "w").write_text("not a folder")
     rc, text = _run(bids, tmp_path / "out", tmp_path / "w", timeout=120)
     assert rc == 2 and "work directory (-w) is a file" in text and "Traceback" not in text

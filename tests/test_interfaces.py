@@ -26,9 +26,15 @@ qsm_eval = pytest.importorskip("qsm_ci.qsm_eval")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("ifc")
-    bids = write_bids_dataset(root / "bids", subjects=("01",), shape=(32, 32, 32),
-                              voxel_size=(2.0, 2.0, 2.0), te_s=(0.004, 0.012),
-                              phase_as_int=True, oblique_deg=10.0)
+    bids = write_bids_dataset(
+        root / "bids",
+        subjects=("01",),
+        shape=(32, 32, 32),
+        voxel_size=(2.0, 2.0, 2.0),
+        te_s=(0.004, 0.012),
+        phase_as_int=True,
+        oblique_deg=10.0,
+    )
     anat = bids / "sub-01" / "anat"
     return {
         "root": root,
@@ -51,8 +57,9 @@ def _run(iface, tmp_path, name):
 def test_chain_of_stage_interfaces(data, tmp_path):
     torch_before = "torch" in sys.modules  # other test modules may have imported it
     ref = nib.load(data["phase"][0])
-    prep = _run(PreparePhase(phase_files=data["phase"], magnitude_files=data["mag"]), tmp_path,
-                "prep")
+    prep = _run(
+        PreparePhase(phase_files=data["phase"], magnitude_files=data["mag"]), tmp_path, "prep"
+    )
     ph = nib.load(prep.phase)
     assert ph.shape == (32, 32, 32, 2) and np.allclose(ph.affine, ref.affine, atol=1e-6)
     assert np.abs(ph.get_fdata()).max() <= np.pi + 1e-3
@@ -63,33 +70,69 @@ def test_chain_of_stage_interfaces(data, tmp_path):
     m, tm = _arr(mask) > 0, _arr(data["truth"]["desc-brain_mask"]) > 0
     assert (m & tm).sum() / (m | tm).sum() > 0.8  # Jaccard vs the true brain
 
-    fm = _run(FieldMap(method="wls", phase=prep.phase, magnitude=prep.magnitude, mask=mask,
-                       te_s=[0.004, 0.012], b0_tesla=3.0, settings={"unwrap": "romeo"}),
-              tmp_path, "field")
+    fm = _run(
+        FieldMap(
+            method="wls",
+            phase=prep.phase,
+            magnitude=prep.magnitude,
+            mask=mask,
+            te_s=[0.004, 0.012],
+            b0_tesla=3.0,
+            settings={"unwrap": "romeo"},
+        ),
+        tmp_path,
+        "field",
+    )
     f, tot = _arr(fm.field), _arr(data["truth"]["desc-total_fieldmap"])
     r = (f - tot)[m]
     assert np.median(np.abs(r - np.median(r))) < 0.05  # ppm; total field spans ~1 ppm
 
-    uw = _run(Unwrap(method="romeo", phase=prep.phase, magnitude=prep.magnitude, mask=mask,
-                      te_s=[0.004, 0.012]), tmp_path, "unwrap")
+    uw = _run(
+        Unwrap(
+            method="romeo",
+            phase=prep.phase,
+            magnitude=prep.magnitude,
+            mask=mask,
+            te_s=[0.004, 0.012],
+        ),
+        tmp_path,
+        "unwrap",
+    )
     u = _arr(uw.unwrapped)
     assert u.shape == (32, 32, 32, 2)
     d = np.angle(np.exp(1j * (u - ph.get_fdata())))
     assert np.abs(d[m]).max() < 1e-3  # ROMEO is congruent with the wrapped phase
 
     # background removal and inversion from the true total field / local field
-    bf = _run(BackgroundRemoval(method="vsharp", field=str(data["truth"]["desc-total_fieldmap"]),
-                                mask=str(data["truth"]["desc-brain_mask"])), tmp_path, "bfr")
+    bf = _run(
+        BackgroundRemoval(
+            method="vsharp",
+            field=str(data["truth"]["desc-total_fieldmap"]),
+            mask=str(data["truth"]["desc-brain_mask"]),
+        ),
+        tmp_path,
+        "bfr",
+    )
     em = _arr(bf.mask) > 0
     assert em.sum() < tm.sum() and em.any()
     loc = _arr(data["truth"]["desc-local_fieldmap"])
     assert qsm_eval.correlation(_arr(bf.local_field), loc, em) > 0.5
 
-    inv = _run(Inversion(method="rts", field=str(data["truth"]["desc-local_fieldmap"]),
-                         mask=str(data["truth"]["desc-brain_mask"]), b0_dir=prep.b0_dir),
-               tmp_path, "inv")
-    rf = _run(Reference(method="mean", chi=inv.chi, mask=str(data["truth"]["desc-brain_mask"])),
-              tmp_path, "ref")
+    inv = _run(
+        Inversion(
+            method="rts",
+            field=str(data["truth"]["desc-local_fieldmap"]),
+            mask=str(data["truth"]["desc-brain_mask"]),
+            b0_dir=prep.b0_dir,
+        ),
+        tmp_path,
+        "inv",
+    )
+    rf = _run(
+        Reference(method="mean", chi=inv.chi, mask=str(data["truth"]["desc-brain_mask"])),
+        tmp_path,
+        "ref",
+    )
     chi, truth = _arr(rf.chi), _arr(data["truth"]["Chimap"])
     assert abs(chi[tm].mean()) < 1e-4
     nrmse = qsm_eval.nrmse_challenge(chi, truth, tm)[0]
@@ -98,20 +141,42 @@ def test_chain_of_stage_interfaces(data, tmp_path):
 
     # derivatives writer
     out = tmp_path / "deriv"
-    ds = _run(DerivativesWriter(output_dir=str(out), prefix="sub-01_ses-a_run-1", session="a",
-                                chi=rf.chi, mask=bf.mask, total_field=fm.field,
-                                local_field=bf.local_field, metadata={"RandomSeed": 3},
-                                chi_unreferenced=inv.chi, magnitude=prep.magnitude,
-                                phase_scaling=prep.phase_scaling, source_files=["x"]),
-              tmp_path, "ds")
+    ds = _run(
+        DerivativesWriter(
+            output_dir=str(out),
+            prefix="sub-01_ses-a_run-1",
+            session="a",
+            chi=rf.chi,
+            mask=bf.mask,
+            total_field=fm.field,
+            local_field=bf.local_field,
+            metadata={"RandomSeed": 3},
+            chi_unreferenced=inv.chi,
+            magnitude=prep.magnitude,
+            phase_scaling=prep.phase_scaling,
+            source_files=["x"],
+        ),
+        tmp_path,
+        "ds",
+    )
     names = sorted(p.split("/")[-1] for p in ds.out_files)
-    assert names == sorted(f"sub-01_ses-a_run-1_{s}.{e}" for s in (
-        "Chimap", "desc-brain_mask", "desc-total_fieldmap", "desc-local_fieldmap",
-        "desc-total_magnitude", "desc-local_magnitude") for e in ("nii.gz", "json"))
+    assert names == sorted(
+        f"sub-01_ses-a_run-1_{s}.{e}"
+        for s in (
+            "Chimap",
+            "desc-brain_mask",
+            "desc-total_fieldmap",
+            "desc-local_fieldmap",
+            "desc-total_magnitude",
+            "desc-local_magnitude",
+        )
+        for e in ("nii.gz", "json")
+    )
     ses = out / "sub-01" / "ses-a"
     for p in ds.out_files:  # fieldmaps and their magnitude in fmap/ (BIDS), the rest in anat/
-        assert p.startswith(str(ses / ("fmap" if "_desc-total_" in p or "_desc-local_" in p
-                                       else "anat")))
+        assert p.startswith(
+            str(ses / ("fmap" if "_desc-total_" in p or "_desc-local_" in p else "anat"))
+        )
     side = json.loads((ses / "anat/sub-01_ses-a_run-1_Chimap.json").read_text())
     assert side["Units"] == "ppm" and side["RandomSeed"] == 3 and side["Sources"] == ["x"]
     assert isinstance(side["SoftwareVersions"], str) and side["SkullStripped"] is True
@@ -127,10 +192,18 @@ def test_inversion_modip_writes_std_and_loss_curve(data, tmp_path):
     curve (with the stop reason and seeds) are written next to chi."""
     pytest.importorskip("torch")
     t = data["truth"]
-    res = _run(Inversion(method="modip", field=str(t["desc-local_fieldmap"]),
-                         mask=str(t["desc-brain_mask"]), seed=7, device="cpu",
-                         settings={"max_iter": 4, "ensemble": 2, "threads": 1}),
-               tmp_path, "dip")
+    res = _run(
+        Inversion(
+            method="modip",
+            field=str(t["desc-local_fieldmap"]),
+            mask=str(t["desc-brain_mask"]),
+            seed=7,
+            device="cpu",
+            settings={"max_iter": 4, "ensemble": 2, "threads": 1},
+        ),
+        tmp_path,
+        "dip",
+    )
     side = json.loads(open(res.sidecar).read())
     assert side["seeds"][0] == 7 and len(side["seeds"]) == 2 and side["device"] == "cpu"
     assert side["stopped_reason"] and side["method"] == "modip"
@@ -143,9 +216,17 @@ def test_inversion_modip_writes_std_and_loss_curve(data, tmp_path):
 
 
 def test_methods_text_cites_only_steps_run():
-    res = {s: {"method": m, "settings": {}} for s, m in (
-        ("unwrap", "laplacian"), ("combine", "wls"), ("mask", "bet"), ("bfr", "pdf"),
-        ("invert", "tkd"), ("reference", "mean"))}
+    res = {
+        s: {"method": m, "settings": {}}
+        for s, m in (
+            ("unwrap", "laplacian"),
+            ("combine", "wls"),
+            ("mask", "bet"),
+            ("bfr", "pdf"),
+            ("invert", "tkd"),
+            ("reference", "mean"),
+        )
+    }
     txt = methods_text(res, version="0.1.0")
     assert "Shmueli" in txt and "Schofield" in txt and "projection onto dipole" in txt
     assert "Kames" not in txt and "ROMEO" not in txt.split("## References")[1]

@@ -28,14 +28,21 @@ def case():
     rng = np.random.default_rng(1)
     # ~1 ppb of field noise, a little above the noise of a 4-echo fit at SNR 100 and 3 T
     field = fields["local"] + 0.001 * rng.standard_normal(mask.shape).astype(np.float32) * mask
-    return {"field": field.astype(np.float32), "mask": mask, "mag": mag,
-            "truth": fields["chi_local"]}
+    return {
+        "field": field.astype(np.float32),
+        "mask": mask,
+        "mag": mag,
+        "truth": fields["chi_local"],
+    }
 
 
 def _scores(chi, case):
     truth, mask = case["truth"], case["mask"]
-    return {"nrmse": nrmse_challenge(chi, truth, mask)[0], "hfen": hfen(chi, truth, mask),
-            "xsim": xsim(chi, truth, mask)}
+    return {
+        "nrmse": nrmse_challenge(chi, truth, mask)[0],
+        "hfen": hfen(chi, truth, mask),
+        "xsim": xsim(chi, truth, mask),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +68,8 @@ def test_phase_scale():
     s = phase_scale_rad_per_ppm((0.004, 0.008, 0.012), 3.0)
     assert s == pytest.approx(2 * np.pi * GAMMA_BAR_HZ_PER_T * 3.0 * 1e-6 * 0.004, rel=1e-9)
     assert phase_scale_rad_per_ppm((0.02,), 7.0) == pytest.approx(
-        2 * np.pi * GAMMA_BAR_HZ_PER_T * 7.0 * 1e-6 * 0.02, rel=1e-9)
+        2 * np.pi * GAMMA_BAR_HZ_PER_T * 7.0 * 1e-6 * 0.02, rel=1e-9
+    )
     with pytest.raises(ValueError):
         phase_scale_rad_per_ppm((0.01, 0.005), 3.0)
     with pytest.raises(ValueError):
@@ -85,7 +93,8 @@ def test_ndi_phantom(case, tkd_scores):
     # public wrapper gives the same map
     np.testing.assert_allclose(
         invert_ndi(case["field"], case["mask"], magnitude=case["mag"], te_s=TE, maxit=20),
-        _ndi(case["field"], case["mask"], magnitude=case["mag"], te_s=TE, maxit=20)[0])
+        _ndi(case["field"], case["mask"], magnitude=case["mag"], te_s=TE, maxit=20)[0],
+    )
 
 
 def test_ndi_early_stopping_regularises(case):
@@ -115,8 +124,7 @@ def test_medi_edge_prior_matters(case):
     """A uniform M_G (plain TV, no morphology) is far worse than the magnitude edges."""
     good, _ = _medi(case["field"], case["mask"], magnitude=case["mag"], te_s=TE)
     uniform = np.ones((3,) + case["mask"].shape, dtype=bool)
-    bad, _ = _medi(case["field"], case["mask"], magnitude=case["mag"], te_s=TE,
-                   edge_mask=uniform)
+    bad, _ = _medi(case["field"], case["mask"], magnitude=case["mag"], te_s=TE, edge_mask=uniform)
     sg, sb = _scores(good, case), _scores(bad, case)
     assert sb["nrmse"] > 2.5 * sg["nrmse"]  # 36.8 % vs 7.6 %
     assert sb["hfen"] > 3.0 * sg["hfen"]  # 69 % vs 8.7 %
@@ -134,8 +142,9 @@ def test_medi_edge_mask_fraction(case):
 
 def test_medi_noise_weighting(case):
     noise = np.where(case["mask"], 0.001, 1.0).astype(np.float32)
-    chi = invert_medi(case["field"], case["mask"], magnitude=case["mag"], noise=noise,
-                      te_s=TE, max_iter=2)
+    chi = invert_medi(
+        case["field"], case["mask"], magnitude=case["mag"], noise=noise, te_s=TE, max_iter=2
+    )
     assert np.isfinite(chi).all() and _scores(chi, case)["nrmse"] < 15.0
 
 

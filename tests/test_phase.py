@@ -119,9 +119,7 @@ def test_complexfit_field_and_noise(sim):
     ph, total, mag, pha, pha_off, offset = sim
     bm = ph.brain_mask
     # no offset removal needed; the whole head (noisy skull, steep fields) as mask
-    field, noise = estimate_field_complexfit(
-        pha_off, mag, te_s=TE, b0_tesla=B0, mask=ph.head_mask
-    )
+    field, noise = estimate_field_complexfit(pha_off, mag, te_s=TE, b0_tesla=B0, mask=ph.head_mask)
     assert field.shape == noise.shape == bm.shape
     assert nrmse_challenge(field, total, bm)[0] < 1.2  # reaches 0.94
     err = (field - total)[bm]

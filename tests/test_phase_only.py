@@ -26,8 +26,7 @@ def test_phase_only_mask_and_chi_on_the_realistic_head(head):
     recall = np.sum(mask & h.brain_mask) / h.brain_mask.sum()
     assert outside < 0.08  # achieved 0.043 (0.557 without the late-echo term)
     assert recall > 0.9  # achieved 0.928 (BET on the magnitude: 0.937)
-    acq = {"voxel_size": h.voxel_size, "b0_dir": h.b0_dir, "te_s": h.te_s,
-           "b0_tesla": h.b0_tesla}
+    acq = {"voxel_size": h.voxel_size, "b0_dir": h.b0_dir, "te_s": h.te_s, "b0_tesla": h.b0_tesla}
     field = execute("combine", "wls", dict(acq, phase=h.phase)).data
     res = execute("bfr", "lbv", dict(acq, field=field, mask=mask))
     local, mask = res.data, res.extras.get("mask", mask)

@@ -14,14 +14,22 @@ from qsmflow.sims.bids import write_bids_dataset
 qsm_eval = pytest.importorskip("qsm_ci.qsm_eval")
 
 SUBJECTS = ("01", "02")
-STEMS = ("anat/{p}_Chimap", "anat/{p}_desc-brain_mask", "fmap/{p}_desc-total_fieldmap",
-         "fmap/{p}_desc-local_fieldmap", "fmap/{p}_desc-total_magnitude",
-         "fmap/{p}_desc-local_magnitude")
+STEMS = (
+    "anat/{p}_Chimap",
+    "anat/{p}_desc-brain_mask",
+    "fmap/{p}_desc-total_fieldmap",
+    "fmap/{p}_desc-local_fieldmap",
+    "fmap/{p}_desc-total_magnitude",
+    "fmap/{p}_desc-local_magnitude",
+)
 
 
 def _hash_tree(root: Path) -> dict:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _executed(work: Path) -> list:
@@ -31,9 +39,15 @@ def _executed(work: Path) -> list:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    bids = write_bids_dataset(root / "bids", subjects=SUBJECTS, shape=(32, 32, 32),
-                              voxel_size=(2.0, 2.0, 2.0), te_s=(0.004, 0.012),
-                              phase_as_int=True, seed=1)
+    bids = write_bids_dataset(
+        root / "bids",
+        subjects=SUBJECTS,
+        shape=(32, 32, 32),
+        voxel_size=(2.0, 2.0, 2.0),
+        te_s=(0.004, 0.012),
+        phase_as_int=True,
+        seed=1,
+    )
     return root, bids
 
 
@@ -48,8 +62,11 @@ def test_pipeline_outputs_accuracy_and_cache(dataset, capsys):
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     expected = ["dataset_description.json", ".bidsignore", "index.html"]
     for s in SUBJECTS:
-        expected += [f"sub-{s}/" + st.format(p=f"sub-{s}") + f".{ext}" for st in STEMS
-                     for ext in ("json", "nii.gz")]
+        expected += [
+            f"sub-{s}/" + st.format(p=f"sub-{s}") + f".{ext}"
+            for st in STEMS
+            for ext in ("json", "nii.gz")
+        ]
         expected += [f"sub-{s}.html"]
         expected += [f"sub-{s}/log/methods.md", f"sub-{s}/log/qsmflow_config.toml"]
     assert files == sorted(expected)
@@ -85,10 +102,19 @@ def test_pipeline_outputs_accuracy_and_cache(dataset, capsys):
     # only the inversion method changes: inversion and downstream re-run, nothing upstream
     assert main(args + ["--inversion", "tkd"]) == 0
     ran = _executed(work)
-    want = sorted(f"sub_{s}_wf/{n}" for s in SUBJECTS
-                  for n in ("qsm_run_wf/invert", "qsm_run_wf/reference", "ds_run",
-                            "report_run", "report_sections", "report_summaries",
-                            "report_subject"))
+    want = sorted(
+        f"sub_{s}_wf/{n}"
+        for s in SUBJECTS
+        for n in (
+            "qsm_run_wf/invert",
+            "qsm_run_wf/reference",
+            "ds_run",
+            "report_run",
+            "report_sections",
+            "report_summaries",
+            "report_subject",
+        )
+    )
     assert ran == want
     side = json.loads((out / "sub-01/anat/sub-01_Chimap.json").read_text())
     assert side["QSMflowMethods"]["invert"]["Method"] == "tkd"
@@ -111,8 +137,14 @@ def _no_head(path):
 
 def test_failing_subject_does_not_stop_the_others(dataset, capsys):
     root, bids0 = dataset
-    bids = write_bids_dataset(root / "bids_bad", subjects=SUBJECTS, shape=(32, 32, 32),
-                              voxel_size=(2.0, 2.0, 2.0), te_s=(0.004, 0.012), seed=1)
+    bids = write_bids_dataset(
+        root / "bids_bad",
+        subjects=SUBJECTS,
+        shape=(32, 32, 32),
+        voxel_size=(2.0, 2.0, 2.0),
+        te_s=(0.004, 0.012),
+        seed=1,
+    )
     for p in (bids / "sub-02" / "anat").glob("*part-mag_MEGRE.nii.gz"):
         _no_head(p)
     out, work = root / "out_bad", root / "work_bad"
@@ -129,13 +161,29 @@ def test_stop_on_first_crash_stops_the_run(dataset, capsys):
     """With --stop-on-first-crash the first failure ends the whole run: the failing subject's
     mask node is among the first nodes, so the healthy subject cannot finish."""
     root, _ = dataset
-    bids = write_bids_dataset(root / "bids_stop", subjects=SUBJECTS, shape=(32, 32, 32),
-                              voxel_size=(2.0, 2.0, 2.0), te_s=(0.004, 0.012), seed=1)
+    bids = write_bids_dataset(
+        root / "bids_stop",
+        subjects=SUBJECTS,
+        shape=(32, 32, 32),
+        voxel_size=(2.0, 2.0, 2.0),
+        te_s=(0.004, 0.012),
+        seed=1,
+    )
     for p in (bids / "sub-01" / "anat").glob("*part-mag_MEGRE.nii.gz"):
         _no_head(p)
     out, work = root / "out_stop", root / "work_stop"
-    rc = main([str(bids), str(out), "participant", "-w", str(work), "--nprocs", "1",
-               "--stop-on-first-crash"])
+    rc = main(
+        [
+            str(bids),
+            str(out),
+            "participant",
+            "-w",
+            str(work),
+            "--nprocs",
+            "1",
+            "--stop-on-first-crash",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc != 0
     assert not (out / "sub-01/anat/sub-01_Chimap.nii.gz").exists()

@@ -31,8 +31,7 @@ def head(request):
 
 @pytest.fixture(scope="module")
 def reliable_mask(head):
-    return masking.mask_reliable(head.magnitude, phase=head.phase, te_s=head.te_s,
-                                 voxel_size=VOX)
+    return masking.mask_reliable(head.magnitude, phase=head.phase, te_s=head.te_s, voxel_size=VOX)
 
 
 def test_reliable_mask_keeps_brain_and_excludes_skull_and_air(head, reliable_mask):
@@ -72,8 +71,14 @@ def _local_nrmse(local, head, mask_out):
 def test_lbv_robust_survives_a_mask_that_includes_skull(head):
     """A mask 2 voxels too large (5 mm of skull/air walls) poisons LBV; lbv-robust peels it."""
     mask = ndi.binary_dilation(head.brain_mask, iterations=2)
-    field = estimate_field_wls(head.phase, head.magnitude, te_s=head.te_s,
-                               b0_tesla=head.b0_tesla, mask=mask, voxel_size=VOX)
+    field = estimate_field_wls(
+        head.phase,
+        head.magnitude,
+        te_s=head.te_s,
+        b0_tesla=head.b0_tesla,
+        mask=mask,
+        voxel_size=VOX,
+    )
     local, m_plain = bgm.remove_background_lbv(field, mask, voxel_size=VOX)
     plain = _local_nrmse(local, head, m_plain)
     local_r, m_rob = bgm.remove_background_lbv_robust(field, mask, voxel_size=VOX)
@@ -89,8 +94,14 @@ def test_lbv_robust_survives_a_mask_that_includes_skull(head):
 
 def test_lbv_robust_with_the_pipeline_mask(head, reliable_mask):
     mask = reliable_mask
-    field = estimate_field_wls(head.phase, head.magnitude, te_s=head.te_s,
-                               b0_tesla=head.b0_tesla, mask=mask, voxel_size=VOX)
+    field = estimate_field_wls(
+        head.phase,
+        head.magnitude,
+        te_s=head.te_s,
+        b0_tesla=head.b0_tesla,
+        mask=mask,
+        voxel_size=VOX,
+    )
     local, m_plain = bgm.remove_background_lbv(field, mask, voxel_size=VOX)
     local_r, m_rob = bgm.remove_background_lbv_robust(field, mask, voxel_size=VOX)
     plain = _local_nrmse(local, head, m_plain)
@@ -108,7 +119,7 @@ def test_boundary_outliers_keeps_a_consistent_mask():
     ax = np.arange(n) - n / 2
     x, y, z = np.meshgrid(ax, ax, ax, indexing="ij")
     mask = x**2 + y**2 + z**2 <= 16**2
-    field = (0.01 * x + 1e-4 * (x**2 - z**2) + 0.01 * np.sin(x / 3.0) * np.cos(y / 4.0))
+    field = 0.01 * x + 1e-4 * (x**2 - z**2) + 0.01 * np.sin(x / 3.0) * np.cos(y / 4.0)
     field = field.astype(np.float32)
     kept = bgm.boundary_outliers(field, mask, voxel_size=(1.0, 1.0, 1.0))
     assert kept.sum() > 0.97 * mask.sum()

@@ -21,15 +21,17 @@ def head(request):
 
 
 def test_fields_are_the_integrated_dipole_fields_of_chi(head):
-    op = DipoleOperator(SHAPE, voxel_size=VOX, b0_dir=head.b0_dir, kind="integral",
-                        pad_factor=2.0, dtype=np.float32)
+    op = DipoleOperator(
+        SHAPE, voxel_size=VOX, b0_dir=head.b0_dir, kind="integral", pad_factor=2.0, dtype=np.float32
+    )
     total = op.forward(head.chi - np.float32(CHI_AIR_PPM))
     local = op.forward(np.where(head.brain_mask, head.chi, 0).astype(np.float32))
     scale = float(np.abs(head.total_field).max())
     assert np.abs(total - head.total_field).max() < 1e-4 * scale
     assert np.abs(local - head.local_field).max() < 1e-4 * scale
-    np.testing.assert_allclose(head.background_field, head.total_field - head.local_field,
-                               atol=1e-6 * scale)
+    np.testing.assert_allclose(
+        head.background_field, head.total_field - head.local_field, atol=1e-6 * scale
+    )
 
 
 def test_local_ground_truth_is_the_brain_only(head):

@@ -92,9 +92,7 @@ def test_residual_bad_input(sim):
     with pytest.raises(ValueError):
         data_consistency_residual(f["chi_local"], f["local"], np.zeros_like(ph.brain_mask))
     with pytest.raises(ValueError):
-        data_consistency_residual(
-            f["chi_local"], np.ones_like(f["local"]), ph.brain_mask
-        )
+        data_consistency_residual(f["chi_local"], np.ones_like(f["local"]), ph.brain_mask)
 
 
 def test_score_against_truth(sim):

@@ -19,13 +19,15 @@ TE = (0.004, 0.008, 0.012)
 B0 = 7.0  # not 3 T: a method that assumes 3 T gives a different map
 VOX = 2.0
 #: small settings of the slow methods (the test is about wiring, not accuracy)
-FAST = {("invert", "modip"): {"max_iter": 3, "base": 4},
-        ("invert", "dip"): {"max_iter": 3, "base": 4, "depth": 1, "in_channels": 2},
-        ("invert", "inr"): {"max_iter": 3, "hidden": 16, "layers": 2},
-        ("invert", "medi"): {"max_iter": 2, "cg_max_iter": 10},
-        ("invert", "ndi"): {"maxit": 10},
-        ("invert", "tv"): {"max_iter": 10},
-        ("bfr", "lbv"): {"max_iter": 50}}
+FAST = {
+    ("invert", "modip"): {"max_iter": 3, "base": 4},
+    ("invert", "dip"): {"max_iter": 3, "base": 4, "depth": 1, "in_channels": 2},
+    ("invert", "inr"): {"max_iter": 3, "hidden": 16, "layers": 2},
+    ("invert", "medi"): {"max_iter": 2, "cg_max_iter": 10},
+    ("invert", "ndi"): {"maxit": 10},
+    ("invert", "tv"): {"max_iter": 10},
+    ("bfr", "lbv"): {"max_iter": 50},
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +48,12 @@ _STAGE_INPUTS = {
     "mask": {"magnitude": "magnitude", "phase": "phase"},
     "bfr": {"totalfield": "field", "mask": "mask"},
     "invert": {"localfield": "field", "mask": "mask", "magnitude": "magnitude"},
-    "reference": {"chimap": "chi", "mask": "mask", "magnitude": "magnitude",
-                  "csf-mask": "csf_mask"},
+    "reference": {
+        "chimap": "chi",
+        "mask": "mask",
+        "magnitude": "magnitude",
+        "csf-mask": "csf_mask",
+    },
 }
 
 
@@ -60,10 +66,24 @@ def test_every_method_same_map_through_both_front_ends(files, tmp_path, stage, n
     if meth.gpu:
         pytest.importorskip("torch")
     settings = FAST.get((stage, name), {})
-    flags = [stage, "--method", name, "--te", *map(str, TE), "--b0", str(B0),
-             "-o", str(tmp_path / "cli" / "out.nii.gz")]
-    ifc_inputs = {"method": name, "settings": settings, "te_s": list(TE), "b0_tesla": B0,
-                  "n_threads": 1}
+    flags = [
+        stage,
+        "--method",
+        name,
+        "--te",
+        *map(str, TE),
+        "--b0",
+        str(B0),
+        "-o",
+        str(tmp_path / "cli" / "out.nii.gz"),
+    ]
+    ifc_inputs = {
+        "method": name,
+        "settings": settings,
+        "te_s": list(TE),
+        "b0_tesla": B0,
+        "n_threads": 1,
+    }
     for flag, trait in _STAGE_INPUTS[stage].items():
         flags += [f"--{flag}", files[flag]]
         ifc_inputs[trait] = files[flag]
@@ -95,8 +115,14 @@ def _run_pipeline(tmp_path, *, inversion, settings=None, n_echoes=3):
     bids = tmp_path / "bids"
     from qsmflow.sims.bids import write_bids_dataset
 
-    write_bids_dataset(bids, subjects=("01",), shape=(24, 24, 24), voxel_size=(VOX,) * 3,
-                       te_s=TE[:n_echoes], b0_tesla=B0)
+    write_bids_dataset(
+        bids,
+        subjects=("01",),
+        shape=(24, 24, 24),
+        voxel_size=(VOX,) * 3,
+        te_s=TE[:n_echoes],
+        b0_tesla=B0,
+    )
     anat = bids / "sub-01" / "anat"
     cfg = default_config().with_methods(invert=inversion)
     if settings:
@@ -120,11 +146,26 @@ def test_medi_ndi_in_the_pipeline_get_real_te_and_b0(tmp_path, inversion):
     node, chi = _run_pipeline(tmp_path, inversion=inversion, settings=settings)
     ins = node.inputs
     assert list(ins.te_s) == list(TE) and ins.b0_tesla == B0
-    base = ["invert", "--method", inversion, "--localfield", ins.field, "--mask", ins.mask,
-            "--magnitude", ins.magnitude, "--b0-dir", *map(str, ins.b0_dir)]
+    base = [
+        "invert",
+        "--method",
+        inversion,
+        "--localfield",
+        ins.field,
+        "--mask",
+        ins.mask,
+        "--magnitude",
+        ins.magnitude,
+        "--b0-dir",
+        *map(str, ins.b0_dir),
+    ]
     base += [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
-    assert stage_main(base + ["--te", *map(str, TE), "--b0", str(B0),
-                              "-o", str(tmp_path / "with.nii.gz")]) == 0
+    assert (
+        stage_main(
+            base + ["--te", *map(str, TE), "--b0", str(B0), "-o", str(tmp_path / "with.nii.gz")]
+        )
+        == 0
+    )
     np.testing.assert_array_equal(chi, _arr(tmp_path / "with.nii.gz"))
     assert stage_main(base + ["-o", str(tmp_path / "without.nii.gz")]) == 0
     assert np.abs(chi - _arr(tmp_path / "without.nii.gz")).max() > 1e-4
@@ -133,8 +174,9 @@ def test_medi_ndi_in_the_pipeline_get_real_te_and_b0(tmp_path, inversion):
 def test_modip_medi_start_runs_in_the_pipeline(tmp_path):
     """MoDIP with init=medi needs the magnitude; the pipeline gives it (tiny iteration count)."""
     pytest.importorskip("torch")
-    node, chi = _run_pipeline(tmp_path, inversion="modip",
-                              settings={"init": "medi", "max_iter": 2, "base": 4})
+    node, chi = _run_pipeline(
+        tmp_path, inversion="modip", settings={"init": "medi", "max_iter": 2, "base": 4}
+    )
     assert Path(node.inputs.magnitude).is_file()
     mask = _arr(node.inputs.mask) > 0
     assert np.isfinite(chi).all() and np.abs(chi[mask]).max() > 0
@@ -147,13 +189,20 @@ def test_every_citation_is_in_the_bibliography_and_in_methods_text():
         assert set(m.citations) <= set(REFERENCES), m.name
         for key in m.citations:
             assert f"[{key}" in m.sentence or f"; {key}]" in m.sentence, (m.name, key)
-    base = {"unwrap": "romeo", "combine": "wls", "mask": "bet", "bfr": "lbv", "invert": "rts",
-            "reference": "mean"}
+    base = {
+        "unwrap": "romeo",
+        "combine": "wls",
+        "mask": "bet",
+        "bfr": "lbv",
+        "invert": "rts",
+        "reference": "mean",
+    }
     for m in registry.METHODS:
         if m.stage == "unwrap":
             continue
-        resolved = {s: {"method": (m.name if s == m.stage else v), "settings": {}}
-                    for s, v in base.items()}
+        resolved = {
+            s: {"method": (m.name if s == m.stage else v), "settings": {}} for s, v in base.items()
+        }
         refs = methods_text(resolved, version="x").split("## References")[1]
         for key in m.citations:
             assert REFERENCES[key] in refs, (m.name, key)
@@ -187,11 +236,13 @@ def test_omitted_stage_gets_the_default_preset_method():
 
 
 def test_algorithms_import_neither_nipype_nor_config():
-    code = ("import sys, pkgutil, importlib, qsmflow.algorithms as a\n"
-            "for m in pkgutil.walk_packages(a.__path__, 'qsmflow.algorithms.'):\n"
-            "    importlib.import_module(m.name)\n"
-            "bad = [n for n in sys.modules if n.split('.')[0] == 'nipype' "
-            "or n in ('qsmflow.config', 'qsmflow.registry', 'qsmflow.runner')]\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys, pkgutil, importlib, qsmflow.algorithms as a\n"
+        "for m in pkgutil.walk_packages(a.__path__, 'qsmflow.algorithms.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "bad = [n for n in sys.modules if n.split('.')[0] == 'nipype' "
+        "or n in ('qsmflow.config', 'qsmflow.registry', 'qsmflow.runner')]\n"
+        "assert not bad, bad\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

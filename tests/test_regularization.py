@@ -51,18 +51,26 @@ def test_noise_estimate_from_field(case):
     assert true * 0.8 < est < true * 2.0
     rng = np.random.default_rng(3)
     pure = rng.normal(scale=0.01, size=(32, 32, 32))
-    assert reg.estimate_field_noise(pure, np.ones(pure.shape, bool)) == pytest.approx(0.01,
-                                                                                        rel=0.05)
+    assert reg.estimate_field_noise(pure, np.ones(pure.shape, bool)) == pytest.approx(
+        0.01, rel=0.05
+    )
 
 
 def test_data_residual_is_noise_level_for_the_truth(case):
     # the true map explains the field to the noise level in the interior (chi2 ~ 1) with the
     # kernel that made it, and a zero map does not
-    good = reg.data_residual(case.chi, case.field, case.mask, voxel_size=case.voxel_size,
-                             noise=case.noise, kernel="integral")
+    good = reg.data_residual(
+        case.chi,
+        case.field,
+        case.mask,
+        voxel_size=case.voxel_size,
+        noise=case.noise,
+        kernel="integral",
+    )
     assert 0.8 < good["chi2_interior"] < 1.3
-    zero = reg.data_residual(np.zeros_like(case.chi), case.field, case.mask,
-                             voxel_size=case.voxel_size, noise=case.noise)
+    zero = reg.data_residual(
+        np.zeros_like(case.chi), case.field, case.mask, voxel_size=case.voxel_size, noise=case.noise
+    )
     assert zero["chi2"] > 100 * good["chi2"]
     assert zero["relative"] == pytest.approx(1.0)
 
@@ -73,8 +81,14 @@ def test_data_residual_is_noise_level_for_the_truth(case):
 def test_tikhonov_auto_within_factor_3_of_best(case):
     fit = fit_tikhonov(case.field, case.mask, voxel_size=case.voxel_size, noise=case.noise)
     lams = np.logspace(-4, 0, 33)
-    errs = [_nrmse(invert_tikhonov(case.field, case.mask, lam=v, voxel_size=case.voxel_size),
-                   case.chi, case.mask) for v in lams]
+    errs = [
+        _nrmse(
+            invert_tikhonov(case.field, case.mask, lam=v, voxel_size=case.voxel_size),
+            case.chi,
+            case.mask,
+        )
+        for v in lams
+    ]
     best = lams[int(np.argmin(errs))]
     assert fit.rule == "lcurve-corner"
     assert best / 3 <= fit.value <= best * 3, (fit.value, best)
@@ -90,8 +104,14 @@ def test_tikhonov_auto_within_factor_3_of_best(case):
 def test_tv_auto_within_factor_3_of_best(case):
     fit = fit_tv(case.field, case.mask, voxel_size=case.voxel_size, noise=case.noise)
     alphas = [1e-6, 2e-6, 4e-6, 8e-6, 1.6e-5]
-    errs = [_nrmse(invert_tv(case.field, case.mask, alpha=a, voxel_size=case.voxel_size,
-                             noise=case.noise), case.chi, case.mask) for a in alphas]
+    errs = [
+        _nrmse(
+            invert_tv(case.field, case.mask, alpha=a, voxel_size=case.voxel_size, noise=case.noise),
+            case.chi,
+            case.mask,
+        )
+        for a in alphas
+    ]
     best = alphas[int(np.argmin(errs))]
     assert 0 < int(np.argmin(errs)) < len(alphas) - 1  # the best is bracketed
     assert best / 3 <= fit.value <= best * 3, (fit.value, best)
@@ -112,8 +132,7 @@ def test_stage_sidecar_records_the_choice_and_the_residual(tmp_path):
     c = make_invivo_case((32,) * 3, voxel_size=(5.0,) * 3, seed=1)
     aff = np.diag([5.0, 5.0, 5.0, 1.0])
     paths = {}
-    for name, arr in (("local", c.field), ("mask", c.mask.astype(np.uint8)),
-                      ("noise", c.noise)):
+    for name, arr in (("local", c.field), ("mask", c.mask.astype(np.uint8)), ("noise", c.noise)):
         paths[name] = str(tmp_path / f"{name}.nii.gz")
         nib.save(nib.Nifti1Image(np.asarray(arr), aff), paths[name])
     base = ["invert", "--localfield", paths["local"], "--mask", paths["mask"]]

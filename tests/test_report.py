@@ -25,19 +25,29 @@ def _validator_errors(root) -> list:
     """Errors the BIDS validator (bids-validator-deno, the `test` extra) reports on ``root``."""
     exe = shutil.which("bids-validator-deno")
     assert exe, "bids-validator-deno not installed (pip install '.[test]')"
-    proc = subprocess.run([exe, str(root), "--format", "json"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [exe, str(root), "--format", "json"], capture_output=True, text=True, timeout=300
+    )
     issues = json.loads(proc.stdout)["issues"]["issues"]
-    return [(i["code"], i.get("location"), (i.get("issueMessage") or "")[:120])
-            for i in issues if i["severity"] == "error"]
+    return [
+        (i["code"], i.get("location"), (i.get("issueMessage") or "")[:120])
+        for i in issues
+        if i["severity"] == "error"
+    ]
 
 
 @pytest.fixture(scope="module")
 def run_outputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    bids = write_bids_dataset(root / "bids", subjects=SUBJECTS, shape=(32, 32, 32),
-                              voxel_size=(2.0, 2.0, 2.0), te_s=(0.004, 0.008, 0.012),
-                              phase_as_int=True, seed=3)
+    bids = write_bids_dataset(
+        root / "bids",
+        subjects=SUBJECTS,
+        shape=(32, 32, 32),
+        voxel_size=(2.0, 2.0, 2.0),
+        te_s=(0.004, 0.008, 0.012),
+        phase_as_int=True,
+        seed=3,
+    )
     out = root / "out"
     rc = main([str(bids), str(out), "participant", "-w", str(root / "work"), "--nprocs", "2"])
     assert rc == 0
@@ -47,19 +57,30 @@ def run_outputs(tmp_path_factory):
 # ------------------------------------------------------------------------ BIDS validity
 @pytest.mark.parametrize("phase_as_int", [True, False])
 def test_simulated_raw_dataset_and_truth_pass_the_validator(tmp_path, phase_as_int):
-    bids = write_bids_dataset(tmp_path / "raw", subjects=("1",), shape=(24, 24, 24),
-                              voxel_size=(4.0, 4.0, 4.0), phase_as_int=phase_as_int)
+    bids = write_bids_dataset(
+        tmp_path / "raw",
+        subjects=("1",),
+        shape=(24, 24, 24),
+        voxel_size=(4.0, 4.0, 4.0),
+        phase_as_int=phase_as_int,
+    )
     assert _validator_errors(bids) == []
     assert _validator_errors(bids / "derivatives" / DERIV_NAME) == []
-    side = json.loads(next((bids / "sub-1" / "anat").glob("*echo-1_part-phase_MEGRE.json"))
-                      .read_text())
+    side = json.loads(
+        next((bids / "sub-1" / "anat").glob("*echo-1_part-phase_MEGRE.json")).read_text()
+    )
     assert side["Units"] == ("arbitrary" if phase_as_int else "rad")
 
 
 def test_validator_catches_what_it_should(tmp_path):
     """The check can fail: the errors qsmflow used to make are reported."""
-    bids = write_bids_dataset(tmp_path / "raw", subjects=("1",), shape=(24, 24, 24),
-                              voxel_size=(4.0, 4.0, 4.0), phase_as_int=True)
+    bids = write_bids_dataset(
+        tmp_path / "raw",
+        subjects=("1",),
+        shape=(24, 24, 24),
+        voxel_size=(4.0, 4.0, 4.0),
+        phase_as_int=True,
+    )
     p = next((bids / "sub-1" / "anat").glob("*echo-1_part-phase_MEGRE.json"))
     side = json.loads(p.read_text())
     del side["Units"]
@@ -96,9 +117,16 @@ def test_report_is_self_contained_and_has_every_part(run_outputs):
     # offline: no external resources
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
     assert "<link" not in page and "<script src" not in page
-    for title in ("Brain mask", "Wrapped phase and total field", "Local field",
-                  "Susceptibility (chi)", "Data-consistency residual",
-                  "Regional susceptibility (ppm)", "Provenance", "Methods"):
+    for title in (
+        "Brain mask",
+        "Wrapped phase and total field",
+        "Local field",
+        "Susceptibility (chi)",
+        "Data-consistency residual",
+        "Regional susceptibility (ppm)",
+        "Provenance",
+        "Methods",
+    ):
         assert f">{title}<" in page, title
     assert "Fixed window -0.15..+0.15 ppm" in page
     assert "reference: whole-brain mean" in page and "Kames" in page
@@ -135,14 +163,14 @@ def _figure_bands(png_path):
     if cols.size == 0:
         return []
     x0 = int(cols[0])
-    frame = dark[:, x0:x0 + 3].all(axis=1)
+    frame = dark[:, x0 : x0 + 3].all(axis=1)
     bands, start = [], None
     for y, d in enumerate(np.append(frame, False)):
         if d and start is None:
             start = y
         elif not d and start is not None:
             if y - start >= 80:
-                bands.append((start, y, float(gray[start:y, x0:x0 + 900].std())))
+                bands.append((start, y, float(gray[start:y, x0 : x0 + 900].std())))
             start = None
     return bands
 
@@ -152,10 +180,21 @@ def test_report_renders_in_headless_chromium(run_outputs, tmp_path):
     exe = _chromium()
     shot = tmp_path / "shot.png"
     proc = subprocess.run(
-        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,7000",
-         f"--screenshot={shot}", (out / "sub-01.html").as_uri()],
-        capture_output=True, text=True, timeout=180)
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1280,7000",
+            f"--screenshot={shot}",
+            (out / "sub-01.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert shot.is_file(), proc.stderr[-2000:]
     bands = _figure_bands(shot)
     # mask mosaic, phase + total field, local field, chi, residual: drawn, not blank
@@ -163,13 +202,26 @@ def test_report_renders_in_headless_chromium(run_outputs, tmp_path):
     assert all(std > 0.05 for _, _, std in bands), bands
     # the same page with its images removed shows no figure: the check can fail
     bare = tmp_path / "bare.html"
-    bare.write_text(re.sub(r'src="data:image/png;base64,[^"]+"', 'src=""',
-                           (out / "sub-01.html").read_text()))
+    bare.write_text(
+        re.sub(r'src="data:image/png;base64,[^"]+"', 'src=""', (out / "sub-01.html").read_text())
+    )
     shot2 = tmp_path / "bare.png"
-    subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1280,7000",
-                    f"--screenshot={shot2}", bare.as_uri()],
-                   capture_output=True, text=True, timeout=180)
+    subprocess.run(
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile2'}",
+            "--window-size=1280,7000",
+            f"--screenshot={shot2}",
+            bare.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert _figure_bands(shot2) == []
 
 
@@ -182,8 +234,11 @@ def test_group_level_writes_the_index(run_outputs, tmp_path):
     # a failed subject gets a page with the reason, and the index says so
     from qsmflow.reports import write_failure_report, write_group_index
 
-    page = write_failure_report(out, "03", errors=["sub-03: FAILED at mask: ValueError: empty "
-                                                   "mask (crash file: /w/crash-1.txt)"])
+    page = write_failure_report(
+        out,
+        "03",
+        errors=["sub-03: FAILED at mask: ValueError: empty mask (crash file: /w/crash-1.txt)"],
+    )
     text = page.read_text()
     assert ">Errors<" in text and "ValueError: empty mask" in text and "<img" not in text
     index = write_group_index(out).read_text()
@@ -203,18 +258,26 @@ def test_dip_extras_loss_curve_and_std_map(run_outputs, tmp_path):
     anat, fmap = out / "sub-01" / "anat", out / "sub-01" / "fmap"
     chi_img = nib.load(anat / "sub-01_Chimap.nii.gz")
     std = tmp_path / "std.nii.gz"
-    nib.save(nib.Nifti1Image(np.abs(np.asarray(chi_img.dataobj)) * 0.1 + 0.001,
-                             chi_img.affine), std)
+    nib.save(
+        nib.Nifti1Image(np.abs(np.asarray(chi_img.dataobj)) * 0.1 + 0.001, chi_img.affine), std
+    )
     tsv = tmp_path / "loss.tsv"
     rows = ["member\tseed\titeration\tloss\tresidual\tseconds"]
-    rows += [f"{m}\t{m}\t{i}\t{1.0 / (i + 1)}\t{0.01 + 0.1 / (i + 1)}\t{i * 0.1}"
-             for m in range(2) for i in range(50)]
+    rows += [
+        f"{m}\t{m}\t{i}\t{1.0 / (i + 1)}\t{0.01 + 0.1 / (i + 1)}\t{i * 0.1}"
+        for m in range(2)
+        for i in range(50)
+    ]
     tsv.write_text("\n".join(rows) + "\n")
     frag, summary = run_section(
-        prefix="sub-01", chi=anat / "sub-01_Chimap.nii.gz",
+        prefix="sub-01",
+        chi=anat / "sub-01_Chimap.nii.gz",
         mask=anat / "sub-01_desc-brain_mask.nii.gz",
         local_field=fmap / "sub-01_desc-local_fieldmap.nii.gz",
-        total_field=fmap / "sub-01_desc-total_fieldmap.nii.gz", chi_std=std, loss_history=tsv)
+        total_field=fmap / "sub-01_desc-total_fieldmap.nii.gz",
+        chi_std=std,
+        loss_history=tsv,
+    )
     assert ">Ensemble standard deviation<" in frag and ">Optimisation curve<" in frag
     from matplotlib import image as mpimg
 
@@ -233,11 +296,15 @@ def test_dip_extras_loss_curve_and_std_map(run_outputs, tmp_path):
     cwd = tmp_path / "ds"
     cwd.mkdir()
     node = DerivativesWriter(
-        output_dir=str(ds_out), prefix="sub-01", chi=str(anat / "sub-01_Chimap.nii.gz"),
+        output_dir=str(ds_out),
+        prefix="sub-01",
+        chi=str(anat / "sub-01_Chimap.nii.gz"),
         mask=str(anat / "sub-01_desc-brain_mask.nii.gz"),
         total_field=str(fmap / "sub-01_desc-total_fieldmap.nii.gz"),
-        local_field=str(fmap / "sub-01_desc-local_fieldmap.nii.gz"), chi_std=str(std),
-        loss_history=str(tsv))
+        local_field=str(fmap / "sub-01_desc-local_fieldmap.nii.gz"),
+        chi_std=str(std),
+        loss_history=str(tsv),
+    )
     node.run(cwd=str(cwd))
     assert (ds_out / "sub-01/anat/sub-01_desc-std_Chimap.nii.gz").is_file()
     assert (ds_out / "sub-01/anat/sub-01_desc-losshistory_Chimap.tsv").is_file()
@@ -246,8 +313,9 @@ def test_dip_extras_loss_curve_and_std_map(run_outputs, tmp_path):
 
 # ------------------------------------------------------------------------ numbers
 def test_residual_map_is_zero_for_the_true_map_and_full_for_none(tmp_path):
-    bids = write_bids_dataset(tmp_path / "r", subjects=("1",), shape=(32, 32, 32),
-                              voxel_size=(5.0, 5.0, 5.0))
+    bids = write_bids_dataset(
+        tmp_path / "r", subjects=("1",), shape=(32, 32, 32), voxel_size=(5.0, 5.0, 5.0)
+    )
     t = truth_paths(bids, "1")
     chi = nib.load(t["Chimap"]).get_fdata()
     mask = nib.load(t["desc-brain_mask"]).get_fdata() > 0
@@ -268,11 +336,15 @@ def test_residual_map_is_zero_for_the_true_map_and_full_for_none(tmp_path):
 def test_regional_table_values_and_reference_offset():
     shape = (20, 20, 20)
     x, y, z = np.indices(shape)
-    mask = (x - 9.5) ** 2 + (y - 9.5) ** 2 + (z - 9.5) ** 2 < 8.5 ** 2
+    mask = (x - 9.5) ** 2 + (y - 9.5) ** 2 + (z - 9.5) ** 2 < 8.5**2
     chi = np.where(x < 10, 0.05, -0.05) * mask
     mag = np.where(z < 7, 1.0, np.where(z < 13, 2.0, 3.0)) * mask
-    rows = {r["region"]: r for r in regional_table(
-        chi, mask, magnitude=mag, reference_name="whole brain", reference_offset=0.02)}
+    rows = {
+        r["region"]: r
+        for r in regional_table(
+            chi, mask, magnitude=mag, reference_name="whole brain", reference_offset=0.02
+        )
+    }
     assert rows["left half"]["mean"] == pytest.approx(0.05)
     assert rows["right half"]["mean"] == pytest.approx(-0.05)
     assert rows["whole mask"]["voxels"] == mask.sum()
@@ -286,20 +358,28 @@ def test_regional_table_values_and_reference_offset():
 def test_phase_only_run_is_valid_and_reported(tmp_path):
     """Without magnitude the fieldmaps' _magnitude companion is a unit image (said so in its
     sidecar), the outputs still validate and the report says what the mask is drawn over."""
-    bids = write_bids_dataset(tmp_path / "bids", subjects=("01",), shape=(32, 32, 32),
-                              voxel_size=(2.0, 2.0, 2.0), te_s=(0.004, 0.008, 0.012),
-                              phase_as_int=True)
+    bids = write_bids_dataset(
+        tmp_path / "bids",
+        subjects=("01",),
+        shape=(32, 32, 32),
+        voxel_size=(2.0, 2.0, 2.0),
+        te_s=(0.004, 0.008, 0.012),
+        phase_as_int=True,
+    )
     for p in (bids / "sub-01" / "anat").glob("*part-mag_MEGRE.*"):
         p.unlink()
     out = tmp_path / "out"
-    assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "w"),
-                 "--nprocs", "2"]) == 0
+    assert (
+        main([str(bids), str(out), "participant", "-w", str(tmp_path / "w"), "--nprocs", "2"]) == 0
+    )
     assert _validator_errors(out) == []
     fmap = out / "sub-01" / "fmap"
     mag = np.asarray(nib.load(fmap / "sub-01_desc-total_magnitude.nii.gz").dataobj)
     assert np.all(mag == 1)
-    assert "phase-only" in json.loads((fmap / "sub-01_desc-total_magnitude.json")
-                                      .read_text())["Description"]
+    assert (
+        "phase-only"
+        in json.loads((fmap / "sub-01_desc-total_magnitude.json").read_text())["Description"]
+    )
     page = (out / "sub-01.html").read_text()
     assert "phase-only data: shown over |total field|" in page
     assert "magnitude class" not in page  # no intensity clusters without a magnitude
@@ -308,8 +388,14 @@ def test_phase_only_run_is_valid_and_reported(tmp_path):
 def test_failed_subject_gets_a_page_with_the_reason(tmp_path, capsys):
     """A subject that fails in the pipeline: its page names the failing node and the reason,
     the index marks it, the healthy subject's report is complete."""
-    bids = write_bids_dataset(tmp_path / "bids", subjects=SUBJECTS, shape=(32, 32, 32),
-                              voxel_size=(2.0, 2.0, 2.0), te_s=(0.004, 0.012), seed=1)
+    bids = write_bids_dataset(
+        tmp_path / "bids",
+        subjects=SUBJECTS,
+        shape=(32, 32, 32),
+        voxel_size=(2.0, 2.0, 2.0),
+        te_s=(0.004, 0.012),
+        seed=1,
+    )
     for p in (bids / "sub-02" / "anat").glob("*part-mag_MEGRE.nii.gz"):
         img = nib.load(p)  # a magnitude without a head: passes the input checks, mask fails
         d = np.zeros(img.shape, np.float32)

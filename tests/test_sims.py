@@ -213,9 +213,7 @@ def test_megre_phase_model(ph64, fields64):
     _, ph2 = simulate_megre(ph64, total_field_ppm=f, te_s=TE, snr=np.inf, phase_offset=True)
     phi0 = wrap_to_pi(ph2[..., 0] - ph[..., 0])
     for e in range(1, 4):
-        np.testing.assert_allclose(
-            wrap_to_pi(ph2[..., e] - ph[..., e] - phi0)[h], 0, atol=1e-4
-        )
+        np.testing.assert_allclose(wrap_to_pi(ph2[..., e] - ph[..., e] - phi0)[h], 0, atol=1e-4)
     unwrapped_span = np.ptp(np.unwrap(phi0[32, 32, :]))
     assert unwrapped_span > 1.0
     grad = np.abs(wrap_to_pi(np.diff(phi0, axis=0)))[h[1:] & h[:-1]]
@@ -236,20 +234,30 @@ def test_megre_bad_input(ph64):
 # ------------------------------------------------------------------------------------- BIDS
 def test_bids_writer_layout_and_sidecars(tmp_path):
     root = write_bids_dataset(
-        tmp_path / "ds", subjects=("1", "2"), shape=(40, 40, 40), te_s=(0.003, 0.007, 0.011),
+        tmp_path / "ds",
+        subjects=("1", "2"),
+        shape=(40, 40, 40),
+        te_s=(0.003, 0.007, 0.011),
         b0_tesla=7.0,
     )
     files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-    expect = {"dataset_description.json", "participants.tsv",
-              "derivatives/qsmflow-sim/dataset_description.json"}
+    expect = {
+        "dataset_description.json",
+        "participants.tsv",
+        "derivatives/qsmflow-sim/dataset_description.json",
+    }
     for s in ("1", "2"):
         for e in (1, 2, 3):
             for part in ("mag", "phase"):
                 for ext in ("nii.gz", "json"):
                     expect.add(f"sub-{s}/anat/sub-{s}_echo-{e}_part-{part}_MEGRE.{ext}")
         d = f"derivatives/qsmflow-sim/sub-{s}/anat/sub-{s}"
-        expect |= {f"{d}_Chimap.nii.gz", f"{d}_Chimap.json", f"{d}_desc-brain_mask.nii.gz",
-                   f"{d}_dseg.nii.gz"}
+        expect |= {
+            f"{d}_Chimap.nii.gz",
+            f"{d}_Chimap.json",
+            f"{d}_desc-brain_mask.nii.gz",
+            f"{d}_dseg.nii.gz",
+        }
         f = f"derivatives/qsmflow-sim/sub-{s}/fmap/sub-{s}"
         for k in ("total", "local"):
             for suffix in ("fieldmap", "magnitude"):
@@ -268,13 +276,15 @@ def test_bids_writer_layout_and_sidecars(tmp_path):
     assert d["magnitude"].shape == (40, 40, 40, 3) and d["te_s"] == (0.003, 0.007, 0.011)
     d2 = read_bids_megre(root, "2")
     assert not np.allclose(d["phase"], d2["phase"])  # per-subject seeds
-    mask = np.asarray(nib.load(
-        root / "derivatives/qsmflow-sim/sub-1/anat/sub-1_desc-brain_mask.nii.gz").dataobj)
+    mask = np.asarray(
+        nib.load(root / "derivatives/qsmflow-sim/sub-1/anat/sub-1_desc-brain_mask.nii.gz").dataobj
+    )
     chi = nib.load(root / "derivatives/qsmflow-sim/sub-1/anat/sub-1_Chimap.nii.gz").get_fdata()
     assert mask.any() and np.all(chi[mask == 0] == 0)
     # the stored phase is consistent with the stored total field at 7 T (noise aside)
     tot = nib.load(
-        root / "derivatives/qsmflow-sim/sub-1/fmap/sub-1_desc-total_fieldmap.nii.gz").get_fdata()
+        root / "derivatives/qsmflow-sim/sub-1/fmap/sub-1_desc-total_fieldmap.nii.gz"
+    ).get_fdata()
     dphi = wrap_to_pi(d["phase"][..., 1] - d["phase"][..., 0])
     model = wrap_to_pi(2 * np.pi * GAMMA_BAR_HZ_PER_T * 7.0 * tot * 1e-6 * 0.004)
     err = wrap_to_pi(dphi - model)[mask > 0]

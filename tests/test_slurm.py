@@ -28,8 +28,9 @@ def _slurm_up() -> str | None:
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
         return "SLURM is not installed (run .ci/slurm.sh)"
     try:
-        res = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
-                             timeout=20)
+        res = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"sinfo failed: {exc}"
     if res.returncode != 0 or not res.stdout.strip():
@@ -53,23 +54,37 @@ def _qsmflow(bids, out, work, *extra, env_drop=()):
     env.setdefault("LOGNAME", "root")
     for k in env_drop:
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "qsmflow.cli.run", str(bids), str(out), "participant",
-           "-w", str(work), *map(str, extra)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900,
-                         cwd=str(work.parent))
+    cmd = [
+        sys.executable,
+        "-m",
+        "qsmflow.cli.run",
+        str(bids),
+        str(out),
+        "participant",
+        "-w",
+        str(work),
+        *map(str, extra),
+    ]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=900, cwd=str(work.parent)
+    )
     return res.returncode, res.stdout + res.stderr
 
 
 def _chi(out, sub):
-    return np.asarray(nib.load(out / f"sub-{sub}" / "anat" / f"sub-{sub}_Chimap.nii.gz")
-                      .dataobj)
+    return np.asarray(nib.load(out / f"sub-{sub}" / "anat" / f"sub-{sub}_Chimap.nii.gz").dataobj)
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm")
-    bids = write_bids_dataset(root / "bids", subjects=("01",), shape=(24, 24, 24),
-                              voxel_size=(2.5,) * 3, te_s=(0.004, 0.012))
+    bids = write_bids_dataset(
+        root / "bids",
+        subjects=("01",),
+        shape=(24, 24, 24),
+        voxel_size=(2.5,) * 3,
+        te_s=(0.004, 0.012),
+    )
     out = root / "ref_out"
     rc, text = _qsmflow(bids, out, root / "ref_work", "--nprocs", "2")
     assert rc == 0, text
@@ -105,8 +120,13 @@ def test_slurm_plugins_give_the_multiproc_maps(plugin, dataset, tmp_path):
 def test_slurmgraph_failure_is_named_and_cancels_dependants(tmp_path):
     """One broken subject (no usable magnitude contrast: the mask job fails): the other
     completes, exit 1, the summary names the subject and the reason, no job left pending."""
-    bids = write_bids_dataset(tmp_path / "bids", subjects=("01", "02"), shape=(24, 24, 24),
-                              voxel_size=(2.5,) * 3, te_s=(0.004, 0.012))
+    bids = write_bids_dataset(
+        tmp_path / "bids",
+        subjects=("01", "02"),
+        shape=(24, 24, 24),
+        voxel_size=(2.5,) * 3,
+        te_s=(0.004, 0.012),
+    )
     for e in (1, 2):
         p = bids / "sub-02" / "anat" / f"sub-02_echo-{e}_part-mag_MEGRE.nii.gz"
         img = nib.load(p)
@@ -132,8 +152,14 @@ def test_slurm_settings_checked_before_submitting(dataset, tmp_path):
     bad.write_text('plugin: SLURMGraph\nplugin_args:\n  sbatch_args: "--partition=nope"\n')
     rc, text = _qsmflow(bids, tmp_path / "out", tmp_path / "work", "--use-plugin", bad)
     assert rc == 2 and "SLURM refuses the job settings" in text and "bad.yml" in text, text
-    rc, text = _qsmflow(bids, tmp_path / "out", tmp_path / "work", "--use-plugin",
-                        _plugin_file(tmp_path, "SLURM"), env_drop=("LOGNAME",))
+    rc, text = _qsmflow(
+        bids,
+        tmp_path / "out",
+        tmp_path / "work",
+        "--use-plugin",
+        _plugin_file(tmp_path, "SLURM"),
+        env_drop=("LOGNAME",),
+    )
     assert rc == 2 and "LOGNAME" in text, text
     assert not (tmp_path / "out").exists() and not (tmp_path / "work" / "qsmflow_0_1_wf").exists()
 
@@ -145,5 +171,7 @@ def test_shipped_plugin_files_are_accepted_by_slurm():
         path = REPO / "workflows" / "plugins" / name
         plugin, args = load_plugin_file(path)
         check_slurm(plugin, args, where=str(path), environ={"LOGNAME": "root"})
-    assert "--kill-on-invalid-dep=yes" in load_plugin_file(
-        REPO / "workflows" / "plugins" / "slurmgraph.yml")[1]["sbatch_args"]
+    assert (
+        "--kill-on-invalid-dep=yes"
+        in load_plugin_file(REPO / "workflows" / "plugins" / "slurmgraph.yml")[1]["sbatch_args"]
+    )

@@ -42,9 +42,14 @@ def test_node_limits_threads(head_files, tmp_path, probe, n):
 
     assert threadpool_info(), "no BLAS/OpenMP pool loaded: the test would prove nothing"
     before = [p["num_threads"] for p in threadpool_info()]
-    node = pe.Node(Inversion(method="probe", field=head_files["localfield"],
-                             mask=head_files["mask"], n_threads=n),
-                   name=f"probe{n}", base_dir=str(tmp_path), n_procs=n)
+    node = pe.Node(
+        Inversion(
+            method="probe", field=head_files["localfield"], mask=head_files["mask"], n_threads=n
+        ),
+        name=f"probe{n}",
+        base_dir=str(tmp_path),
+        n_procs=n,
+    )
     res = node.run()
     assert all(t == n for t in probe["pools"]), probe["pools"]
     assert probe["fft_workers"] == n and probe["scipy_default_workers"] == n
@@ -59,6 +64,20 @@ def test_stage_without_limit_uses_every_core(head_files, tmp_path, probe):
     """qsmflow-stage sets no limit: the method sees the defaults (all CPUs for the FFTs)."""
     from qsmflow.cli.stage import main
 
-    assert main(["invert", "--method", "probe", "--localfield", head_files["localfield"],
-                 "--mask", head_files["mask"], "-o", str(tmp_path / "x.nii.gz")]) == 0
+    assert (
+        main(
+            [
+                "invert",
+                "--method",
+                "probe",
+                "--localfield",
+                head_files["localfield"],
+                "--mask",
+                head_files["mask"],
+                "-o",
+                str(tmp_path / "x.nii.gz"),
+            ]
+        )
+        == 0
+    )
     assert probe["fft_workers"] == -1

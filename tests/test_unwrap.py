@@ -42,8 +42,13 @@ def sim():
     ph = make_head_phantom(shape=(64, 64, 64))
     fields = simulate_fields(ph)
     mag, pha = simulate_megre(
-        ph, total_field_ppm=fields["total"], te_s=TE, b0_tesla=B0, snr=100.0,
-        phase_offset=False, seed=3,
+        ph,
+        total_field_ppm=fields["total"],
+        te_s=TE,
+        b0_tesla=B0,
+        snr=100.0,
+        phase_offset=False,
+        seed=3,
     )
     truth = np.stack([ppm_to_phase(fields["total"], te_s=t, b0_tesla=B0) for t in TE], axis=-1)
     return ph, mag, pha, truth.astype(np.float32)
@@ -94,7 +99,9 @@ def test_laplacian_on_analytic_field():
     n = 48
     x, y, z = np.meshgrid(*[np.linspace(-1, 1, n)] * 3, indexing="ij")
     truth = (
-        12 * np.exp(-((x - 0.2) ** 2 + y**2 + (z + 0.1) ** 2) / 0.3) + 8 * x * y - 6 * z**2
+        12 * np.exp(-((x - 0.2) ** 2 + y**2 + (z + 0.1) ** 2) / 0.3)
+        + 8 * x * y
+        - 6 * z**2
         + 3 * np.sin(3 * y)
     ).astype(np.float32)
     wrapped = wrap_to_pi(truth)

@@ -64,16 +64,25 @@ def test_every_preset_builds(preset):
     wf._create_flat_graph()  # connections are valid
 
 
-@pytest.mark.parametrize("mask,bfr,inv", list(itertools.product(
-    registry.methods_for("mask"), registry.methods_for("bfr"), registry.methods_for("invert"))))
+@pytest.mark.parametrize(
+    "mask,bfr,inv",
+    list(
+        itertools.product(
+            registry.methods_for("mask"),
+            registry.methods_for("bfr"),
+            registry.methods_for("invert"),
+        )
+    ),
+)
 def test_option_grid(mask, bfr, inv):
     """Every registered combination builds, and every node gets the inputs its method takes."""
     wf = init_qsm_wf(mask=mask, bfr=bfr, inversion=inv, unwrap="laplacian", omp_nthreads=2)
     nodes = _nodes(wf)
     for stage, node in (("mask", "mask"), ("bfr", "bfr"), ("invert", "invert")):
         meth = registry.method(stage, nodes[node].inputs.method)
-        wired = {dst for *_, d in wf._graph.in_edges(nodes[node], data=True)
-                 for _, dst in d["connect"]}
+        wired = {
+            dst for *_, d in wf._graph.in_edges(nodes[node], data=True) for _, dst in d["connect"]
+        }
         assert meth.required_inputs - {"voxel_size"} <= wired
         assert wired <= meth.inputs
         assert ({"te_s", "b0_tesla", "magnitude"} & meth.inputs) <= wired | {"voxel_size"}
@@ -118,8 +127,13 @@ def test_config_roundtrip_and_errors(tmp_path):
 
 def test_top_workflow_bids_discovery_sessions_runs(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["garbage", "--nonsense"])  # factories never read argv
-    bids = write_bids_dataset(tmp_path / "b", subjects=("01", "02"), shape=(16, 16, 16),
-                              voxel_size=(4.0, 4.0, 4.0), te_s=(0.004, 0.008))
+    bids = write_bids_dataset(
+        tmp_path / "b",
+        subjects=("01", "02"),
+        shape=(16, 16, 16),
+        voxel_size=(4.0, 4.0, 4.0),
+        te_s=(0.004, 0.008),
+    )
     a = bids / "sub-02" / "anat"
     # sub-02: two sessions, second session with 2 runs and phase only; sub-01 single echo
     for ses, run in (("1", None), ("2", "1"), ("2", "2")):
@@ -139,8 +153,12 @@ def test_top_workflow_bids_discovery_sessions_runs(tmp_path, monkeypatch):
             f.rename(f.with_name(f.name.replace("_echo-1", "")))
     runs = collect_runs(bids)
     got = {(r.bids_prefix, r.n_echoes, r.has_magnitude) for r in runs}
-    assert got == {("sub-01", 1, True), ("sub-02_ses-1", 2, True),
-                   ("sub-02_ses-2_run-1", 2, False), ("sub-02_ses-2_run-2", 2, False)}
+    assert got == {
+        ("sub-01", 1, True),
+        ("sub-02_ses-1", 2, True),
+        ("sub-02_ses-2_run-1", 2, False),
+        ("sub-02_ses-2_run-2", 2, False),
+    }
     assert all(r.te_s and r.b0_tesla == 3.0 and len(r.b0_dir) == 3 for r in runs)
     assert [r.bids_prefix for r in find_runs(bids, session_labels=["ses-1"])] == ["sub-02_ses-1"]
     wf = init_qsmflow_wf(runs=runs, output_dir=tmp_path / "o", bids_dir=bids)

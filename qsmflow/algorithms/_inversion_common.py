@@ -9,12 +9,12 @@ of the problem that are at least ``(pad_factor - 1) * crop`` voxels away.  Never
 Public API (small on purpose)::
 
     field, mask, vsz, b0 = check_inputs(field, mask, voxel_size=..., b0_dir=...)
-    w = data_weight(mask, magnitude=None, noise=None)     # None or float32, mean 1 in the mask
-    crop = MaskCrop(mask, margin=4)                        # bbox + margin
+    w = data_weight(mask, magnitude=None, noise=None)  # None or float32, mean 1 in the mask
+    crop = MaskCrop(mask, margin=4)  # bbox + margin
     f_c, m_c = crop.crop(field), crop.crop(mask)
     op = make_operator(crop.shape, voxel_size=vsz, b0_dir=b0, pad_factor=1.5)
-    D, E = op.kernel, gradient_symbols_for(op)             # D real (rfftn layout), E 3 complex
-    chi = crop.paste(chi_c, mask=mask)                     # full grid, float32, 0 outside mask
+    D, E = op.kernel, gradient_symbols_for(op)  # D real (rfftn layout), E 3 complex
+    chi = crop.paste(chi_c, mask=mask)  # full grid, float32, 0 outside mask
 
 All arrays are float32, (X, Y, Z), in ppm; voxel sizes in mm; ``b0_dir`` a unit 3-vector in
 array axes.
@@ -201,8 +201,13 @@ def make_operator(
     if not pad_factor >= 1:
         raise ValueError(f"pad_factor must be >= 1, got {pad_factor}")
     return DipoleOperator(
-        shape, voxel_size=voxel_size, b0_dir=b0_dir, kind=kernel, pad_factor=pad_factor,
-        dtype=np.float32, workers=fft_workers(),
+        shape,
+        voxel_size=voxel_size,
+        b0_dir=b0_dir,
+        kind=kernel,
+        pad_factor=pad_factor,
+        dtype=np.float32,
+        workers=fft_workers(),
     )
 
 
@@ -210,5 +215,6 @@ def gradient_symbols_for(op: DipoleOperator) -> list[np.ndarray]:
     """Complex64 DFT symbols ``E_i`` of the periodic forward-difference gradient
     (:func:`qsmflow.algorithms.gradient.gradient`) on ``op``'s padded rfftn grid (3 open,
     broadcastable arrays); ``sum |E_i|^2`` is the negative Laplacian symbol."""
-    return gradient_symbols(op.padded_shape, voxel_size=op.voxel_size, half=True,
-                            dtype=np.complex64)
+    return gradient_symbols(
+        op.padded_shape, voxel_size=op.voxel_size, half=True, dtype=np.complex64
+    )

@@ -72,9 +72,7 @@ def _bbox(mask):
 
 
 def _fft_shape(shape, margin_vox):
-    return tuple(
-        sfft.next_fast_len(int(n + m), real=True) for n, m in zip(shape, margin_vox)
-    )
+    return tuple(sfft.next_fast_len(int(n + m), real=True) for n, m in zip(shape, margin_vox))
 
 
 def _embed(x, big_shape):
@@ -204,8 +202,12 @@ def remove_background_vsharp(
     inv = np.zeros_like(one_minus_s)
     keep = np.abs(one_minus_s) > threshold
     inv[keep] = 1.0 / one_minus_s[keep]
-    local = _crop(sfft.irfftn(sfft.rfftn(_embed(hp, big), workers=fft_workers()) * inv, s=big,
-                              workers=fft_workers()), shape)
+    local = _crop(
+        sfft.irfftn(
+            sfft.rfftn(_embed(hp, big), workers=fft_workers()) * inv, s=big, workers=fft_workers()
+        ),
+        shape,
+    )
     local = np.where(mask_out, local, 0).astype(np.float32)
     return local, mask_out
 
@@ -405,8 +407,9 @@ def remove_background_pdf(
     # so a grid of 2 * box - 2 * p keeps every periodic image of a source at least
     # (bbox + p) voxels from every target, as far as padding the ROI's bounding box by 2 would.
     pad_factor = max(min(max((2 * b - 2 * p) / b for b in box), 2.0), 1.0)
-    op = DipoleOperator(box, voxel_size=h, b0_dir=b0_dir, kind=kind, pad_factor=pad_factor,
-                        dtype=np.float32)
+    op = DipoleOperator(
+        box, voxel_size=h, b0_dir=b0_dir, kind=kind, pad_factor=pad_factor, dtype=np.float32
+    )
 
     def normal(xv):
         x = np.zeros(box, dtype=np.float32)
@@ -740,8 +743,16 @@ def remove_background_lbv_robust(
     mask_out : (X, Y, Z) bool, the mask after the peel(s) and LBV's boundary layer.
     """
     f, mask, h = check_field_mask(field, mask, voxel_size=voxel_size)
-    roi = boundary_outliers(f, mask, voxel_size=h, noise=noise, layer_max=layer_max,
-                            voxel_max=voxel_max, noise_max=noise_max, band_mm=band_mm)
+    roi = boundary_outliers(
+        f,
+        mask,
+        voxel_size=h,
+        noise=noise,
+        layer_max=layer_max,
+        voxel_max=voxel_max,
+        noise_max=noise_max,
+        band_mm=band_mm,
+    )
     if not roi.any():
         roi = mask
     kw = {"voxel_size": h, "tol": tol, "max_iter": max_iter, "levels": levels}

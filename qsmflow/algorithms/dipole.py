@@ -168,8 +168,11 @@ def _integral_kernel_image(shape, h, b, near_voxels=8):
         m = min(near_voxels, n // 2)
         sl.append(np.r_[0 : m + 1, n - m : n] if n > 2 * m + 1 else np.arange(n))
     ix = np.ix_(*sl)
-    xn = [x[0].reshape(-1)[sl[0]].reshape(-1, 1, 1), x[1].reshape(-1)[sl[1]].reshape(1, -1, 1),
-          x[2].reshape(-1)[sl[2]].reshape(1, 1, -1)]
+    xn = [
+        x[0].reshape(-1)[sl[0]].reshape(-1, 1, 1),
+        x[1].reshape(-1)[sl[1]].reshape(1, -1, 1),
+        x[2].reshape(-1)[sl[2]].reshape(1, 1, -1),
+    ]
     near = np.zeros(tuple(len(s_) for s_ in sl))
     for p in range(3):
         for q in range(p, 3):
@@ -329,8 +332,12 @@ class DipoleOperator:
         self.workers = fft_workers() if workers is None else workers
         self.padded_shape = padded_shape(self.shape, pad_factor=pad_factor)
         self.kernel = dipole_kernel(
-            self.padded_shape, voxel_size=self.voxel_size, b0_dir=self.b0_dir, kind=kind,
-            half=True, dtype=self.dtype,
+            self.padded_shape,
+            voxel_size=self.voxel_size,
+            b0_dir=self.b0_dir,
+            kind=kind,
+            half=True,
+            dtype=self.dtype,
         )
 
     # -- padding helpers ---------------------------------------------------------------------
@@ -394,7 +401,12 @@ def forward_field(
     chi = np.asarray(chi)
     dtype = np.float64 if chi.dtype == np.float64 else np.float32
     op = DipoleOperator(
-        chi.shape, voxel_size=voxel_size, b0_dir=b0_dir, kind=kind, pad_factor=pad_factor,
-        dtype=dtype, workers=workers,
+        chi.shape,
+        voxel_size=voxel_size,
+        b0_dir=b0_dir,
+        kind=kind,
+        pad_factor=pad_factor,
+        dtype=dtype,
+        workers=workers,
     )
     return op.forward(chi)

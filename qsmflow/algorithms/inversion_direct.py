@@ -52,8 +52,7 @@ def tkd_correction_factor(threshold: float) -> float:
 def _prepare(field, mask, voxel_size, b0_dir, margin, pad_factor, kernel):
     field, mask, vsz, b0 = check_inputs(field, mask, voxel_size=voxel_size, b0_dir=b0_dir)
     crop = MaskCrop(mask, margin=margin)
-    op = make_operator(crop.shape, voxel_size=vsz, b0_dir=b0, pad_factor=pad_factor,
-                       kernel=kernel)
+    op = make_operator(crop.shape, voxel_size=vsz, b0_dir=b0, pad_factor=pad_factor, kernel=kernel)
     F = op.rfftn(crop.crop(field))
     return mask, crop, op, F
 
@@ -200,8 +199,9 @@ def invert_tikhonov(
     return crop.paste(op.crop(op.irfftn(F)), mask=mask)
 
 
-def lcurve_lambda(F: np.ndarray, D: np.ndarray, G2: np.ndarray, *,
-                  lams: Sequence[float] | None = None) -> float:
+def lcurve_lambda(
+    F: np.ndarray, D: np.ndarray, G2: np.ndarray, *, lams: Sequence[float] | None = None
+) -> float:
     """L-curve corner (maximum curvature) for the closed-form Tikhonov solution.
 
     Parameters
@@ -291,14 +291,19 @@ def fit_tikhonov(
 
     if regularizer not in ("gradient", "identity"):
         raise ValueError(f"regularizer must be 'gradient' or 'identity', got {regularizer!r}")
-    common = dict(voxel_size=voxel_size, b0_dir=b0_dir, regularizer=regularizer,
-                  pad_factor=pad_factor, margin=margin, kernel=kernel)
+    common = dict(
+        voxel_size=voxel_size,
+        b0_dir=b0_dir,
+        regularizer=regularizer,
+        pad_factor=pad_factor,
+        margin=margin,
+        kernel=kernel,
+    )
     curve: dict = {}
     extra: dict = {}
     fixed = reg.auto_or_positive("lam", lam)
     if fixed is None:
-        mask_b, crop, op, F = _prepare(field, mask, voxel_size, b0_dir, margin, pad_factor,
-                                       kernel)
+        mask_b, crop, op, F = _prepare(field, mask, voxel_size, b0_dir, margin, pad_factor, kernel)
         D = op.kernel
         if regularizer == "gradient":
             E = gradient_symbols_for(op)
@@ -321,8 +326,7 @@ def fit_tikhonov(
             r = (op.crop(op.irfftn(X * D)) - f_c)[m_c]
             res.append(float(np.linalg.norm(r)))
             if regularizer == "gradient":
-                regn.append(float(np.sqrt(np.sum(gradient(chi_c, voxel_size=op.voxel_size)
-                                                 ** 2))))
+                regn.append(float(np.sqrt(np.sum(gradient(chi_c, voxel_size=op.voxel_size) ** 2))))
             else:
                 regn.append(float(np.linalg.norm(chi_c)))
             chi2.append(float(np.mean((r / s_c[m_c]) ** 2)))
@@ -333,7 +337,16 @@ def fit_tikhonov(
     else:
         value, used_rule = fixed, "fixed"
     chi = invert_tikhonov(field, mask, lam=value, **common)
-    residual = reg.data_residual(chi, field, mask, voxel_size=voxel_size, b0_dir=b0_dir,
-                                 noise=noise, kernel=kernel)
-    return reg.FitResult(chi=chi, method="tikhonov", parameter="lam", value=value,
-                         rule=used_rule, curve=curve, residual=residual, extra=extra)
+    residual = reg.data_residual(
+        chi, field, mask, voxel_size=voxel_size, b0_dir=b0_dir, noise=noise, kernel=kernel
+    )
+    return reg.FitResult(
+        chi=chi,
+        method="tikhonov",
+        parameter="lam",
+        value=value,
+        rule=used_rule,
+        curve=curve,
+        residual=residual,
+        extra=extra,
+    )

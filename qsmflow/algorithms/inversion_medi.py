@@ -105,8 +105,7 @@ def medi_edge_mask(
     mask = np.asarray(mask, dtype=bool)
     if not (np.isfinite(percentage) and percentage >= 0):
         raise ValueError(f"percentage must be >= 0, got {percentage}")
-    g = np.abs(gradient(np.where(mask, magnitude, 0.0).astype(np.float32),
-                        voxel_size=voxel_size))
+    g = np.abs(gradient(np.where(mask, magnitude, 0.0).astype(np.float32), voxel_size=voxel_size))
     k = int(round(percentage * int(mask.sum())))
     flat = g.ravel()
     if k <= 0:
@@ -145,10 +144,26 @@ def _cg(apply_a, b, *, tol, maxit):
 
 
 def _medi(
-    field, mask, *, magnitude=None, noise=None, voxel_size=(1.0, 1.0, 1.0),
-    b0_dir=(0.0, 0.0, 1.0), te_s=None, b0_tesla=None, lam=1000.0, percentage=0.9,
-    max_iter=10, tol_norm_ratio=0.1, cg_max_iter=100, cg_tol=0.01, eps=1e-6,
-    kernel="continuous", pad_factor=1.5, margin=4, edge_mask=None,
+    field,
+    mask,
+    *,
+    magnitude=None,
+    noise=None,
+    voxel_size=(1.0, 1.0, 1.0),
+    b0_dir=(0.0, 0.0, 1.0),
+    te_s=None,
+    b0_tesla=None,
+    lam=1000.0,
+    percentage=0.9,
+    max_iter=10,
+    tol_norm_ratio=0.1,
+    cg_max_iter=100,
+    cg_tol=0.01,
+    eps=1e-6,
+    kernel="continuous",
+    pad_factor=1.5,
+    margin=4,
+    edge_mask=None,
 ):
     """MEDI solver; returns ``(chi_ppm_full_grid, info)``.  ``edge_mask`` ((3, X, Y, Z) bool)
     overrides the magnitude-derived ``M_G`` (used by the tests)."""
@@ -169,8 +184,7 @@ def _medi(
 
     crop = MaskCrop(mask, margin=max(int(margin), 1))
     if edge_mask is None:
-        m_g = medi_edge_mask(crop.crop(mag), crop.crop(mask), voxel_size=vsz,
-                             percentage=percentage)
+        m_g = medi_edge_mask(crop.crop(mag), crop.crop(mask), voxel_size=vsz, percentage=percentage)
     else:
         edge_mask = np.asarray(edge_mask, dtype=bool)
         if edge_mask.shape != (3,) + field.shape:
@@ -179,8 +193,7 @@ def _medi(
     m_g = m_g.astype(np.float32)
     phi = crop.crop(field) * np.float32(scale)
     w2 = crop.crop(w) ** 2
-    op = make_operator(crop.shape, voxel_size=vsz, b0_dir=b0, pad_factor=pad_factor,
-                       kernel=kernel)
+    op = make_operator(crop.shape, voxel_size=vsz, b0_dir=b0, pad_factor=pad_factor, kernel=kernel)
     two_lam = np.float32(2.0 * lam)
 
     def reg(v, mv):  # G^T (M V M) G v, with mv = M * V (M binary)
@@ -208,8 +221,9 @@ def _medi(
         hist["res_norm_ratio"].append(ratio)
         hist["cg_iterations"].append(ncg)
         hist["cost_data"].append(float(2.0 * np.sum(w2 * (1.0 - np.cos(r)), dtype=np.float64)))
-        hist["cost_reg"].append(float(np.sum(np.abs(m_g * gradient(x, voxel_size=vsz)),
-                                             dtype=np.float64)))
+        hist["cost_reg"].append(
+            float(np.sum(np.abs(m_g * gradient(x, voxel_size=vsz)), dtype=np.float64))
+        )
         if ratio < tol_norm_ratio:
             break
     hist["iterations"] = len(hist["cost_data"])
@@ -286,10 +300,24 @@ def invert_medi(
         Missing magnitude, bad shapes, empty mask, non-finite inputs or bad parameters.
     """
     chi, _ = _medi(
-        field, mask, magnitude=magnitude, noise=noise, voxel_size=voxel_size, b0_dir=b0_dir,
-        te_s=te_s, b0_tesla=b0_tesla, lam=lam, percentage=percentage, max_iter=max_iter,
-        tol_norm_ratio=tol_norm_ratio, cg_max_iter=cg_max_iter, cg_tol=cg_tol, eps=eps,
-        kernel=kernel, pad_factor=pad_factor, margin=margin,
+        field,
+        mask,
+        magnitude=magnitude,
+        noise=noise,
+        voxel_size=voxel_size,
+        b0_dir=b0_dir,
+        te_s=te_s,
+        b0_tesla=b0_tesla,
+        lam=lam,
+        percentage=percentage,
+        max_iter=max_iter,
+        tol_norm_ratio=tol_norm_ratio,
+        cg_max_iter=cg_max_iter,
+        cg_tol=cg_tol,
+        eps=eps,
+        kernel=kernel,
+        pad_factor=pad_factor,
+        margin=margin,
     )
     return chi
 

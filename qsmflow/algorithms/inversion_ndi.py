@@ -114,9 +114,24 @@ def _magnitude_weight(mask: np.ndarray, magnitude: np.ndarray | None) -> np.ndar
 
 
 def _ndi(
-    field, mask, *, magnitude=None, voxel_size=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0),
-    te_s=None, b0_tesla=None, tau=2.0, lam=1e-5, maxit=200, tol=0.5, kernel="continuous",
-    pad_factor=1.5, margin=4, noise=None, stop="gradient", discrepancy_tau=1.0,
+    field,
+    mask,
+    *,
+    magnitude=None,
+    voxel_size=(1.0, 1.0, 1.0),
+    b0_dir=(0.0, 0.0, 1.0),
+    te_s=None,
+    b0_tesla=None,
+    tau=2.0,
+    lam=1e-5,
+    maxit=200,
+    tol=0.5,
+    kernel="continuous",
+    pad_factor=1.5,
+    margin=4,
+    noise=None,
+    stop="gradient",
+    discrepancy_tau=1.0,
 ):
     """NDI solver; returns ``(chi_ppm_full_grid, info)`` with the loss history in ``info``."""
     field, mask, vsz, b0 = check_inputs(field, mask, voxel_size=voxel_size, b0_dir=b0_dir)
@@ -140,8 +155,7 @@ def _ndi(
     crop = MaskCrop(mask, margin=margin)
     phi = crop.crop(field) * np.float32(scale)
     w2 = crop.crop(w) ** 2
-    op = make_operator(crop.shape, voxel_size=vsz, b0_dir=b0, pad_factor=pad_factor,
-                       kernel=kernel)
+    op = make_operator(crop.shape, voxel_size=vsz, b0_dir=b0, pad_factor=pad_factor, kernel=kernel)
     tau32, lam32 = np.float32(tau), np.float32(lam)
     m_c = crop.crop(mask)
     if use_disc:
@@ -156,8 +170,12 @@ def _ndi(
         r = op.forward(x)
         r -= phi
         # loss at the current iterate: |exp(i a) - exp(i b)|^2 = 2 (1 - cos(a - b))
-        losses.append(float(2.0 * np.sum(w2 * (1.0 - np.cos(r)), dtype=np.float64)
-                            + lam * np.sum(x.astype(np.float64) ** 2)))
+        losses.append(
+            float(
+                2.0 * np.sum(w2 * (1.0 - np.cos(r)), dtype=np.float64)
+                + lam * np.sum(x.astype(np.float64) ** 2)
+            )
+        )
         if sigma_c is not None:
             # Morozov: stop once the field is explained to its noise level (the phase
             # residual, wrapped to (-pi, pi], over the noise in radians)
@@ -179,8 +197,14 @@ def _ndi(
                 break
         g_prev = g
     chi = crop.paste(x / np.float32(scale), mask=mask)
-    return chi, {"loss": losses, "grad_update_percent": updates, "iterations": len(losses),
-                 "rad_per_ppm": scale, "chi2": chi2s, "stopped_reason": reason}
+    return chi, {
+        "loss": losses,
+        "grad_update_percent": updates,
+        "iterations": len(losses),
+        "rad_per_ppm": scale,
+        "chi2": chi2s,
+        "stopped_reason": reason,
+    }
 
 
 def invert_ndi(
@@ -262,9 +286,22 @@ def invert_ndi(
         Bad shapes, empty mask, non-finite field in the mask, bad magnitude or parameters.
     """
     chi, _ = _ndi(
-        field, mask, magnitude=magnitude, voxel_size=voxel_size, b0_dir=b0_dir, te_s=te_s,
-        b0_tesla=b0_tesla, tau=tau, lam=lam, maxit=maxit, tol=tol, kernel=kernel,
-        pad_factor=pad_factor, margin=margin, noise=noise, stop=stop,
+        field,
+        mask,
+        magnitude=magnitude,
+        voxel_size=voxel_size,
+        b0_dir=b0_dir,
+        te_s=te_s,
+        b0_tesla=b0_tesla,
+        tau=tau,
+        lam=lam,
+        maxit=maxit,
+        tol=tol,
+        kernel=kernel,
+        pad_factor=pad_factor,
+        margin=margin,
+        noise=noise,
+        stop=stop,
         discrepancy_tau=discrepancy_tau,
     )
     return chi
@@ -304,21 +341,40 @@ def fit_ndi(
     from qsmflow.algorithms import regularization as reg
 
     chi, info = _ndi(
-        field, mask, magnitude=magnitude, voxel_size=voxel_size, b0_dir=b0_dir, te_s=te_s,
-        b0_tesla=b0_tesla, tau=tau, lam=lam, maxit=maxit, tol=tol, kernel=kernel,
-        pad_factor=pad_factor, margin=margin, noise=noise, stop=stop,
+        field,
+        mask,
+        magnitude=magnitude,
+        voxel_size=voxel_size,
+        b0_dir=b0_dir,
+        te_s=te_s,
+        b0_tesla=b0_tesla,
+        tau=tau,
+        lam=lam,
+        maxit=maxit,
+        tol=tol,
+        kernel=kernel,
+        pad_factor=pad_factor,
+        margin=margin,
+        noise=noise,
+        stop=stop,
         discrepancy_tau=discrepancy_tau,
     )
     rule = {"discrepancy": "discrepancy", "gradient": "gradient-change"}.get(
-        info["stopped_reason"], "maxit")
-    residual = reg.data_residual(chi, field, mask, voxel_size=voxel_size, b0_dir=b0_dir,
-                                 noise=noise, kernel=kernel)
-    return reg.FitResult(chi=chi, method="ndi", parameter="iterations",
-                         value=float(info["iterations"]), rule=rule,
-                         curve={"chi2": info["chi2"]} if info["chi2"] else {},
-                         residual=residual,
-                         extra={"noise_source": "noise map" if noise is not None
-                                else "estimated"})
+        info["stopped_reason"], "maxit"
+    )
+    residual = reg.data_residual(
+        chi, field, mask, voxel_size=voxel_size, b0_dir=b0_dir, noise=noise, kernel=kernel
+    )
+    return reg.FitResult(
+        chi=chi,
+        method="ndi",
+        parameter="iterations",
+        value=float(info["iterations"]),
+        rule=rule,
+        curve={"chi2": info["chi2"]} if info["chi2"] else {},
+        residual=residual,
+        extra={"noise_source": "noise map" if noise is not None else "estimated"},
+    )
 
 
 METHODS = {"ndi": invert_ndi}

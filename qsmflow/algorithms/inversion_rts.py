@@ -177,8 +177,7 @@ def invert_rts(
         raise ValueError("max_iter and lsmr_iter must be >= 1")
 
     crop = MaskCrop(mask, margin=margin)
-    op = make_operator(crop.shape, voxel_size=vsz, b0_dir=b0, pad_factor=pad_factor,
-                       kernel=kernel)
+    op = make_operator(crop.shape, voxel_size=vsz, b0_dir=b0, pad_factor=pad_factor, kernel=kernel)
     m = op.pad(crop.crop(mask).astype(np.float32))
     D = op.kernel
 

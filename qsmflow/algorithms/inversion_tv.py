@@ -136,8 +136,7 @@ def invert_tv(
         w = mask.astype(np.float32)
 
     crop = MaskCrop(mask, margin=margin)
-    op = make_operator(crop.shape, voxel_size=vsz, b0_dir=b0, pad_factor=pad_factor,
-                       kernel=kernel)
+    op = make_operator(crop.shape, voxel_size=vsz, b0_dir=b0, pad_factor=pad_factor, kernel=kernel)
     f = op.pad(crop.crop(field))
     w2 = op.pad(crop.crop(w)) ** 2
     D = op.kernel
@@ -250,9 +249,18 @@ def fit_tv(
     """
     from qsmflow.algorithms import regularization as reg
 
-    solver = dict(voxel_size=voxel_size, b0_dir=b0_dir, magnitude=magnitude, noise=noise,
-                  mu1_factor=mu1_factor, mu2=mu2, tol=tol, pad_factor=pad_factor,
-                  margin=margin, kernel=kernel)
+    solver = dict(
+        voxel_size=voxel_size,
+        b0_dir=b0_dir,
+        magnitude=magnitude,
+        noise=noise,
+        mu1_factor=mu1_factor,
+        mu2=mu2,
+        tol=tol,
+        pad_factor=pad_factor,
+        margin=margin,
+        kernel=kernel,
+    )
     curve: dict = {}
     extra: dict = {}
     fixed = reg.auto_or_positive("alpha", alpha)
@@ -269,8 +277,14 @@ def fit_tv(
         res, regn, chi2 = [], [], []
         for v in a:
             info: dict = {}
-            invert_tv(field, mask, alpha=float(v), info=info,
-                      max_iter=min(int(sweep_iter), int(max_iter)), **solver)
+            invert_tv(
+                field,
+                mask,
+                alpha=float(v),
+                info=info,
+                max_iter=min(int(sweep_iter), int(max_iter)),
+                **solver,
+            )
             r = info["residual"]
             res.append(float(np.linalg.norm(w_c * r)))
             regn.append(info["regularizer"])
@@ -282,7 +296,16 @@ def fit_tv(
     else:
         value, used_rule = fixed, "fixed"
     chi = invert_tv(field, mask, alpha=value, max_iter=max_iter, **solver)
-    residual = reg.data_residual(chi, field, mask, voxel_size=voxel_size, b0_dir=b0_dir,
-                                 noise=noise, kernel=kernel)
-    return reg.FitResult(chi=chi, method="tv", parameter="alpha", value=value, rule=used_rule,
-                         curve=curve, residual=residual, extra=extra)
+    residual = reg.data_residual(
+        chi, field, mask, voxel_size=voxel_size, b0_dir=b0_dir, noise=noise, kernel=kernel
+    )
+    return reg.FitResult(
+        chi=chi,
+        method="tv",
+        parameter="alpha",
+        value=value,
+        rule=used_rule,
+        curve=curve,
+        residual=residual,
+        extra=extra,
+    )

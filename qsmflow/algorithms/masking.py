@@ -496,7 +496,8 @@ def reliability_maps(
             raise ValueError(f"te_s must hold {n_e} positive echo times (s), got {te_s!r}")
     tw = te if te is not None else np.arange(1, n_e + 1, dtype=np.float64)
     out["noise"] = (1.0 / np.sqrt(np.einsum("xyze,e->xyz", mag**2, tw**2) + 1e-30)).astype(
-        np.float32)
+        np.float32
+    )
     if te is not None and n_e >= 2:
         logm = np.log(np.maximum(mag, 1e-12 * max(float(mag.max()), 1e-30)))
         w = mag**2  # weights of the log-linear fit ~ inverse variance of log M
@@ -505,8 +506,7 @@ def reliability_maps(
         lm = (w * logm).sum(-1) / sw
         cov = np.einsum("xyze,e->xyz", w * logm, te) / sw - tm * lm
         var = np.einsum("xyze,e->xyz", w, te**2) / sw - tm**2
-        out["r2star"] = np.where(var > 0, -cov / np.where(var > 0, var, 1), 0).astype(
-            np.float32)
+        out["r2star"] = np.where(var > 0, -cov / np.where(var > 0, var, 1), 0).astype(np.float32)
     if phase is not None and te is not None and n_e >= 3:
         ph = _as_4d(phase, "phase")
         if ph.shape != mag.shape:
@@ -517,8 +517,10 @@ def reliability_maps(
         omega = np.angle((steps / dte).sum(-1)) / float(np.mean(dte))
         res = np.angle(steps * np.exp(-1j * omega[..., None] * dte))
         with np.errstate(divide="ignore"):
-            inv2 = 1.0 / np.maximum(mag[..., 1:], 1e-30) ** 2 + 1.0 / np.maximum(
-                mag[..., :-1], 1e-30) ** 2
+            inv2 = (
+                1.0 / np.maximum(mag[..., 1:], 1e-30) ** 2
+                + 1.0 / np.maximum(mag[..., :-1], 1e-30) ** 2
+            )
         out["residual"] = np.mean(res**2 / inv2, axis=-1).astype(np.float32)
     return out
 
@@ -604,18 +606,21 @@ def mask_reliable(
         ph4 = _as_4d(phase, "phase")
         if ph4.shape[:3] != m.shape:
             raise ValueError(f"phase shape {ph4.shape} does not match magnitude {mag4.shape}")
-    maps = reliability_maps(mag4, ph4 if ph4 is not None and ph4.shape == mag4.shape else None,
-                            te_s=te_s)
+    maps = reliability_maps(
+        mag4, ph4 if ph4 is not None and ph4.shape == mag4.shape else None, te_s=te_s
+    )
     good = cand.copy()
-    for key, limit in (("noise", noise_max), ("residual", residual_max),
-                       ("r2star", r2star_max)):
+    for key, limit in (("noise", noise_max), ("residual", residual_max), ("r2star", r2star_max)):
         if key in maps and limit > 0:
             ref = float(np.median(maps[key][cand]))
             if ref > 0:
                 good &= maps[key] <= limit * ref
     if quality_vote and ph4 is not None:
-        q = phase_quality_map(ph4, magnitude=mag4[..., :1] if mag4.shape[3] else None,
-                              te_s=te_s if ph4.shape[3] >= 2 else None)
+        q = phase_quality_map(
+            ph4,
+            magnitude=mag4[..., :1] if mag4.shape[3] else None,
+            te_s=te_s if ph4.shape[3] >= 2 else None,
+        )
         q = ndi.gaussian_filter(q, sigma=1.0 / h * h.min(), mode="nearest")
         good &= q > _otsu(q[cand])
     # cut bridges to scalp/neck: erode (distance transform), largest component, grow back

@@ -69,7 +69,11 @@ def data_consistency_residual_map(
     """
     chi, field, mask = _residual_inputs(chi, field, mask)
     op = DipoleOperator(
-        chi.shape, voxel_size=voxel_size, b0_dir=b0_dir, kind=kind, pad_factor=pad_factor,
+        chi.shape,
+        voxel_size=voxel_size,
+        b0_dir=b0_dir,
+        kind=kind,
+        pad_factor=pad_factor,
         dtype=np.float32,
     )
     r = (op.forward(chi)[mask] - field[mask]).astype(np.float64)
@@ -121,8 +125,9 @@ def data_consistency_residual(
     den = float(np.linalg.norm(f))
     if den == 0.0:
         raise ValueError("field is constant over the mask; the residual is undefined")
-    r = data_consistency_residual_map(chi, field, mask, voxel_size=voxel_size, b0_dir=b0_dir,
-                                      pad_factor=pad_factor, kind=kind)
+    r = data_consistency_residual_map(
+        chi, field, mask, voxel_size=voxel_size, b0_dir=b0_dir, pad_factor=pad_factor, kind=kind
+    )
     return float(np.linalg.norm(r[mask].astype(np.float64)) / den)
 
 

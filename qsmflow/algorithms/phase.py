@@ -144,8 +144,9 @@ def scale_phase_to_radians(phase: np.ndarray, *, tolerance: float = 0.01):
     if lo >= -tolerance and hi <= TWO_PI + tolerance and not np.all(vals == np.round(vals)):
         # radians in [0, 2 pi) (e.g. Philips/GE exports): the same angles, wrapped to [-pi, pi)
         rad = np.mod(arr.astype(np.float64) + np.pi, TWO_PI) - np.pi
-        return rad.astype(np.float32), f"phase in [0, 2pi) wrapped to [-pi, pi) (range " \
-            f"[{lo:.4g}, {hi:.4g}])"
+        return rad.astype(
+            np.float32
+        ), f"phase in [0, 2pi) wrapped to [-pi, pi) (range [{lo:.4g}, {hi:.4g}])"
     if not np.all(vals == np.round(vals)):
         raise ValueError(
             f"phase range [{lo:.4g}, {hi:.4g}] is neither radians nor integer-coded phase"
@@ -321,8 +322,12 @@ def estimate_field_wls(
         w = np.where(valid[..., None], np.abs(mag4), 0).astype(np.float32) ** 2
     if n_e >= 2 and mcpc3ds:
         ph, _ = remove_phase_offset_mcpc3ds(
-            ph, None if mag4 is None else np.sqrt(w), te_s=te, voxel_size=voxel_size,
-            mask=valid, sigma_mm=sigma_mm,
+            ph,
+            None if mag4 is None else np.sqrt(w),
+            te_s=te,
+            voxel_size=voxel_size,
+            mask=valid,
+            sigma_mm=sigma_mm,
         )
     if n_e == 1:
         if unwrap == "laplacian":
@@ -332,8 +337,12 @@ def estimate_field_wls(
             u = u[..., None]
     else:
         u = unwrap_echoes(
-            ph, te_s=te, method=unwrap, magnitude=None if mag4 is None else np.sqrt(w),
-            mask=valid, voxel_size=voxel_size,
+            ph,
+            te_s=te,
+            method=unwrap,
+            magnitude=None if mag4 is None else np.sqrt(w),
+            mask=valid,
+            voxel_size=voxel_size,
         )
     tef = te.astype(np.float32)
     num = np.einsum("xyze,e->xyz", w * u, tef)

@@ -64,9 +64,9 @@ def auto_or_positive(name: str, value) -> float | None:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} = {value!r}: expected a number or \"auto\"") from None
+        raise ValueError(f'{name} = {value!r}: expected a number or "auto"') from None
     if not (np.isfinite(v) and v > 0):
-        raise ValueError(f"{name} must be positive or \"auto\", got {value!r}")
+        raise ValueError(f'{name} must be positive or "auto", got {value!r}')
     return v
 
 
@@ -136,8 +136,9 @@ def _check_curve(values, *curves):
     return t, out
 
 
-def lcurve_corner(values: Sequence[float], residual: Sequence[float],
-                  regularizer: Sequence[float]) -> int:
+def lcurve_corner(
+    values: Sequence[float], residual: Sequence[float], regularizer: Sequence[float]
+) -> int:
     """Index of the L-curve corner: maximum signed curvature of ``(log residual, log
     regularizer)`` as a function of ``t = log(value)`` (central differences; the end points,
     where the differences are one-sided, are excluded).
@@ -162,8 +163,9 @@ def lcurve_corner(values: Sequence[float], residual: Sequence[float],
     return int(inner[np.argmax(kappa[inner])])
 
 
-def lcurve_knee(values: Sequence[float], residual: Sequence[float],
-                regularizer: Sequence[float]) -> int:
+def lcurve_knee(
+    values: Sequence[float], residual: Sequence[float], regularizer: Sequence[float]
+) -> int:
     """Index of the L-curve knee: the point farthest below the chord joining the curve's ends,
     with both log axes scaled to [0, 1] (Satopaa et al. 2011's "kneedle" applied to the
     log-log L-curve).  Robust when the curve is sampled coarsely."""
@@ -193,8 +195,9 @@ def steepest_point(values: Sequence[float], curve: Sequence[float]) -> int:
     return int(inner[np.argmax(slope[inner])])
 
 
-def discrepancy_choice(values: Sequence[float], chi2: Sequence[float], *,
-                       tau: float = 1.0) -> tuple[float, int]:
+def discrepancy_choice(
+    values: Sequence[float], chi2: Sequence[float], *, tau: float = 1.0
+) -> tuple[float, int]:
     """Morozov's discrepancy principle on a sweep.
 
     Parameters
@@ -299,8 +302,14 @@ def data_residual(
     chi = np.asarray(chi, dtype=np.float32)
     f = np.asarray(field, dtype=np.float64)
     m = np.asarray(mask, dtype=bool)
-    op = DipoleOperator(chi.shape, voxel_size=voxel_size, b0_dir=b0_dir, kind=kernel,
-                        pad_factor=pad_factor, dtype=np.float32)
+    op = DipoleOperator(
+        chi.shape,
+        voxel_size=voxel_size,
+        b0_dir=b0_dir,
+        kind=kernel,
+        pad_factor=pad_factor,
+        dtype=np.float32,
+    )
     r = op.forward(np.where(m, chi, 0.0).astype(np.float32)).astype(np.float64) - f
     inner = _interior(m, tuple(float(v) for v in voxel_size), interior_mm)
     out = {
@@ -315,9 +324,15 @@ def data_residual(
     return out
 
 
-def choose(values: Sequence[float], residual: Sequence[float], regularizer: Sequence[float],
-           *, rule: str, chi2: Sequence[float] | None = None, tau: float = 1.0
-           ) -> tuple[float, int]:
+def choose(
+    values: Sequence[float],
+    residual: Sequence[float],
+    regularizer: Sequence[float],
+    *,
+    rule: str,
+    chi2: Sequence[float] | None = None,
+    tau: float = 1.0,
+) -> tuple[float, int]:
     """Apply a rule (``"lcurve-corner"``, ``"lcurve-knee"`` or ``"discrepancy"``) to a sweep;
     returns ``(value, index of the nearest sweep point)``."""
     v = np.asarray(values, dtype=np.float64)

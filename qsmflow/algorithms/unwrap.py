@@ -355,8 +355,10 @@ def _romeo_3d(phase, mask, *, phase2=None, te_ratio=1.0, magnitude=None):
     oriented = coo_matrix(
         (
             np.ones(tree.nnz + ncomp),
-            (np.concatenate([tree.row, np.full(ncomp, root, np.int32)]),
-             np.concatenate([tree.col, seeds])),
+            (
+                np.concatenate([tree.row, np.full(ncomp, root, np.int32)]),
+                np.concatenate([tree.col, seeds]),
+            ),
         ),
         shape=(n + 1, n + 1),
     ).tocsr()
@@ -382,9 +384,9 @@ def _romeo_3d(phase, mask, *, phase2=None, te_ratio=1.0, magnitude=None):
     # choose the free 2 pi multiple of each region so that its quality-weighted median phase
     # lies within [-pi, pi) (robust to badly unwrapped low-quality fringes of the region)
     unw = pv.astype(np.float64) + TWO_PI * k
-    k -= np.rint(_weighted_median_by_label(unw, q + 1e-6, labels, ncomp) / TWO_PI).astype(
-        np.int64
-    )[labels]
+    k -= np.rint(_weighted_median_by_label(unw, q + 1e-6, labels, ncomp) / TWO_PI).astype(np.int64)[
+        labels
+    ]
     out = np.zeros(shape, dtype=np.float32)
     out[mask] = (pv.astype(np.float64) + TWO_PI * k).astype(np.float32)
     return out
@@ -448,8 +450,13 @@ def unwrap_romeo(
         if te_s is None:
             raise ValueError("te_s is required for multi-echo (temporal) ROMEO unwrapping")
         return unwrap_echoes(
-            phase, te_s=te_s, method="romeo", magnitude=magnitude, mask=mask,
-            voxel_size=voxel_size, template=template,
+            phase,
+            te_s=te_s,
+            method="romeo",
+            magnitude=magnitude,
+            mask=mask,
+            voxel_size=voxel_size,
+            template=template,
         )
     finite = np.isfinite(phase) if phase.ndim == 3 else np.isfinite(phase).all(axis=3)
     m = _check_mask(mask, phase.shape[:3], finite)

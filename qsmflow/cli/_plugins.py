@@ -25,8 +25,22 @@ from pathlib import Path
 
 #: plugin names Nipype accepts (``<Name>Plugin`` classes of nipype.pipeline.plugins)
 KNOWN_PLUGINS = (
-    "Linear", "MultiProc", "LegacyMultiProc", "Debug", "SLURM", "SLURMGraph", "SGE", "SGEGraph",
-    "PBS", "PBSGraph", "LSF", "Condor", "CondorDAGMan", "OAR", "IPython", "SomaFlow",
+    "Linear",
+    "MultiProc",
+    "LegacyMultiProc",
+    "Debug",
+    "SLURM",
+    "SLURMGraph",
+    "SGE",
+    "SGEGraph",
+    "PBS",
+    "PBSGraph",
+    "LSF",
+    "Condor",
+    "CondorDAGMan",
+    "OAR",
+    "IPython",
+    "SomaFlow",
 )
 SLURM_PLUGINS = ("SLURM", "SLURMGraph")
 
@@ -53,8 +67,9 @@ def load_plugin_file(path) -> tuple[str, dict]:
         raise PluginError(f"{p}: needs a 'plugin:' key (e.g. plugin: MultiProc)")
     name = spec["plugin"]
     if not isinstance(name, str) or name not in KNOWN_PLUGINS:
-        raise PluginError(f"{p}: plugin {name!r} is not a Nipype plugin; choose from: "
-                          f"{', '.join(KNOWN_PLUGINS)}")
+        raise PluginError(
+            f"{p}: plugin {name!r} is not a Nipype plugin; choose from: {', '.join(KNOWN_PLUGINS)}"
+        )
     args = spec.get("plugin_args") or {}
     if not isinstance(args, dict):
         raise PluginError(f"{p}: plugin_args must be a mapping (key: value lines)")
@@ -78,8 +93,10 @@ def check_slurm(name: str, args: dict, *, where: str, environ=None) -> None:
         if shutil.which(tool) is None:
             raise PluginError(f"{where}: plugin {name} needs '{tool}' (SLURM) on the PATH")
     if name == "SLURM" and not env.get("LOGNAME"):
-        raise PluginError(f"{where}: plugin SLURM needs the LOGNAME environment variable "
-                          f"(export LOGNAME=$(whoami))")
+        raise PluginError(
+            f"{where}: plugin SLURM needs the LOGNAME environment variable "
+            f"(export LOGNAME=$(whoami))"
+        )
     sbatch_args = shlex.split(args.get("sbatch_args") or "")
     cmd = ["sbatch", "--test-only", *sbatch_args, "--wrap", "true"]
     try:
@@ -89,14 +106,17 @@ def check_slurm(name: str, args: dict, *, where: str, environ=None) -> None:
     if res.returncode != 0:
         msg = (res.stderr or res.stdout).strip().splitlines()
         msg = msg[-1] if msg else f"exit status {res.returncode}"
-        raise PluginError(f"{where}: SLURM refuses the job settings (sbatch_args "
-                          f"{args.get('sbatch_args', '')!r}): {msg}")
+        raise PluginError(
+            f"{where}: SLURM refuses the job settings (sbatch_args "
+            f"{args.get('sbatch_args', '')!r}): {msg}"
+        )
 
 
 def slurm_jobs_under(batch_dir) -> list[tuple[str, str]]:
     """``[(job id, state), ...]`` of queued/running jobs whose script is in ``batch_dir``."""
-    res = subprocess.run(["squeue", "-h", "-o", "%i|%T|%o"], capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run(
+        ["squeue", "-h", "-o", "%i|%T|%o"], capture_output=True, text=True, timeout=60
+    )
     if res.returncode != 0:
         raise PluginError(f"squeue failed: {res.stderr.strip()}")
     prefix = str(Path(batch_dir).resolve())
@@ -108,8 +128,9 @@ def slurm_jobs_under(batch_dir) -> list[tuple[str, str]]:
     return jobs
 
 
-def wait_for_slurm_jobs(batch_dir, *, poll_s: float = 2.0, stream=None,
-                        timeout_s: float | None = None) -> bool:
+def wait_for_slurm_jobs(
+    batch_dir, *, poll_s: float = 2.0, stream=None, timeout_s: float | None = None
+) -> bool:
     """Wait until no job from ``batch_dir`` is queued or running; False on timeout."""
     stream = stream or sys.stderr
     t0 = time.monotonic()

@@ -32,7 +32,7 @@ def _descendants(pid: int) -> list[int]:
         try:
             with open(f"/proc/{e}/stat") as f:
                 stat = f.read()
-            ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+            ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(ppid, []).append(int(e))

@@ -14,8 +14,10 @@ def crash_files(crash_dir, since: float) -> list[Path]:
     d = Path(crash_dir)
     if not d.is_dir():
         return []
-    return sorted((p for p in d.glob("crash-*") if p.stat().st_mtime >= since - 1),
-                  key=lambda p: p.stat().st_mtime)
+    return sorted(
+        (p for p in d.glob("crash-*") if p.stat().st_mtime >= since - 1),
+        key=lambda p: p.stat().st_mtime,
+    )
 
 
 def parse_crash_file(path) -> dict:
@@ -30,8 +32,15 @@ def parse_crash_file(path) -> dict:
     reason = ""
     for line in reversed(tb.splitlines()):
         s = line.strip()
-        if s and not s.startswith(("File ", "^", "~")) and re.match(r"^[A-Za-z_.]+(Error|Exception|"
-                                                                    r"Interrupt|Exit)\b", s):
+        if (
+            s
+            and not s.startswith(("File ", "^", "~"))
+            and re.match(
+                r"^[A-Za-z_.]+(Error|Exception|"
+                r"Interrupt|Exit)\b",
+                s,
+            )
+        ):
             reason = s
             break
     if not reason:
@@ -49,8 +58,9 @@ def failures_by_subject(crash_dir, since: float) -> dict:
     for p in crash_files(crash_dir, since):
         info = parse_crash_file(p)
         sub = subject_of(info["node"]) or subject_of(p.name)
-        out.setdefault(sub, []).append((info["node"].rsplit(".", 1)[-1] or p.name,
-                                        info["reason"], p, info["traceback"]))
+        out.setdefault(sub, []).append(
+            (info["node"].rsplit(".", 1)[-1] or p.name, info["reason"], p, info["traceback"])
+        )
     return out
 
 

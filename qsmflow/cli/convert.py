@@ -12,16 +12,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qsmflow-convert",
         description="Convert a folder of DICOM files (multi-echo GRE and more) to BIDS. "
-                    "The DICOM folder is only read; existing different files are never "
-                    "overwritten; nothing is written unless every series converts.")
+        "The DICOM folder is only read; existing different files are never "
+        "overwritten; nothing is written unless every series converts.",
+    )
     p.add_argument("dicom_dir", metavar="DICOM_DIR")
     p.add_argument("bids_dir", metavar="BIDS_DIR")
     p.add_argument("--participant-label", help="subject label (default: from PatientID)")
     p.add_argument("--session-label", help="session label (default: from StudyDate)")
-    p.add_argument("--heuristic", metavar="FILE",
-                   help="JSON mapping file: participants, sessions, series rules")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the plan (series -> BIDS names) and write nothing")
+    p.add_argument(
+        "--heuristic",
+        metavar="FILE",
+        help="JSON mapping file: participants, sessions, series rules",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (series -> BIDS names) and write nothing",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print problems only")
     return p
 
@@ -32,19 +39,24 @@ def main(argv=None) -> int:
 
     problems = check_output_dir(args.bids_dir, what="BIDS_DIR")
     if problems:
-        print(f"qsmflow-convert: {len(problems)} problem(s); nothing was written:",
-              file=sys.stderr)
+        print(f"qsmflow-convert: {len(problems)} problem(s); nothing was written:", file=sys.stderr)
         for msg in problems:
             print(f"  - {msg}", file=sys.stderr)
         return 2
     try:
         result = convert_dicom_to_bids(
-            args.dicom_dir, args.bids_dir, participant_label=args.participant_label,
-            session_label=args.session_label, heuristic=args.heuristic,
-            dry_run=args.dry_run)
+            args.dicom_dir,
+            args.bids_dir,
+            participant_label=args.participant_label,
+            session_label=args.session_label,
+            heuristic=args.heuristic,
+            dry_run=args.dry_run,
+        )
     except ConversionError as exc:
-        print(f"qsmflow-convert: {len(exc.problems)} problem(s); nothing was written:",
-              file=sys.stderr)
+        print(
+            f"qsmflow-convert: {len(exc.problems)} problem(s); nothing was written:",
+            file=sys.stderr,
+        )
         for msg in exc.problems:
             print(f"  - {msg}", file=sys.stderr)
         return 2

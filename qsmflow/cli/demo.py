@@ -21,13 +21,17 @@ def _score(chi, truth, mask) -> dict:
     try:
         from qsm_ci.qsm_eval import correlation, nrmse_challenge
 
-        return {"nrmse": float(nrmse_challenge(chi, truth, mask)[0]),
-                "correlation": float(correlation(chi, truth, mask))}
+        return {
+            "nrmse": float(nrmse_challenge(chi, truth, mask)[0]),
+            "correlation": float(correlation(chi, truth, mask)),
+        }
     except ImportError:  # qsm-ci is an optional (test) dependency
         a = chi[mask] - chi[mask].mean()
         b = truth[mask] - truth[mask].mean()
-        return {"nrmse": float(100 * np.linalg.norm(a - b) / np.linalg.norm(b)),
-                "correlation": float(np.corrcoef(a, b)[0, 1])}
+        return {
+            "nrmse": float(100 * np.linalg.norm(a - b) / np.linalg.norm(b)),
+            "correlation": float(np.corrcoef(a, b)[0, 1]),
+        }
 
 
 def score_outputs(bids_dir, output_dir, subjects) -> dict:
@@ -62,8 +66,9 @@ def _check_args(args) -> list[str]:
     if args.nprocs < 1:
         problems.append(f"--nprocs {args.nprocs}: expected a positive integer")
     if args.preset not in list_presets():
-        problems.append(f"--preset {args.preset!r}: unknown; choose from: "
-                        f"{', '.join(list_presets())}")
+        problems.append(
+            f"--preset {args.preset!r}: unknown; choose from: {', '.join(list_presets())}"
+        )
     problems += check_output_dir(args.directory, what="demo directory")
     return problems
 
@@ -71,13 +76,23 @@ def _check_args(args) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="qsmflow-demo",
-        description="Simulate 2 subjects as a BIDS dataset, run qsmflow, compare with truth.")
-    p.add_argument("directory", nargs="?", type=Path, default=Path("qsmflow-demo"),
-                   help="where to put bids/, derivatives/ and work/ (default: ./qsmflow-demo)")
+        description="Simulate 2 subjects as a BIDS dataset, run qsmflow, compare with truth.",
+    )
+    p.add_argument(
+        "directory",
+        nargs="?",
+        type=Path,
+        default=Path("qsmflow-demo"),
+        help="where to put bids/, derivatives/ and work/ (default: ./qsmflow-demo)",
+    )
     p.add_argument("--nprocs", type=int, default=2, help="processes (default: 2)")
-    p.add_argument("--size", type=int, default=96,
-                   help="matrix size per axis of the 160 mm field of view (default: 96, i.e. "
-                   "1.67 mm voxels; 160 gives 1 mm)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=96,
+        help="matrix size per axis of the 160 mm field of view (default: 96, i.e. "
+        "1.67 mm voxels; 160 gives 1 mm)",
+    )
     p.add_argument("--preset", default="fast", help="preset to run (default: fast)")
     args = p.parse_args(argv)
     problems = _check_args(args)
@@ -94,30 +109,52 @@ def main(argv=None) -> int:
     subjects = ("01", "02")
     t0 = time.time()
     vox = 160.0 / args.size  # an adult-sized head in a 160 mm field of view
-    print(f"qsmflow-demo: simulating {len(subjects)} subjects ({args.size}^3, {vox:.2f} mm, "
-          f"4 echoes, integer phase) in {bids}")
-    write_bids_dataset(bids, subjects=subjects, shape=(args.size,) * 3, voxel_size=(vox,) * 3,
-                       te_s=(0.004, 0.008, 0.012, 0.016), phase_as_int=True, snr=100.0)
+    print(
+        f"qsmflow-demo: simulating {len(subjects)} subjects ({args.size}^3, {vox:.2f} mm, "
+        f"4 echoes, integer phase) in {bids}"
+    )
+    write_bids_dataset(
+        bids,
+        subjects=subjects,
+        shape=(args.size,) * 3,
+        voxel_size=(vox,) * 3,
+        te_s=(0.004, 0.008, 0.012, 0.016),
+        phase_as_int=True,
+        snr=100.0,
+    )
     t1 = time.time()
     if deriv.exists():  # the demo's own outputs from an earlier demo run
         import shutil
 
         shutil.rmtree(deriv)
-    cmd = [str(bids), str(deriv), "participant", "-w", str(work), "--nprocs",
-           str(args.nprocs), "--preset", args.preset]
+    cmd = [
+        str(bids),
+        str(deriv),
+        "participant",
+        "-w",
+        str(work),
+        "--nprocs",
+        str(args.nprocs),
+        "--preset",
+        args.preset,
+    ]
     print("qsmflow-demo: running  qsmflow " + " ".join(cmd))
     rc = qsmflow_main(cmd)
     t2 = time.time()
     scores = score_outputs(bids, deriv, subjects)
     print(f"\nqsmflow-demo: simulation {t1 - t0:.1f} s, pipeline {t2 - t1:.1f} s")
-    print("susceptibility maps (ppm) and their error against the simulated truth "
-          "(inside the output brain mask, both demeaned):")
+    print(
+        "susceptibility maps (ppm) and their error against the simulated truth "
+        "(inside the output brain mask, both demeaned):"
+    )
     for s, sc in scores.items():
         if sc["chi"] is None:
             print(f"  sub-{s}: no Chimap (failed)")
         else:
-            print(f"  sub-{s}: {sc['chi']}\n          NRMSE {sc['nrmse']:.1f} %, "
-                  f"correlation {sc['correlation']:.3f}")
+            print(
+                f"  sub-{s}: {sc['chi']}\n          NRMSE {sc['nrmse']:.1f} %, "
+                f"correlation {sc['correlation']:.3f}"
+            )
     print(f"ground truth: {bids / 'derivatives' / 'qsmflow-sim'}")
     from qsmflow.reports import subject_report_path
 

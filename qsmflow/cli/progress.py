@@ -22,8 +22,9 @@ def subject_of(fullname: str) -> str | None:
 class Progress:
     """Callback ``(node, status)`` with status in ``start``, ``end``, ``exception``."""
 
-    def __init__(self, totals: dict, *, stream=None, tty: bool | None = None,
-                 min_interval: float = 0.2):
+    def __init__(
+        self, totals: dict, *, stream=None, tty: bool | None = None, min_interval: float = 0.2
+    ):
         self.totals = dict(totals)  # subject -> number of nodes
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty() if tty is None else bool(tty)
@@ -63,8 +64,10 @@ class Progress:
         subs_done = sum(1 for s, n in self.done.items() if n >= self.totals[s])
         cur = ", ".join(f"sub-{s} {n.rsplit('.', 1)[-1]}" for n, s in self.running.items())
         fail = f" | failed: {len(self.failed)}" if self.failed else ""
-        return (f"[{self.elapsed()}] subjects {subs_done}/{len(self.totals)} | nodes "
-                f"{done}/{total}{fail} | running: {cur or '-'}")
+        return (
+            f"[{self.elapsed()}] subjects {subs_done}/{len(self.totals)} | nodes "
+            f"{done}/{total}{fail} | running: {cur or '-'}"
+        )
 
     def _report(self, name, sub, status):
         if self.tty:
@@ -78,8 +81,10 @@ class Progress:
             who = f"sub-{sub}" if sub else "-"
             word = {"start": "started", "end": "finished", "exception": "FAILED"}[status]
             done = sum(self.done.values())
-            self.stream.write(f"[{self.elapsed()}] {who} {node} {word} "
-                              f"({done}/{sum(self.totals.values())} nodes)\n")
+            self.stream.write(
+                f"[{self.elapsed()}] {who} {node} {word} "
+                f"({done}/{sum(self.totals.values())} nodes)\n"
+            )
             self.stream.flush()
 
     def close(self):

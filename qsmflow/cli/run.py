@@ -51,7 +51,8 @@ def parse_mem(text: str) -> float:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", str(text).upper())
     if not m:
         raise argparse.ArgumentTypeError(
-            f"invalid memory {text!r}: use a number with an optional unit, e.g. 8, 8GB, 500MB")
+            f"invalid memory {text!r}: use a number with an optional unit, e.g. 8, 8GB, 500MB"
+        )
     value = float(m.group(1))
     factor = {"": 1.0, "K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3}[m.group(2)]
     if m.group(3) == "IB":
@@ -81,11 +82,13 @@ def _int_at_least(minimum: int):
 def _label(prefix):
     def parse(text):
         t = str(text)
-        t = t[len(prefix) + 1:] if t.startswith(prefix + "-") else t
+        t = t[len(prefix) + 1 :] if t.startswith(prefix + "-") else t
         if not re.fullmatch(r"[A-Za-z0-9]+", t):
-            raise argparse.ArgumentTypeError(f"invalid label {text!r} (alphanumeric, optionally "
-                                             f"with a leading '{prefix}-')")
+            raise argparse.ArgumentTypeError(
+                f"invalid label {text!r} (alphanumeric, optionally with a leading '{prefix}-')"
+            )
         return t
+
     return parse
 
 
@@ -96,64 +99,139 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qsmflow",
         description="Quantitative susceptibility mapping of every multi-echo GRE (MEGRE) run "
         "in a BIDS dataset, written as BIDS derivatives (a BIDS-App).",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("bids_dir", type=Path, help="the input BIDS dataset (never modified)")
-    p.add_argument("output_dir", type=Path,
-                   help="where the derivatives go (must differ from bids_dir)")
-    p.add_argument("analysis_level", choices=["participant", "group"],
-                   help="'participant': process each subject; 'group': write the index page "
-                   "output_dir/index.html linking the subjects' reports (also written at the "
-                   "end of every participant run)")
+    p.add_argument(
+        "output_dir", type=Path, help="where the derivatives go (must differ from bids_dir)"
+    )
+    p.add_argument(
+        "analysis_level",
+        choices=["participant", "group"],
+        help="'participant': process each subject; 'group': write the index page "
+        "output_dir/index.html linking the subjects' reports (also written at the "
+        "end of every participant run)",
+    )
     p.add_argument("--version", action="version", version=f"qsmflow {__version__}")
 
     g = p.add_argument_group("selecting data")
-    g.add_argument("--participant-label", "--participant_label", nargs="+", type=_label("sub"),
-                   metavar="LABEL", help="subjects to process (default: all); 'sub-' optional")
-    g.add_argument("--session-label", "--session_label", nargs="+", type=_label("ses"),
-                   metavar="LABEL", help="sessions to process (default: all); 'ses-' optional")
+    g.add_argument(
+        "--participant-label",
+        "--participant_label",
+        nargs="+",
+        type=_label("sub"),
+        metavar="LABEL",
+        help="subjects to process (default: all); 'sub-' optional",
+    )
+    g.add_argument(
+        "--session-label",
+        "--session_label",
+        nargs="+",
+        type=_label("ses"),
+        metavar="LABEL",
+        help="sessions to process (default: all); 'ses-' optional",
+    )
 
     g = p.add_argument_group("methods (a preset or a TOML file, then per-stage overrides)")
     x = g.add_mutually_exclusive_group()
-    x.add_argument("--preset", metavar="NAME",
-                   help="a shipped preset: fast (default), accurate, dip-gpu, dip-cpu "
-                   "(see --list-presets)")
-    x.add_argument("--config-file", type=Path, metavar="FILE",
-                   help="a TOML configuration (start from: qsmflow --dump-preset fast)")
-    g.add_argument("--list-presets", action="store_true",
-                   help="list the presets and their methods, then exit")
-    g.add_argument("--dump-preset", metavar="NAME",
-                   help="print a preset as TOML (an editable copy for --config-file), then exit")
-    for flag, stage in (("--unwrap", "unwrap"), ("--combine", "combine"), ("--mask", "mask"),
-                        ("--bfr", "bfr"), ("--inversion", "invert"),
-                        ("--reference", "reference")):
+    x.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="a shipped preset: fast (default), accurate, dip-gpu, dip-cpu (see --list-presets)",
+    )
+    x.add_argument(
+        "--config-file",
+        type=Path,
+        metavar="FILE",
+        help="a TOML configuration (start from: qsmflow --dump-preset fast)",
+    )
+    g.add_argument(
+        "--list-presets", action="store_true", help="list the presets and their methods, then exit"
+    )
+    g.add_argument(
+        "--dump-preset",
+        metavar="NAME",
+        help="print a preset as TOML (an editable copy for --config-file), then exit",
+    )
+    for flag, stage in (
+        ("--unwrap", "unwrap"),
+        ("--combine", "combine"),
+        ("--mask", "mask"),
+        ("--bfr", "bfr"),
+        ("--inversion", "invert"),
+        ("--reference", "reference"),
+    ):
         names = list(registry.methods_for(stage))
-        g.add_argument(flag, dest=f"method_{stage}", metavar="METHOD",  # checked by config
-                       help=f"{registry.stage(stage).help}: {', '.join(names)}")
-    g.add_argument("--seed", type=_int_at_least(0), metavar="N",
-                   help="random seed of stochastic methods (default: from the preset, 0)")
+        g.add_argument(
+            flag,
+            dest=f"method_{stage}",
+            metavar="METHOD",  # checked by config
+            help=f"{registry.stage(stage).help}: {', '.join(names)}",
+        )
+    g.add_argument(
+        "--seed",
+        type=_int_at_least(0),
+        metavar="N",
+        help="random seed of stochastic methods (default: from the preset, 0)",
+    )
 
     g = p.add_argument_group("resources and execution")
-    g.add_argument("-w", "--work-dir", type=Path, metavar="DIR",
-                   help="work directory: intermediate results and the cache that makes "
-                   "re-runs resume (default: ./work)")
-    g.add_argument("--nprocs", "--n-cpus", type=_int_at_least(1), metavar="N",
-                   help="maximum number of processes (default: all CPUs)")
-    g.add_argument("--omp-nthreads", type=_int_at_least(1), metavar="N", default=1,
-                   help="threads per node: BLAS, FFT and torch pools are limited to it inside "
-                   "every node (default: 1; at most --nprocs)")
-    g.add_argument("--mem", "--mem-gb", type=parse_mem, metavar="SIZE",
-                   help="memory limit, e.g. 16GB, 500MB (plain numbers are GB; default: "
-                   "Nipype's estimate of the free memory)")
-    g.add_argument("--use-plugin", type=Path, metavar="FILE",
-                   help="Nipype plugin YAML (plugin: and plugin_args:), e.g. "
-                   "workflows/plugins/slurmgraph.yml for SLURM clusters")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"],
-                   help="device of GPU-capable methods (default: from the preset)")
-    g.add_argument("--stop-on-first-crash", action="store_true",
-                   help="stop at the first failure (default: finish the other subjects)")
-    g.add_argument("-v", "--verbose", action="count", default=0,
-                   help="more log output (-v: Nipype info, -vv: debug)")
+    g.add_argument(
+        "-w",
+        "--work-dir",
+        type=Path,
+        metavar="DIR",
+        help="work directory: intermediate results and the cache that makes "
+        "re-runs resume (default: ./work)",
+    )
+    g.add_argument(
+        "--nprocs",
+        "--n-cpus",
+        type=_int_at_least(1),
+        metavar="N",
+        help="maximum number of processes (default: all CPUs)",
+    )
+    g.add_argument(
+        "--omp-nthreads",
+        type=_int_at_least(1),
+        metavar="N",
+        default=1,
+        help="threads per node: BLAS, FFT and torch pools are limited to it inside "
+        "every node (default: 1; at most --nprocs)",
+    )
+    g.add_argument(
+        "--mem",
+        "--mem-gb",
+        type=parse_mem,
+        metavar="SIZE",
+        help="memory limit, e.g. 16GB, 500MB (plain numbers are GB; default: "
+        "Nipype's estimate of the free memory)",
+    )
+    g.add_argument(
+        "--use-plugin",
+        type=Path,
+        metavar="FILE",
+        help="Nipype plugin YAML (plugin: and plugin_args:), e.g. "
+        "workflows/plugins/slurmgraph.yml for SLURM clusters",
+    )
+    g.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="device of GPU-capable methods (default: from the preset)",
+    )
+    g.add_argument(
+        "--stop-on-first-crash",
+        action="store_true",
+        help="stop at the first failure (default: finish the other subjects)",
+    )
+    g.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more log output (-v: Nipype info, -vv: debug)",
+    )
     return p
 
 
@@ -202,8 +280,12 @@ def _load_config(args):
             cfg = load_preset(args.preset)
         else:
             cfg = default_config()
-        cfg = cfg.with_methods(**{s: getattr(args, f"method_{s}") for s in (
-            "unwrap", "combine", "mask", "bfr", "invert", "reference")})
+        cfg = cfg.with_methods(
+            **{
+                s: getattr(args, f"method_{s}")
+                for s in ("unwrap", "combine", "mask", "bfr", "invert", "reference")
+            }
+        )
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     if args.seed is not None:
@@ -268,8 +350,11 @@ def _result_stamps(wf_dir: Path) -> dict:
 def _executed_nodes(wf_dir: Path, before: dict) -> list[str]:
     """Nodes whose result file is new or was rewritten since ``before`` (they ran)."""
     after = _result_stamps(wf_dir)
-    return sorted(Path(p).parent.relative_to(wf_dir).as_posix()
-                  for p, t in after.items() if before.get(p) != t)
+    return sorted(
+        Path(p).parent.relative_to(wf_dir).as_posix()
+        for p, t in after.items()
+        if before.get(p) != t
+    )
 
 
 def _list_presets() -> int:
@@ -296,11 +381,16 @@ def _collect_runs(args):
     from qsmflow.bids_input import BIDSInputError, collect_runs
 
     try:
-        return collect_runs(args.bids_dir, participant_labels=args.participant_label,
-                            session_labels=args.session_label)
+        return collect_runs(
+            args.bids_dir,
+            participant_labels=args.participant_label,
+            session_labels=args.session_label,
+        )
     except BIDSInputError as exc:
-        print(f"qsmflow: {len(exc.problems)} problem(s) with the input data; nothing was run:",
-              file=sys.stderr)
+        print(
+            f"qsmflow: {len(exc.problems)} problem(s) with the input data; nothing was run:",
+            file=sys.stderr,
+        )
         for msg in exc.problems:
             print(f"  - {msg}", file=sys.stderr)
         return None
@@ -312,12 +402,20 @@ def _configure_nipype(args) -> Path:
     from nipype import logging as nlog
 
     crash = args.work_dir / "crash"
-    ncfg.update_config({"execution": {
-        "crashdump_dir": str(crash), "crashfile_format": "txt",
-        "stop_on_first_crash": bool(args.stop_on_first_crash),
-        "poll_sleep_duration": 0.2, "remove_unnecessary_outputs": False,
-        "create_report": False, "write_provenance": False,
-    }, "monitoring": {"enabled": False}})
+    ncfg.update_config(
+        {
+            "execution": {
+                "crashdump_dir": str(crash),
+                "crashfile_format": "txt",
+                "stop_on_first_crash": bool(args.stop_on_first_crash),
+                "poll_sleep_duration": 0.2,
+                "remove_unnecessary_outputs": False,
+                "create_report": False,
+                "write_provenance": False,
+            },
+            "monitoring": {"enabled": False},
+        }
+    )
     level = ["WARNING", "INFO", "DEBUG"][min(args.verbose, 2)]
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
         nlog.getLogger(name).setLevel(level)
@@ -340,10 +438,10 @@ def _write_provenance(out: Path, runs, cfg) -> None:
     derivative_dataset_description(out)
     for sub in sorted({r.subject for r in runs}):
         first = next(r for r in runs if r.subject == sub)
-        eff, _ = effective_config(cfg, has_magnitude=first.has_magnitude,
-                                  n_echoes=first.n_echoes)
-        write_subject_log(out, sub, config_toml=to_toml(eff),
-                          methods=subject_methods_text(first, cfg))
+        eff, _ = effective_config(cfg, has_magnitude=first.has_magnitude, n_echoes=first.n_echoes)
+        write_subject_log(
+            out, sub, config_toml=to_toml(eff), methods=subject_methods_text(first, cfg)
+        )
 
 
 def _progress(wf, subjects):
@@ -404,8 +502,10 @@ def _summarise(args, out, subjects, failed, error, executed, crash, t0, plugin, 
     from qsmflow.reports import subject_report_path, write_failure_report, write_group_index
 
     crashes = {s: c for s, c in failures_by_subject(crash, t0).items() if s in failed}
-    print(f"\nqsmflow summary ({len(executed)} node(s) executed, work dir {args.work_dir}):",
-          file=sys.stderr)
+    print(
+        f"\nqsmflow summary ({len(executed)} node(s) executed, work dir {args.work_dir}):",
+        file=sys.stderr,
+    )
     for line in subject_lines(subjects, failed, crashes, verbose=bool(args.verbose)):
         print(line, file=sys.stderr)
     for sub in failed:  # the subject's report page says why, so the index shows the failure
@@ -414,8 +514,12 @@ def _summarise(args, out, subjects, failed, error, executed, crash, t0, plugin, 
     index = write_group_index(out)
     pages = [str(p) for p in (subject_report_path(out, s) for s in subjects) if p.is_file()]
     if pages:
-        print("qsmflow: QC report(s): " + ", ".join(pages)
-              + (f"; all subjects: {index}" if index is not None else ""), file=sys.stderr)
+        print(
+            "qsmflow: QC report(s): "
+            + ", ".join(pages)
+            + (f"; all subjects: {index}" if index is not None else ""),
+            file=sys.stderr,
+        )
     if error is not None and failed and "status_callback" not in pargs:
         first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         print(f"qsmflow: the {plugin} plugin raised: {first}", file=sys.stderr)
@@ -468,17 +572,27 @@ def run(argv=None) -> int:
 
     crash = _configure_nipype(args)
     out = args.output_dir.resolve()
-    wf = init_qsmflow_wf(runs=runs, output_dir=out, config=cfg, bids_dir=args.bids_dir,
-                         omp_nthreads=_node_threads(args), use_gpu=use_gpu)
+    wf = init_qsmflow_wf(
+        runs=runs,
+        output_dir=out,
+        config=cfg,
+        bids_dir=args.bids_dir,
+        omp_nthreads=_node_threads(args),
+        use_gpu=use_gpu,
+    )
     wf.base_dir = str(args.work_dir)
     _write_provenance(out, runs, cfg)
     subjects = sorted({r.subject for r in runs})
     progress = _progress(wf, subjects)
     if "status_callback" in pargs:
         pargs["status_callback"] = progress
-    print(f"qsmflow {__version__}: {len(runs)} run(s) of {len(subjects)} subject(s); "
-          f"methods: " + ", ".join(f"{s}={cfg.method(s)}" for s in cfg.stages)
-          + f"; work dir {args.work_dir}", file=sys.stderr)
+    print(
+        f"qsmflow {__version__}: {len(runs)} run(s) of {len(subjects)} subject(s); "
+        f"methods: "
+        + ", ".join(f"{s}={cfg.method(s)}" for s in cfg.stages)
+        + f"; work dir {args.work_dir}",
+        file=sys.stderr,
+    )
     error, executed, t0 = _execute(wf, plugin, pargs, progress, args.work_dir)
     failed = _failed_subjects(runs, out, progress)
     return _summarise(args, out, subjects, failed, error, executed, crash, t0, plugin, pargs)
@@ -489,12 +603,14 @@ def _group(args) -> int:
     from qsmflow.reports import write_group_index
 
     if not args.output_dir.is_dir():
-        raise UsageError(f"{args.output_dir}: output_dir not found (run the participant "
-                         "level first)")
+        raise UsageError(
+            f"{args.output_dir}: output_dir not found (run the participant level first)"
+        )
     index = write_group_index(args.output_dir)
     if index is None:
-        raise UsageError(f"{args.output_dir}: no subject reports (sub-*.html); run the "
-                         "participant level first")
+        raise UsageError(
+            f"{args.output_dir}: no subject reports (sub-*.html); run the participant level first"
+        )
     print(f"qsmflow: {index}", file=sys.stderr)
     return EXIT_OK
 

@@ -24,9 +24,16 @@ from qsmflow.runner import StageInputError, run_stage
 #: a problem with the user's input: reported as one line, exit status 2
 StageError = StageInputError
 #: command-line flag -> algorithm input name
-FLAG_INPUTS = {"phase": "phase", "magnitude": "magnitude", "mask": "mask",
-               "totalfield": "field", "localfield": "field", "chimap": "chi", "noise": "noise",
-               "csf_mask": "csf_mask"}
+FLAG_INPUTS = {
+    "phase": "phase",
+    "magnitude": "magnitude",
+    "mask": "mask",
+    "totalfield": "field",
+    "localfield": "field",
+    "chimap": "chi",
+    "noise": "noise",
+    "csf_mask": "csf_mask",
+}
 #: the flag that gives a stage's ``field``/``chi`` input
 _FIELD_FLAG = {"bfr": "totalfield", "invert": "localfield", "reference": "chimap"}
 
@@ -47,8 +54,12 @@ def _acquisition(args) -> dict:
         typed, problems = parse_params(data, where=str(p))  # also BIDS sidecar key names
         if problems:
             raise StageError(problems[0])
-        params = {"TE": typed.te_s, "B0": typed.b0_tesla, "B0_dir": typed.b0_dir,
-                  "voxel_size": typed.voxel_size}
+        params = {
+            "TE": typed.te_s,
+            "B0": typed.b0_tesla,
+            "B0_dir": typed.b0_dir,
+            "voxel_size": typed.voxel_size,
+        }
     if args.te is not None and check_echo_times(list(args.te), where="--te", key="value"):
         raise StageError(check_echo_times(list(args.te), where="--te", key="value")[0])
     if args.b0 is not None and check_field_strength(args.b0, where="--b0", key="value"):
@@ -113,10 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="method name (see --list-methods)")
     p.add_argument("--list-methods", action="store_true", help="list methods and parameters")
     g = p.add_argument_group("inputs (NIfTI)")
-    g.add_argument("--phase", nargs="+", metavar="PATH",
-                   help="wrapped phase: one 4D file or per-echo 3D files (radians or integers)")
-    g.add_argument("--magnitude", nargs="+", metavar="PATH",
-                   help="magnitude: one 4D file or per-echo 3D files")
+    g.add_argument(
+        "--phase",
+        nargs="+",
+        metavar="PATH",
+        help="wrapped phase: one 4D file or per-echo 3D files (radians or integers)",
+    )
+    g.add_argument(
+        "--magnitude", nargs="+", metavar="PATH", help="magnitude: one 4D file or per-echo 3D files"
+    )
     g.add_argument("--mask", metavar="PATH", help="brain mask (non-zero = brain)")
     g.add_argument("--totalfield", metavar="PATH", help="total field map (ppm)")
     g.add_argument("--localfield", metavar="PATH", help="local field map (ppm)")
@@ -124,20 +140,48 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise", metavar="PATH", help="field noise standard deviation map (ppm)")
     g.add_argument("--csf-mask", dest="csf_mask", metavar="PATH", help="CSF mask for referencing")
     a = p.add_argument_group("acquisition (default: --params, else the NIfTI header)")
-    a.add_argument("--params", metavar="PATH",
-                   help="params.json (keys TE [s], B0 [T], B0_dir, voxel_size [mm]) or a BIDS "
-                   "sidecar")
+    a.add_argument(
+        "--params",
+        metavar="PATH",
+        help="params.json (keys TE [s], B0 [T], B0_dir, voxel_size [mm]) or a BIDS sidecar",
+    )
     a.add_argument("--te", nargs="+", type=float, metavar="SEC", help="echo times in seconds")
-    a.add_argument("--b0", "--field-strength", dest="b0", type=float, metavar="TESLA",
-                   help="field strength in tesla")
-    a.add_argument("--b0-dir", nargs=3, type=float, metavar=("X", "Y", "Z"),
-                   help="B0 direction in image axes (default: from the NIfTI affine)")
-    a.add_argument("--voxel-size", nargs=3, type=float, metavar=("X", "Y", "Z"),
-                   help="voxel size in mm (default: from the NIfTI header)")
-    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="NAME=VALUE",
-                   help="override a method parameter (repeatable)")
-    p.add_argument("-o", "--out", metavar="PATH",
-                   help="output file, or a directory (existing, or ending in '/')")
+    a.add_argument(
+        "--b0",
+        "--field-strength",
+        dest="b0",
+        type=float,
+        metavar="TESLA",
+        help="field strength in tesla",
+    )
+    a.add_argument(
+        "--b0-dir",
+        nargs=3,
+        type=float,
+        metavar=("X", "Y", "Z"),
+        help="B0 direction in image axes (default: from the NIfTI affine)",
+    )
+    a.add_argument(
+        "--voxel-size",
+        nargs=3,
+        type=float,
+        metavar=("X", "Y", "Z"),
+        help="voxel size in mm (default: from the NIfTI header)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="NAME=VALUE",
+        help="override a method parameter (repeatable)",
+    )
+    p.add_argument(
+        "-o",
+        "--out",
+        metavar="PATH",
+        help="output file, or a directory (existing, or ending in '/')",
+    )
     return p
 
 
@@ -146,8 +190,10 @@ def _list_methods(stage: str) -> str:
     for name, meth in registry.methods_for(stage).items():
         needs = sorted(meth.inputs - {"voxel_size", "b0_dir"})
         gpu = ", GPU" if meth.gpu else ""
-        lines.append(f"{name}: {meth.summary}  [inputs: {', '.join(needs)}{gpu}; "
-                     f"cites: {', '.join(meth.citations) or '-'}]")
+        lines.append(
+            f"{name}: {meth.summary}  [inputs: {', '.join(needs)}{gpu}; "
+            f"cites: {', '.join(meth.citations) or '-'}]"
+        )
         for n, default in meth.defaults.items():
             lines.append(f"    --set {n}={default!r}")
     return "\n".join(lines)
@@ -164,8 +210,9 @@ def run(argv=None) -> int:
     if not args.method:
         raise StageError(f"--method is required; choose from: {', '.join(methods)}")
     if args.method not in methods:
-        raise StageError(f"unknown {stage.name} method {args.method!r}; choose from: "
-                         f"{', '.join(methods)}")
+        raise StageError(
+            f"unknown {stage.name} method {args.method!r}; choose from: {', '.join(methods)}"
+        )
     meth = methods[args.method]
     files = {}
     for flag, name in FLAG_INPUTS.items():
@@ -188,8 +235,9 @@ def run(argv=None) -> int:
 
     with handle_signals("qsmflow-stage", hint=" (nothing was written)"):
         try:
-            result, written = run_stage(stage.name, args.method, files, args.out,
-                                        settings=settings, **acquisition)
+            result, written = run_stage(
+                stage.name, args.method, files, args.out, settings=settings, **acquisition
+            )
         except StageError:
             raise
         except ValueError as exc:  # a method rejecting its inputs or settings

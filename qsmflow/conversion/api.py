@@ -43,8 +43,9 @@ class ConversionResult:
         return [root / f"{im.relpath}.nii.gz" for im in self.plan.images]
 
 
-def plan_conversion(dicom_dir, *, participant_label=None, session_label=None,
-                    heuristic=None) -> tuple[Plan, Report]:
+def plan_conversion(
+    dicom_dir, *, participant_label=None, session_label=None, heuristic=None
+) -> tuple[Plan, Report]:
     """Discover, classify and name every series (headers only; nothing is written).
 
     Raises ``ConversionError`` listing every problem found.
@@ -56,11 +57,17 @@ def plan_conversion(dicom_dir, *, participant_label=None, session_label=None,
         raise ConversionError([str(exc)]) from exc
     found = discover(dicom_dir, report)
     series = classify(found, report)
-    plan = make_plan(series, report, participant_label=participant_label,
-                     session_label=session_label, heuristic=heur)
+    plan = make_plan(
+        series,
+        report,
+        participant_label=participant_label,
+        session_label=session_label,
+        heuristic=heur,
+    )
     if series and not any(s.kind in ("megre", "fmap") for s in series) and not report.problems:
-        seen = "; ".join(f"{s.label}: {s.kind}" + (f" ({s.reason})" if s.reason else "")
-                         for s in series)
+        seen = "; ".join(
+            f"{s.label}: {s.kind}" + (f" ({s.reason})" if s.reason else "") for s in series
+        )
         report.problem(f"no gradient-echo (GRE) series found in {dicom_dir}; found {seen}")
     if series and not plan.images and not report.problems:
         report.problem(f"nothing to convert in {dicom_dir}: every series was kept aside")
@@ -80,8 +87,9 @@ def _part_of(sidecar: dict, nii: Path) -> str:
     return "mag"
 
 
-def _convert_series(s: Series, images: list[PlannedImage], work: Path, report: Report,
-                    binary) -> dict[tuple[int, str], tuple[Path, dict]]:
+def _convert_series(
+    s: Series, images: list[PlannedImage], work: Path, report: Report, binary
+) -> dict[tuple[int, str], tuple[Path, dict]]:
     """dcm2niix outputs keyed by (echo, part) stack."""
     out: dict[tuple[int, str], tuple[Path, dict]] = {}
     if s.enhanced:
@@ -104,21 +112,26 @@ def _convert_series(s: Series, images: list[PlannedImage], work: Path, report: R
         for w in log_warnings(log):
             report.note(f"{s.label} echo {im.key[0]} ({im.key[1]}): dcm2niix: {w}")
         if len(outputs) != 1:
-            report.problem(f"{s.label}: dcm2niix split echo {im.key[0]} ({im.key[1]}) into "
-                           f"{len(outputs)} images: {[o.nifti.name for o in outputs]}")
+            report.problem(
+                f"{s.label}: dcm2niix split echo {im.key[0]} ({im.key[1]}) into "
+                f"{len(outputs)} images: {[o.nifti.name for o in outputs]}"
+            )
             continue
         nslices = len({fr.position for _, fr in st.frames})
         shape = nib.load(outputs[0].nifti).shape
         if not any(f.mosaic for f, _ in st.frames) and len(shape) > 2 and shape[2] != nslices:
-            report.problem(f"{s.label}: echo {im.key[0]} ({im.key[1]}): dcm2niix wrote "
-                           f"{shape[2]} slices for {nslices} slice positions")
+            report.problem(
+                f"{s.label}: echo {im.key[0]} ({im.key[1]}): dcm2niix wrote "
+                f"{shape[2]} slices for {nslices} slice positions"
+            )
             continue
         out[im.key] = (outputs[0].nifti, outputs[0].sidecar)
     return out
 
 
-def _match_enhanced(s: Series, images: list[PlannedImage], outs, work: Path,
-                    report: Report) -> dict:
+def _match_enhanced(
+    s: Series, images: list[PlannedImage], outs, work: Path, report: Report
+) -> dict:
     """Map dcm2niix outputs of an enhanced series to stacks (one 3-D image per echo)."""
     found = {}
     for im in images:
@@ -131,13 +144,17 @@ def _match_enhanced(s: Series, images: list[PlannedImage], outs, work: Path,
     if len(outs) == 1 and nib.load(outs[0].nifti).ndim == 4:
         # dcm2niix stacks the echoes of a multi-echo enhanced file in one 4-D image, and in
         # tests interleaved slices and echoes doing so: refuse rather than guess the order.
-        report.problem(f"{s.label}: dcm2niix stacked the {len(images)} echoes "
-                       f"({images[0].key[1]}) of this enhanced DICOM file in one 4-D image "
-                       "whose frame order cannot be verified; export one echo per file")
+        report.problem(
+            f"{s.label}: dcm2niix stacked the {len(images)} echoes "
+            f"({images[0].key[1]}) of this enhanced DICOM file in one 4-D image "
+            "whose frame order cannot be verified; export one echo per file"
+        )
         return {}
-    report.problem(f"{s.label}: could not match dcm2niix outputs "
-                   f"{[o.nifti.name for o in outs]} to the {len(images)} echoes "
-                   f"({images[0].key[1]}) of this enhanced DICOM series")
+    report.problem(
+        f"{s.label}: could not match dcm2niix outputs "
+        f"{[o.nifti.name for o in outs]} to the {len(images)} echoes "
+        f"({images[0].key[1]}) of this enhanced DICOM series"
+    )
     return {}
 
 
@@ -151,22 +168,26 @@ def _check_voxels(s: Series, key, nii: Path, report: Report) -> bool:
     want = np.sort([ps[0], ps[1], abs(spacing)])
     got = np.sort(voxel_size_from_affine(nib.load(nii).affine))
     if not np.allclose(got, want, rtol=1e-3, atol=1e-3):
-        report.problem(f"{s.label}: echo {key[0]} ({key[1]}): dcm2niix voxel size "
-                       f"{np.round(got, 4).tolist()} mm disagrees with the DICOM geometry "
-                       f"{np.round(want, 4).tolist()} mm (pixel spacing and slice positions)")
+        report.problem(
+            f"{s.label}: echo {key[0]} ({key[1]}): dcm2niix voxel size "
+            f"{np.round(got, 4).tolist()} mm disagrees with the DICOM geometry "
+            f"{np.round(want, 4).tolist()} mm (pixel spacing and slice positions)"
+        )
         return False
     return True
 
 
-def _finish_image(im: PlannedImage, nii: Path, sidecar: dict, staging: Path,
-                  report: Report) -> list[tuple[str, Path]]:
+def _finish_image(
+    im: PlannedImage, nii: Path, sidecar: dict, staging: Path, report: Report
+) -> list[tuple[str, Path]]:
     s = im.series
     f = s.first
     side = {k: v for k, v in sidecar.items() if k not in _DROP_KEYS}
     te = im.sidecar.get("EchoTime")
     if te is not None and "EchoTime" in side and abs(float(side["EchoTime"]) - te) > 1e-6:
-        report.note(f"{s.label}: dcm2niix EchoTime {side['EchoTime']} s replaced by DICOM "
-                    f"EchoTime {te} s")
+        report.note(
+            f"{s.label}: dcm2niix EchoTime {side['EchoTime']} s replaced by DICOM EchoTime {te} s"
+        )
     side.update({k: v for k, v in im.sidecar.items() if v is not None})
     if f.field_strength and "MagneticFieldStrength" not in side:
         side["MagneticFieldStrength"] = f.field_strength
@@ -175,9 +196,13 @@ def _finish_image(im: PlannedImage, nii: Path, sidecar: dict, staging: Path,
     if im.to_radians:
         try:
             rad, rule = phase_to_radians(
-                img.get_fdata(dtype=np.float64), manufacturer=f.manufacturer,
-                bits_stored=f.bits_stored, rescale_slope=f.rescale_slope,
-                rescale_intercept=f.rescale_intercept, rescale_type=f.rescale_type)
+                img.get_fdata(dtype=np.float64),
+                manufacturer=f.manufacturer,
+                bits_stored=f.bits_stored,
+                rescale_slope=f.rescale_slope,
+                rescale_intercept=f.rescale_intercept,
+                rescale_type=f.rescale_type,
+            )
         except ValueError as exc:
             report.problem(f"{s.label}: phase of echo {im.key[0]}: {exc}")
             return []
@@ -214,12 +239,20 @@ def _check_runs(plan: Plan, staging: Path, report: Report) -> None:
             elif img.shape != ref[1] or not np.allclose(img.affine, ref[2], atol=1e-3):
                 report.problem(
                     f"{im.series.label}: echoes with different geometry after conversion: "
-                    f"{im.relpath} ({img.shape}) vs {ref[0].relpath} ({ref[1]})")
+                    f"{im.relpath} ({img.shape}) vs {ref[0].relpath} ({ref[1]})"
+                )
 
 
-def convert_dicom_to_bids(dicom_dir, bids_dir, *, participant_label=None, session_label=None,
-                          heuristic=None, dry_run: bool = False,
-                          dcm2niix: str | None = None) -> ConversionResult:
+def convert_dicom_to_bids(
+    dicom_dir,
+    bids_dir,
+    *,
+    participant_label=None,
+    session_label=None,
+    heuristic=None,
+    dry_run: bool = False,
+    dcm2niix: str | None = None,
+) -> ConversionResult:
     """Convert a DICOM folder into (or next to existing data in) a BIDS dataset.
 
     All or nothing: when any series has a problem, or an existing file in ``bids_dir``
@@ -228,12 +261,19 @@ def convert_dicom_to_bids(dicom_dir, bids_dir, *, participant_label=None, sessio
     """
     dicom_dir, bids_dir = Path(dicom_dir).resolve(), Path(bids_dir).resolve()
     if bids_dir == dicom_dir or dicom_dir in bids_dir.parents:
-        raise ConversionError([f"BIDS folder {bids_dir} lies inside the DICOM folder "
-                               f"{dicom_dir}; the DICOM folder is never written to"])
-    plan, report = plan_conversion(dicom_dir, participant_label=participant_label,
-                                   session_label=session_label, heuristic=heuristic)
-    result = ConversionResult(plan=plan, bids_dir=bids_dir, notes=report.notes,
-                              dry_run=dry_run)
+        raise ConversionError(
+            [
+                f"BIDS folder {bids_dir} lies inside the DICOM folder "
+                f"{dicom_dir}; the DICOM folder is never written to"
+            ]
+        )
+    plan, report = plan_conversion(
+        dicom_dir,
+        participant_label=participant_label,
+        session_label=session_label,
+        heuristic=heuristic,
+    )
+    result = ConversionResult(plan=plan, bids_dir=bids_dir, notes=report.notes, dry_run=dry_run)
     if dry_run:
         return result
     staging = writer.make_staging(bids_dir)
@@ -245,8 +285,7 @@ def convert_dicom_to_bids(dicom_dir, bids_dir, *, participant_label=None, sessio
         for n, ims in enumerate(by_series.values()):
             s = ims[0].series
             try:
-                converted = _convert_series(s, ims, staging / ".work" / str(n), report,
-                                            dcm2niix)
+                converted = _convert_series(s, ims, staging / ".work" / str(n), report, dcm2niix)
             except RuntimeError as exc:
                 report.problem(f"{s.label}: {exc}")
                 continue
@@ -255,11 +294,14 @@ def convert_dicom_to_bids(dicom_dir, bids_dir, *, participant_label=None, sessio
                 if sp is not None:
                     report.note(f"{s.label}: slice spacing {sp:.3f} mm from positions")
             for im in ims:
-                if im.key in converted and (s.kind not in ("megre", "fmap") or _check_voxels(
-                        s, im.key, converted[im.key][0], report)):
+                if im.key in converted and (
+                    s.kind not in ("megre", "fmap")
+                    or _check_voxels(s, im.key, converted[im.key][0], report)
+                ):
                     nii, side = converted[im.key]
                     groups.setdefault(s.uid, []).extend(
-                        _finish_image(im, nii, side, staging, report))
+                        _finish_image(im, nii, side, staging, report)
+                    )
         _check_runs(plan, staging, report)
         report.raise_if_problems()
         staged = {rel: p for g in groups.values() for rel, p in g}
@@ -267,12 +309,16 @@ def convert_dicom_to_bids(dicom_dir, bids_dir, *, participant_label=None, sessio
         if not desc.exists():
             writer.save_json(writer.dataset_description(), staging / "dataset_description.json")
             staged["dataset_description.json"] = staging / "dataset_description.json"
-            groups["_dataset"] = [("dataset_description.json", staged[
-                "dataset_description.json"])]
+            groups["_dataset"] = [("dataset_description.json", staged["dataset_description.json"])]
         conflicts, identical = writer.check_conflicts(staged, bids_dir)
         if conflicts:
-            raise ConversionError([f"refusing to overwrite {bids_dir / rel}: it exists and "
-                                   "differs from the converted data" for rel in conflicts])
+            raise ConversionError(
+                [
+                    f"refusing to overwrite {bids_dir / rel}: it exists and "
+                    "differs from the converted data"
+                    for rel in conflicts
+                ]
+            )
         skip = set(identical)
         todo = [[(r, p) for r, p in g if r not in skip] for g in groups.values()]
         result.written = writer.move_into_place([g for g in todo if g], bids_dir)

@@ -139,8 +139,7 @@ def classify_series(uid: str, files: list[DicomFile], report: Report) -> Series:
     missing = [f.path for f, fr in frames if fr.echo_time_ms is None]
     if missing and needs_te:
         report.problem(
-            f"{s.label}: EchoTime (0018,0081) missing in {len(missing)} image(s), "
-            f"e.g. {missing[0]}"
+            f"{s.label}: EchoTime (0018,0081) missing in {len(missing)} image(s), e.g. {missing[0]}"
         )
         s.kind, s.reason = "invalid", "missing EchoTime"
         return s

@@ -51,8 +51,9 @@ def _link_inputs(files: list[Path], folder: Path) -> None:
             shutil.copy2(src, dst)
 
 
-def run_dcm2niix(files: list[Path], workdir: Path, *, binary: str | None = None,
-                 name: str = "img") -> tuple[list[Dcm2niixOutput], str]:
+def run_dcm2niix(
+    files: list[Path], workdir: Path, *, binary: str | None = None, name: str = "img"
+) -> tuple[list[Dcm2niixOutput], str]:
     """Convert ``files`` with dcm2niix into ``workdir``.
 
     Returns the outputs (NIfTI path + sidecar dict, sorted by name) and dcm2niix's log.
@@ -62,8 +63,20 @@ def run_dcm2niix(files: list[Path], workdir: Path, *, binary: str | None = None,
     src, dst = workdir / "in", workdir / "out"
     _link_inputs(list(files), src)
     dst.mkdir(parents=True)
-    cmd = [dcm2niix_binary(binary), "-b", "y", "-z", "n", "-w", "1", "-f", name,
-           "-o", str(dst), str(src)]
+    cmd = [
+        dcm2niix_binary(binary),
+        "-b",
+        "y",
+        "-z",
+        "n",
+        "-w",
+        "1",
+        "-f",
+        name,
+        "-o",
+        str(dst),
+        str(src),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     log = (proc.stdout + proc.stderr).strip()
     outputs = []

@@ -268,8 +268,7 @@ def read_dicom_file(path: Path, report: Report) -> DicomFile | None:
     expected = _expected_pixel_bytes(ds)
     if expected is not None and "PixelData" in ds and len(ds.PixelData) < expected:
         report.problem(
-            f"{label}: truncated DICOM file {path} "
-            f"({len(ds.PixelData)} of {expected} pixel bytes)"
+            f"{label}: truncated DICOM file {path} ({len(ds.PixelData)} of {expected} pixel bytes)"
         )
         return None
     image_type = _tuple_str(_get(ds, "ImageType"))
@@ -308,8 +307,9 @@ def read_dicom_file(path: Path, report: Report) -> DicomFile | None:
     )
     info.frames = _enhanced_frames(ds) if enhanced else [_classic_frame(ds, image_type)]
     if enhanced and len(info.frames) != n_frames:
-        report.problem(f"{label}: {path} declares {n_frames} frames but describes "
-                       f"{len(info.frames)}")
+        report.problem(
+            f"{label}: {path} declares {n_frames} frames but describes {len(info.frames)}"
+        )
         return None
     return info
 

@@ -2,11 +2,18 @@
 
 Heuristic (mapping) file, JSON, every key optional::
 
-    {"participants": {"<PatientID>": "<label>"},
-     "sessions": {"<StudyDate or StudyInstanceUID>": "<label or empty for no session>"},
-     "series": {"<SeriesDescription, ProtocolName or SeriesNumber>":
-                {"skip": true, "acq": "<label>", "task": "<label>",
-                 "kind": "megre|fmap|bold|T1w|T2w|FLAIR|aside"}}}
+    {
+        "participants": {"<PatientID>": "<label>"},
+        "sessions": {"<StudyDate or StudyInstanceUID>": "<label or empty for no session>"},
+        "series": {
+            "<SeriesDescription, ProtocolName or SeriesNumber>": {
+                "skip": true,
+                "acq": "<label>",
+                "task": "<label>",
+                "kind": "megre|fmap|bold|T1w|T2w|FLAIR|aside",
+            }
+        },
+    }
 """
 
 from __future__ import annotations
@@ -92,8 +99,10 @@ def _subject(s: Series, heur, participant_label, report) -> str | None:
     mapped = (heur.get("participants") or {}).get(pid)
     label = clean_label(mapped if mapped is not None else pid)
     if not label:
-        report.problem(f"{s.label}: no usable PatientID for the subject label; "
-                       "give --participant-label or a heuristic file")
+        report.problem(
+            f"{s.label}: no usable PatientID for the subject label; "
+            "give --participant-label or a heuristic file"
+        )
         return None
     return label
 
@@ -123,8 +132,12 @@ def _pair_megre(series: list[Series]) -> list[list[Series]]:
     groups: dict[tuple, list[Series]] = {}
     for s in series:
         f = s.first
-        key = (f.protocol_name, f.sequence_name, tuple(round(t, 6) for t in s.echo_times_s),
-               s.geometry_key)
+        key = (
+            f.protocol_name,
+            f.sequence_name,
+            tuple(round(t, 6) for t in s.echo_times_s),
+            s.geometry_key,
+        )
         groups.setdefault(key, []).append(s)
     runs = []
     for members in groups.values():
@@ -139,8 +152,14 @@ def _pair_megre(series: list[Series]) -> list[list[Series]]:
     return runs
 
 
-def make_plan(series: list[Series], report: Report, *, participant_label=None,
-              session_label=None, heuristic=None) -> Plan:
+def make_plan(
+    series: list[Series],
+    report: Report,
+    *,
+    participant_label=None,
+    session_label=None,
+    heuristic=None,
+) -> Plan:
     """Decide the BIDS name of every stack of every convertible series."""
     heur = heuristic or {}
     plan = Plan()
@@ -167,12 +186,16 @@ def make_plan(series: list[Series], report: Report, *, participant_label=None,
         task = clean_label(rule.get("task", "")) if s.kind == "bold" else ""
         keep.setdefault((sub, ses, s.kind, acq, task), []).append(s)
     if participant_label and len(patients) > 1:
-        report.problem(f"--participant-label given but the DICOM folder holds {len(patients)} "
-                       f"patients ({', '.join(sorted(patients))}); convert them one at a time")
+        report.problem(
+            f"--participant-label given but the DICOM folder holds {len(patients)} "
+            f"patients ({', '.join(sorted(patients))}); convert them one at a time"
+        )
     for (sub, ses), uids in studies.items():
         if len(uids) > 1:
-            report.problem(f"sub-{sub} ses-{ses or '(none)'}: {len(uids)} different studies "
-                           "would share one session; give session labels in a heuristic file")
+            report.problem(
+                f"sub-{sub} ses-{ses or '(none)'}: {len(uids)} different studies "
+                "would share one session; give session labels in a heuristic file"
+            )
     for (sub, ses, kind, acq, task), members in keep.items():
         if sub not in plan.participants:
             plan.participants.append(sub)
@@ -197,13 +220,24 @@ def _plan_megre(plan, report, sub, ses, acq, members):
             report.note(f"{run[0].label}: MEGRE without a phase series: not usable for QSM")
         for s in run:
             for (echo, part), st in sorted(s.stacks.items()):
-                name = _ents(sub, ses, acq=acq, run=_run_label(i, len(runs)), echo=echo,
-                             part=_PART[part]) + "_MEGRE"
+                name = (
+                    _ents(
+                        sub, ses, acq=acq, run=_run_label(i, len(runs)), echo=echo, part=_PART[part]
+                    )
+                    + "_MEGRE"
+                )
                 side = {"EchoTime": st.echo_time_s, "EchoNumber": echo}
                 if part == "phase":
                     side["Units"] = "rad"
-                plan.images.append(PlannedImage(s, (echo, part), f"{_folder(sub, ses, 'anat')}"
-                                                f"/{name}", side, part == "phase"))
+                plan.images.append(
+                    PlannedImage(
+                        s,
+                        (echo, part),
+                        f"{_folder(sub, ses, 'anat')}/{name}",
+                        side,
+                        part == "phase",
+                    )
+                )
 
 
 def _plan_fmap(plan, report, sub, ses, acq, members):
@@ -224,8 +258,13 @@ def _plan_fmap(plan, report, sub, ses, acq, members):
                     suffix = f"magnitude{echo}" if necho > 1 else "magnitude"
                 elif part == "phase" and necho == 1:
                     if len(mag_tes) < 2:
-                        plan.aside.append((s, "phase-difference field map without its two-echo "
-                                              "magnitude series (EchoTime1 unknown)"))
+                        plan.aside.append(
+                            (
+                                s,
+                                "phase-difference field map without its two-echo "
+                                "magnitude series (EchoTime1 unknown)",
+                            )
+                        )
                         break
                     suffix = "phasediff"
                     side.update(EchoTime1=mag_tes[0], EchoTime2=st.echo_time_s, Units="rad")
@@ -235,8 +274,11 @@ def _plan_fmap(plan, report, sub, ses, acq, members):
                 else:
                     plan.aside.append((s, f"field map with {part} images not supported"))
                     break
-                plan.images.append(PlannedImage(s, (echo, part), f"{folder}/{base}_{suffix}",
-                                                side, part == "phase"))
+                plan.images.append(
+                    PlannedImage(
+                        s, (echo, part), f"{folder}/{base}_{suffix}", side, part == "phase"
+                    )
+                )
 
 
 def _plan_other(plan, sub, ses, acq, task, kind, members):
@@ -251,11 +293,24 @@ def _plan_other(plan, sub, ses, acq, task, kind, members):
             text = f"{s.first.series_description} {s.first.protocol_name}".lower()
             t = "rest" if "rest" in text else clean_label(s.first.protocol_name) or "unknown"
         for (echo, part), st in sorted(s.stacks.items()):
-            name = _ents(sub, ses, task=t, acq=acq, run=_run_label(i, n),
-                         echo=echo if len(echoes) > 1 else "",
-                         part=_PART[part] if len(parts) > 1 else "")
+            name = _ents(
+                sub,
+                ses,
+                task=t,
+                acq=acq,
+                run=_run_label(i, n),
+                echo=echo if len(echoes) > 1 else "",
+                part=_PART[part] if len(parts) > 1 else "",
+            )
             side = {"EchoTime": st.echo_time_s} if st.echo_time_s is not None else {}
             if kind == "bold":
                 side["TaskName"] = t
-            plan.images.append(PlannedImage(s, (echo, part), f"{_folder(sub, ses, datatype)}/"
-                                            f"{name}_{kind}", side, part == "phase"))
+            plan.images.append(
+                PlannedImage(
+                    s,
+                    (echo, part),
+                    f"{_folder(sub, ses, datatype)}/{name}_{kind}",
+                    side,
+                    part == "phase",
+                )
+            )

@@ -17,9 +17,15 @@ from qsmflow.algorithms.units import wrap_to_pi
 _TOL = 0.01
 
 
-def phase_to_radians(values, *, manufacturer: str = "", bits_stored: int = 12,
-                     rescale_slope: float = 1.0, rescale_intercept: float = 0.0,
-                     rescale_type: str = "") -> tuple[np.ndarray, str]:
+def phase_to_radians(
+    values,
+    *,
+    manufacturer: str = "",
+    bits_stored: int = 12,
+    rescale_slope: float = 1.0,
+    rescale_intercept: float = 0.0,
+    rescale_type: str = "",
+) -> tuple[np.ndarray, str]:
     """Rescaled phase values (after RescaleSlope/Intercept) -> float32 radians in [-pi, pi).
 
     Parameters
@@ -50,7 +56,8 @@ def phase_to_radians(values, *, manufacturer: str = "", bits_stored: int = 12,
     if lo >= -np.pi - _TOL and hi <= np.pi + _TOL:
         out, rule = v, "already radians"
     elif rescale_type.lower() == "mrad" or (
-        ("philips" in vendor or vendor.startswith("ge")) and lo >= -1000 * np.pi - 2
+        ("philips" in vendor or vendor.startswith("ge"))
+        and lo >= -1000 * np.pi - 2
         and hi <= 1000 * np.pi + 2
     ):
         out, rule = v / 1000.0, "milliradians / 1000"

@@ -36,8 +36,7 @@ def save_nifti_gz(img, path: Path) -> None:
         nib.save(img, tmp)
         raw = tmp.read_bytes()
         tmp.unlink()
-    with open(path, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0,
-                                               filename="") as gz:
+    with open(path, "wb") as fh, gzip.GzipFile(fileobj=fh, mode="wb", mtime=0, filename="") as gz:
         gz.write(raw)
 
 
@@ -65,8 +64,13 @@ def dataset_description() -> dict:
         "Name": "qsmflow DICOM conversion",
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "raw",
-        "GeneratedBy": [{"Name": "qsmflow-convert", "Version": __version__,
-                         "Description": "dcm2niix pixel conversion, qsmflow naming"}],
+        "GeneratedBy": [
+            {
+                "Name": "qsmflow-convert",
+                "Version": __version__,
+                "Description": "dcm2niix pixel conversion, qsmflow naming",
+            }
+        ],
     }
 
 

@@ -16,8 +16,11 @@ from qsmflow.conversion import convert_dicom_to_bids, result_summary
 
 
 class _DicomToBIDSInputSpec(BaseInterfaceInputSpec):
-    dicom_dir = Directory(exists=True, mandatory=True,
-                          desc="folder of DICOM files (any nesting); only read, never written")
+    dicom_dir = Directory(
+        exists=True,
+        mandatory=True,
+        desc="folder of DICOM files (any nesting); only read, never written",
+    )
     bids_dir = traits.Str(mandatory=True, desc="BIDS dataset root (created if missing)")
     participant_label = traits.Str(desc="subject label (default: from PatientID)")
     session_label = traits.Str(desc="session label (default: from StudyDate)")
@@ -42,8 +45,11 @@ class DicomToBIDS(SimpleInterface):
 
     def _run_interface(self, runtime):
         i = self.inputs
-        opt = {k: getattr(i, k) for k in ("participant_label", "session_label", "heuristic")
-               if isdefined(getattr(i, k))}
+        opt = {
+            k: getattr(i, k)
+            for k in ("participant_label", "session_label", "heuristic")
+            if isdefined(getattr(i, k))
+        }
         result = convert_dicom_to_bids(i.dicom_dir, i.bids_dir, dry_run=i.dry_run, **opt)
         root = result.bids_dir
         mags, phases, tes = [], [], []

@@ -70,24 +70,32 @@ def derivative_dataset_description(output_dir) -> Path:
     from qsmflow import BIDS_VERSION, __version__
 
     path = Path(output_dir) / "dataset_description.json"
-    write_json_atomic({
-        "Name": "qsmflow outputs",
-        "BIDSVersion": BIDS_VERSION,
-        "DatasetType": "derivative",
-        "GeneratedBy": [{
-            "Name": "qsmflow",
-            "Version": __version__,
-            "CodeURL": "https://github.com/qsmflow/qsmflow",
-        }],
-    }, path)
+    write_json_atomic(
+        {
+            "Name": "qsmflow outputs",
+            "BIDSVersion": BIDS_VERSION,
+            "DatasetType": "derivative",
+            "GeneratedBy": [
+                {
+                    "Name": "qsmflow",
+                    "Version": __version__,
+                    "CodeURL": "https://github.com/qsmflow/qsmflow",
+                }
+            ],
+        },
+        path,
+    )
     write_text_atomic("\n".join(BIDSIGNORE) + "\n", Path(output_dir) / ".bidsignore")
     return path
 
 
 def expected_files(output_dir, prefix: str, session=None) -> list[Path]:
     """The final files a successful run writes (NIfTI and JSON)."""
-    return [derivative_path(output_dir, prefix, key, session=session, ext=ext)
-            for key in REQUIRED for ext in (".nii.gz", ".json")]
+    return [
+        derivative_path(output_dir, prefix, key, session=session, ext=ext)
+        for key in REQUIRED
+        for ext in (".nii.gz", ".json")
+    ]
 
 
 def chimap_qmri_keys(meta: dict) -> dict:
@@ -118,21 +126,29 @@ class _DSInputSpec(BaseInterfaceInputSpec):
     prefix = traits.Str(mandatory=True, desc="BIDS entities of the run, sub-X[_ses-Y]...")
     session = traits.Str(desc="session label (without ses-)")
     chi = File(exists=True, mandatory=True, desc="susceptibility (ppm)")
-    chi_unreferenced = File(exists=True, desc="susceptibility before referencing (ppm): "
-                            "gives the ReferenceOffset")
+    chi_unreferenced = File(
+        exists=True, desc="susceptibility before referencing (ppm): gives the ReferenceOffset"
+    )
     mask = File(exists=True, mandatory=True, desc="mask where chi is valid")
     total_field = File(exists=True, mandatory=True, desc="total field (ppm)")
     local_field = File(exists=True, mandatory=True, desc="local field (ppm)")
-    magnitude = File(exists=True, desc="magnitude (X,Y,Z[,E]); echo-averaged for the "
-                     "fieldmaps' _magnitude companion (ones when absent)")
+    magnitude = File(
+        exists=True,
+        desc="magnitude (X,Y,Z[,E]); echo-averaged for the "
+        "fieldmaps' _magnitude companion (ones when absent)",
+    )
     chi_std = File(exists=True, desc="chi standard deviation (ppm), if any")
     loss_history = File(exists=True, desc="loss curve (TSV), if any")
     phase_scaling = traits.Str(desc="how the phase was converted to radians")
-    inversion_sidecar = File(exists=True, desc="the inversion's provenance JSON: its "
-                             "InversionFit (chosen regularisation, data-consistency residual) "
-                             "goes into the Chimap sidecar")
-    metadata = traits.Dict(desc="provenance for the Chimap sidecar (methods, settings, seed, "
-                           "acquisition)")
+    inversion_sidecar = File(
+        exists=True,
+        desc="the inversion's provenance JSON: its "
+        "InversionFit (chosen regularisation, data-consistency residual) "
+        "goes into the Chimap sidecar",
+    )
+    metadata = traits.Dict(
+        desc="provenance for the Chimap sidecar (methods, settings, seed, acquisition)"
+    )
     source_files = InputMultiObject(traits.Str, desc="input files (BIDS URIs or paths)")
 
 
@@ -177,8 +193,7 @@ class DerivativesWriter(SimpleInterface):
             **chimap_qmri_keys(meta),
         }
         if isdefined(inp.chi_unreferenced) and inp.chi_unreferenced:
-            chi_meta["ReferenceOffset"] = _reference_offset(inp.chi_unreferenced, inp.chi,
-                                                            inp.mask)
+            chi_meta["ReferenceOffset"] = _reference_offset(inp.chi_unreferenced, inp.chi, inp.mask)
         chi_meta.update(meta)
         if isdefined(inp.inversion_sidecar) and inp.inversion_sidecar:
             fit = json.loads(Path(inp.inversion_sidecar).read_text()).get("InversionFit")
@@ -187,26 +202,52 @@ class DerivativesWriter(SimpleInterface):
         if isdefined(inp.phase_scaling):
             chi_meta["PhaseScaling"] = inp.phase_scaling
         self._results["chi"] = nii(inp.chi, "chi", chi_meta)
-        nii(inp.mask, "brain_mask", {
-            "Type": "Brain", "Description": "mask where chi and the local field are valid"},
-            mask=True)
+        nii(
+            inp.mask,
+            "brain_mask",
+            {"Type": "Brain", "Description": "mask where chi and the local field are valid"},
+            mask=True,
+        )
         b0 = {k: meta[k] for k in ("MagneticFieldStrength", "B0Direction") if k in meta}
-        nii(inp.total_field, "total_field", {
-            "Units": "ppm", "Description": "total field, ppm of B0 (multiply by "
-            "gamma/2pi * B0 = 42.577 MHz/T * B0 * 1e-6 for Hz)", "SkullStripped": True,
-            **b0})
-        nii(inp.local_field, "local_field", {
-            "Units": "ppm", "Description": "local (tissue) field after background removal, "
-            "ppm of B0", "SkullStripped": True, **b0})
+        nii(
+            inp.total_field,
+            "total_field",
+            {
+                "Units": "ppm",
+                "Description": "total field, ppm of B0 (multiply by "
+                "gamma/2pi * B0 = 42.577 MHz/T * B0 * 1e-6 for Hz)",
+                "SkullStripped": True,
+                **b0,
+            },
+        )
+        nii(
+            inp.local_field,
+            "local_field",
+            {
+                "Units": "ppm",
+                "Description": "local (tissue) field after background removal, ppm of B0",
+                "SkullStripped": True,
+                **b0,
+            },
+        )
         mag, mag_desc = self._magnitude()
         for kind in ("total", "local"):
-            nii(inp.mask, f"{kind}_magnitude", {
-                "Units": "arbitrary", "Description": mag_desc, "SkullStripped": False},
-                data=mag)
+            nii(
+                inp.mask,
+                f"{kind}_magnitude",
+                {"Units": "arbitrary", "Description": mag_desc, "SkullStripped": False},
+                data=mag,
+            )
         if isdefined(inp.chi_std) and inp.chi_std:
-            nii(inp.chi_std, "chi_std", {
-                "Units": "ppm", "Description": "voxel-wise standard deviation of chi over the "
-                "ensemble", "SkullStripped": True})
+            nii(
+                inp.chi_std,
+                "chi_std",
+                {
+                    "Units": "ppm",
+                    "Description": "voxel-wise standard deviation of chi over the ensemble",
+                    "SkullStripped": True,
+                },
+            )
         if isdefined(inp.loss_history) and inp.loss_history:
             ext = "".join(Path(inp.loss_history).suffixes) or ".tsv"
             dst = derivative_path(inp.output_dir, inp.prefix, "loss", session=session, ext=ext)
@@ -220,16 +261,20 @@ class DerivativesWriter(SimpleInterface):
         if isdefined(inp.magnitude) and inp.magnitude:
             _, m = load_nifti(inp.magnitude)
             m = np.asarray(m, dtype=np.float32)
-            return (m.mean(axis=3) if m.ndim == 4 else m,
-                    "magnitude averaged over echoes (the fieldmap's companion)")
+            return (
+                m.mean(axis=3) if m.ndim == 4 else m,
+                "magnitude averaged over echoes (the fieldmap's companion)",
+            )
         _, mk = load_nifti(inp.mask)
-        return (np.ones(np.asarray(mk).shape[:3], dtype=np.float32),
-                "phase-only input: no magnitude was measured; unit magnitude")
-
+        return (
+            np.ones(np.asarray(mk).shape[:3], dtype=np.float32),
+            "phase-only input: no magnitude was measured; unit magnitude",
+        )
 
 
 def _reference_offset(chi_unreferenced, chi, mask) -> float:
     """Offset (ppm) the reference step subtracted (:func:`~qsmflow.reports.regions.
     reference_offset`)."""
-    return reference_offset(load_nifti(chi_unreferenced)[1], load_nifti(chi)[1],
-                            np.asarray(load_nifti(mask)[1]) != 0)
+    return reference_offset(
+        load_nifti(chi_unreferenced)[1], load_nifti(chi)[1], np.asarray(load_nifti(mask)[1]) != 0
+    )

@@ -31,8 +31,16 @@ def _opt(inputs, name):
 _STAGE_ORDER = ("prepare", "mask", "fieldmap", "bfr", "invert", "reference")
 #: provenance keys every stage sidecar has; the rest are what the fit found (chosen
 #: regularisation, residual, stopping reason, ...)
-_COMMON_KEYS = ("stage", "method", "settings", "acquisition", "citations", "phase_scaling",
-                "inputs", "outputs")
+_COMMON_KEYS = (
+    "stage",
+    "method",
+    "settings",
+    "acquisition",
+    "citations",
+    "phase_scaling",
+    "inputs",
+    "outputs",
+)
 
 
 def node_records(workflow_dir) -> tuple[dict, dict]:
@@ -66,8 +74,7 @@ def node_records(workflow_dir) -> tuple[dict, dict]:
                 fits[node] = extra
 
     def order(kv):
-        return (_STAGE_ORDER.index(kv[0]) if kv[0] in _STAGE_ORDER else len(_STAGE_ORDER),
-                kv[0])
+        return (_STAGE_ORDER.index(kv[0]) if kv[0] in _STAGE_ORDER else len(_STAGE_ORDER), kv[0])
 
     return dict(sorted(times.items(), key=order)), dict(sorted(fits.items(), key=order))
 
@@ -85,8 +92,10 @@ class _RunReportInputSpec(BaseInterfaceInputSpec):
     chi_std = File(exists=True, desc="ensemble standard deviation (ppm), DIP methods")
     loss_history = File(exists=True, desc="loss history JSON, DIP methods")
     metadata = traits.Dict(desc="the run's provenance (as in the Chimap sidecar)")
-    qsm_workflow_name = traits.Str(desc="name of the run's QSM workflow (sibling of this node "
-                                   "in the work directory), for the time per step")
+    qsm_workflow_name = traits.Str(
+        desc="name of the run's QSM workflow (sibling of this node "
+        "in the work directory), for the time per step"
+    )
 
 
 class _RunReportOutputSpec(TraitedSpec):
@@ -109,13 +118,21 @@ class RunReport(SimpleInterface):
         if _opt(inp, "qsm_workflow_name"):
             timing, fits = node_records(Path(runtime.cwd).parent / inp.qsm_workflow_name)
         frag, summary = run_section(
-            prefix=inp.prefix, chi=inp.chi, mask=inp.mask, local_field=inp.local_field,
-            total_field=inp.total_field, brain_mask=_opt(inp, "brain_mask"),
-            phase=_opt(inp, "phase"), magnitude=_opt(inp, "magnitude"),
-            chi_unreferenced=_opt(inp, "chi_unreferenced"), chi_std=_opt(inp, "chi_std"),
+            prefix=inp.prefix,
+            chi=inp.chi,
+            mask=inp.mask,
+            local_field=inp.local_field,
+            total_field=inp.total_field,
+            brain_mask=_opt(inp, "brain_mask"),
+            phase=_opt(inp, "phase"),
+            magnitude=_opt(inp, "magnitude"),
+            chi_unreferenced=_opt(inp, "chi_unreferenced"),
+            chi_std=_opt(inp, "chi_std"),
             loss_history=_opt(inp, "loss_history"),
-            metadata=dict(inp.metadata) if isdefined(inp.metadata) else {}, timing=timing,
-            fit_details=fits)
+            metadata=dict(inp.metadata) if isdefined(inp.metadata) else {},
+            timing=timing,
+            fit_details=fits,
+        )
         frag_path = os.path.join(runtime.cwd, "report_section.html")
         sum_path = os.path.join(runtime.cwd, "report_summary.json")
         write_text_atomic(frag, frag_path)
@@ -128,10 +145,12 @@ class RunReport(SimpleInterface):
 class _SubjectReportInputSpec(BaseInterfaceInputSpec):
     output_dir = Directory(mandatory=True, desc="derivatives root")
     subject = traits.Str(mandatory=True, desc="subject label (without sub-)")
-    fragments = InputMultiObject(File(exists=True), mandatory=True,
-                                 desc="run sections (RunReport.fragment)")
-    summaries = InputMultiObject(File(exists=True), mandatory=True,
-                                 desc="run summaries (RunReport.summary)")
+    fragments = InputMultiObject(
+        File(exists=True), mandatory=True, desc="run sections (RunReport.fragment)"
+    )
+    summaries = InputMultiObject(
+        File(exists=True), mandatory=True, desc="run summaries (RunReport.summary)"
+    )
     methods = traits.Str(desc="methods text (Markdown) with references")
 
 
@@ -151,9 +170,13 @@ class SubjectReport(SimpleInterface):
         inp = self.inputs
         sections = [Path(p).read_text(encoding="utf-8") for p in inp.fragments]
         summaries = [json.loads(Path(p).read_text(encoding="utf-8")) for p in inp.summaries]
-        path = write_subject_report(inp.output_dir, inp.subject, sections=sections,
-                                    summaries=summaries,
-                                    methods_md=inp.methods if isdefined(inp.methods) else "")
+        path = write_subject_report(
+            inp.output_dir,
+            inp.subject,
+            sections=sections,
+            summaries=summaries,
+            methods_md=inp.methods if isdefined(inp.methods) else "",
+        )
         write_group_index(inp.output_dir)
         self._results["report"] = str(path)
         return runtime

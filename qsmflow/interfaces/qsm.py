@@ -42,10 +42,14 @@ def _defined(value):
 
 # --------------------------------------------------------------------------------------------
 class _PrepareInputSpec(BaseInterfaceInputSpec):
-    phase_files = InputMultiObject(File(exists=True), mandatory=True,
-                                   desc="phase images, one 3D file per echo (rad or integer)")
-    magnitude_files = InputMultiObject(File(exists=True),
-                                       desc="magnitude images, one 3D file per echo (a.u.)")
+    phase_files = InputMultiObject(
+        File(exists=True),
+        mandatory=True,
+        desc="phase images, one 3D file per echo (rad or integer)",
+    )
+    magnitude_files = InputMultiObject(
+        File(exists=True), desc="magnitude images, one 3D file per echo (a.u.)"
+    )
 
 
 class _PrepareOutputSpec(TraitedSpec):
@@ -99,9 +103,11 @@ class StageInputSpec(BaseInterfaceInputSpec):
     """Inputs of every stage interface; the runner checks which ones a stage needs."""
 
     method = traits.Str(mandatory=True, desc="method name (qsmflow-stage STAGE --list-methods)")
-    settings = traits.Dict(traits.Str, traits.Any,
-                           desc="method settings (keyword arguments; units as in the method's "
-                           "docstring)")
+    settings = traits.Dict(
+        traits.Str,
+        traits.Any,
+        desc="method settings (keyword arguments; units as in the method's docstring)",
+    )
     phase = File(exists=True, desc="wrapped phase (X,Y,Z[,E]) in rad")
     magnitude = File(exists=True, desc="magnitude (X,Y,Z[,E]), a.u.")
     mask = File(exists=True, desc="brain mask, or the mask where the field is valid")
@@ -111,17 +117,35 @@ class StageInputSpec(BaseInterfaceInputSpec):
     csf_mask = File(exists=True, desc="CSF mask for the 'csf' reference")
     te_s = traits.List(traits.Float, desc="echo times (s)")
     b0_tesla = traits.Float(desc="field strength (T)")
-    b0_dir = traits.List(traits.Float, minlen=3, maxlen=3,
-                         desc="B0 direction in array axes (default: from the affine)")
-    seed = traits.Int(0, usedefault=True,
-                      desc="random seed of stochastic methods (hashed: changes the result)")
-    n_threads = traits.Int(1, usedefault=True, nohash=True,
-                           desc="threads for BLAS/FFT/torch (does not change the result)")
-    use_gpu = traits.Bool(False, usedefault=True, nohash=True,
-                          desc="run on a GPU (MultiProc's n_gpu_procs limits such nodes)")
-    device = traits.Enum("auto", "cpu", "cuda", usedefault=True, nohash=True,
-                         desc="torch device of methods that take one ('auto': cuda if "
-                         "available and use_gpu)")
+    b0_dir = traits.List(
+        traits.Float,
+        minlen=3,
+        maxlen=3,
+        desc="B0 direction in array axes (default: from the affine)",
+    )
+    seed = traits.Int(
+        0, usedefault=True, desc="random seed of stochastic methods (hashed: changes the result)"
+    )
+    n_threads = traits.Int(
+        1,
+        usedefault=True,
+        nohash=True,
+        desc="threads for BLAS/FFT/torch (does not change the result)",
+    )
+    use_gpu = traits.Bool(
+        False,
+        usedefault=True,
+        nohash=True,
+        desc="run on a GPU (MultiProc's n_gpu_procs limits such nodes)",
+    )
+    device = traits.Enum(
+        "auto",
+        "cpu",
+        "cuda",
+        usedefault=True,
+        nohash=True,
+        desc="torch device of methods that take one ('auto': cuda if available and use_gpu)",
+    )
 
 
 def resolve_device(device: str, use_gpu: bool) -> str:
@@ -153,10 +177,17 @@ class StageInterface(SimpleInterface):
         if "device" in meth.parameters:
             device = resolve_device(self.inputs.device, self.inputs.use_gpu)
         _, written = run_stage(
-            st.name, self.inputs.method, files, os.path.join(runtime.cwd, st.output),
-            settings=dict(self.inputs.settings or {}), te_s=_defined(self.inputs.te_s),
-            b0_tesla=_defined(self.inputs.b0_tesla), b0_dir=_defined(self.inputs.b0_dir),
-            seed=self.inputs.seed, device=device, n_threads=self.inputs.n_threads,
+            st.name,
+            self.inputs.method,
+            files,
+            os.path.join(runtime.cwd, st.output),
+            settings=dict(self.inputs.settings or {}),
+            te_s=_defined(self.inputs.te_s),
+            b0_tesla=_defined(self.inputs.b0_tesla),
+            b0_dir=_defined(self.inputs.b0_dir),
+            seed=self.inputs.seed,
+            device=device,
+            n_threads=self.inputs.n_threads,
         )
         for name, path in written.items():
             self._results[st.produces if name == "main" else name] = path
@@ -179,11 +210,17 @@ def _output_spec(stage: str):
 
 def _stage_interface(stage: str, class_name: str):
     st = registry.stage(stage)
-    doc = (f"{st.help} (``{stage}`` stage: {', '.join(registry.methods_for(stage))}).")
-    return type(class_name, (StageInterface,), {
-        "__doc__": doc, "_stage": stage, "output_spec": _output_spec(stage),
-        "__module__": __name__,
-    })
+    doc = f"{st.help} (``{stage}`` stage: {', '.join(registry.methods_for(stage))})."
+    return type(
+        class_name,
+        (StageInterface,),
+        {
+            "__doc__": doc,
+            "_stage": stage,
+            "output_spec": _output_spec(stage),
+            "__module__": __name__,
+        },
+    )
 
 
 Unwrap = _stage_interface("unwrap", "Unwrap")
@@ -193,5 +230,6 @@ BackgroundRemoval = _stage_interface("bfr", "BackgroundRemoval")
 Inversion = _stage_interface("invert", "Inversion")
 Reference = _stage_interface("reference", "Reference")
 #: stage name -> interface class
-STAGE_INTERFACES = {c._stage: c for c in (Unwrap, FieldMap, Mask, BackgroundRemoval, Inversion,
-                                          Reference)}
+STAGE_INTERFACES = {
+    c._stage: c for c in (Unwrap, FieldMap, Mask, BackgroundRemoval, Inversion, Reference)
+}

@@ -20,9 +20,11 @@ def methods_text(resolved: dict, *, version: str, seed: int = 0) -> str:
     settings, as :meth:`qsmflow.config.QSMConfig.resolved`)."""
     unwrap = resolved.get("unwrap", {}).get("method", "romeo")
     keys, parts = [], []
-    parts.append(f"Quantitative susceptibility maps were computed with qsmflow {version} "
-                 "(built on Nipype [nipype]) from BIDS [bids] multi-echo gradient-echo "
-                 "magnitude and phase images.")
+    parts.append(
+        f"Quantitative susceptibility maps were computed with qsmflow {version} "
+        "(built on Nipype [nipype]) from BIDS [bids] multi-echo gradient-echo "
+        "magnitude and phase images."
+    )
     for stage in ("combine", "mask", "bfr", "invert", "reference"):
         meth = resolved[stage]["method"]
         tmpl = method(stage, meth).sentence
@@ -50,8 +52,11 @@ def methods_text(resolved: dict, *, version: str, seed: int = 0) -> str:
 def _tokens(text):
     import re
 
-    return [t for t in re.findall(r"\[([a-z0-9; -]+)\]", text)
-            if all(k in REFERENCES for k in t.split("; "))]
+    return [
+        t
+        for t in re.findall(r"\[([a-z0-9; -]+)\]", text)
+        if all(k in REFERENCES for k in t.split("; "))
+    ]
 
 
 def software_versions() -> dict:
@@ -61,9 +66,13 @@ def software_versions() -> dict:
 
     from qsmflow import __version__
 
-    out = {"qsmflow": __version__, "python": platform.python_version(),
-           "numpy": numpy.__version__, "scipy": scipy.__version__,
-           "nibabel": nibabel.__version__}
+    out = {
+        "qsmflow": __version__,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "nibabel": nibabel.__version__,
+    }
     try:
         import nipype
 

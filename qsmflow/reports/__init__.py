@@ -18,18 +18,29 @@ from pathlib import Path
 
 from qsmflow.io import write_text_atomic
 
-__all__ = ["run_section", "write_subject_report", "write_failure_report", "write_group_index",
-           "subject_report_path"]
+__all__ = [
+    "run_section",
+    "write_subject_report",
+    "write_failure_report",
+    "write_group_index",
+    "subject_report_path",
+]
 
 
 def subject_report_path(output_dir, subject: str) -> Path:
     return Path(output_dir) / f"sub-{subject}.html"
 
 
-def write_subject_report(output_dir, subject: str, *, sections: list[str],
-                         summaries: list[dict], methods_md: str = "",
-                         versions: dict | str | None = None,
-                         errors: list[str] = ()) -> Path:
+def write_subject_report(
+    output_dir,
+    subject: str,
+    *,
+    sections: list[str],
+    summaries: list[dict],
+    methods_md: str = "",
+    versions: dict | str | None = None,
+    errors: list[str] = (),
+) -> Path:
     """Write ``output_dir/sub-<subject>.html`` (atomically) and return its path."""
     from qsmflow.reports.html import subject_page
 
@@ -38,19 +49,34 @@ def write_subject_report(output_dir, subject: str, *, sections: list[str],
 
         versions = software_versions()
     path = subject_report_path(output_dir, subject)
-    write_text_atomic(subject_page(subject, sections, summaries=summaries, versions=versions,
-                                   methods_md=methods_md, errors=list(errors)), path)
+    write_text_atomic(
+        subject_page(
+            subject,
+            sections,
+            summaries=summaries,
+            versions=versions,
+            methods_md=methods_md,
+            errors=list(errors),
+        ),
+        path,
+    )
     return path
 
 
-def write_failure_report(output_dir, subject: str, *, errors: list[str],
-                         methods_md: str = "") -> Path:
+def write_failure_report(
+    output_dir, subject: str, *, errors: list[str], methods_md: str = ""
+) -> Path:
     """Write ``output_dir/sub-<subject>.html`` for a subject whose run failed: the errors
     (node, reason, crash file) instead of figures, so the group index shows the failure."""
     first = errors[0].strip() if errors else "failed"
     return write_subject_report(
-        output_dir, subject, sections=[], methods_md=methods_md, errors=errors,
-        summaries=[{"prefix": f"sub-{subject}", "status": f"FAILED: {first}"[:200]}])
+        output_dir,
+        subject,
+        sections=[],
+        methods_md=methods_md,
+        errors=errors,
+        summaries=[{"prefix": f"sub-{subject}", "status": f"FAILED: {first}"[:200]}],
+    )
 
 
 def write_group_index(output_dir) -> Path | None:
@@ -62,8 +88,9 @@ def write_group_index(output_dir) -> Path | None:
     pages = sorted(out.glob("sub-*.html"))
     if not pages:
         return None
-    entries = [{"subject": p.stem[len("sub-"):], "href": p.name, "runs": read_summary(p)}
-               for p in pages]
+    entries = [
+        {"subject": p.stem[len("sub-") :], "href": p.name, "runs": read_summary(p)} for p in pages
+    ]
     path = out / "index.html"
     write_text_atomic(group_page(entries), path)
     return path

@@ -47,8 +47,9 @@ def bounding_box(mask: np.ndarray, *, margin: int = 3) -> tuple[slice, slice, sl
     for ax in range(3):
         other = tuple(a for a in range(3) if a != ax)
         idx = np.nonzero(mask.any(axis=other))[0]
-        out.append(slice(max(int(idx[0]) - margin, 0),
-                         min(int(idx[-1]) + margin + 1, mask.shape[ax])))
+        out.append(
+            slice(max(int(idx[0]) - margin, 0), min(int(idx[-1]) + margin + 1, mask.shape[ax]))
+        )
     return tuple(out)
 
 
@@ -93,16 +94,24 @@ def symmetric_window(values: np.ndarray, *, percentile: float = 99.0) -> tuple[f
 
 
 def _label(ax, text):
-    ax.text(0.02, 0.98, text, color="white", fontsize=8, va="top", ha="left",
-            transform=ax.transAxes)
+    ax.text(
+        0.02, 0.98, text, color="white", fontsize=8, va="top", ha="left", transform=ax.transAxes
+    )
 
 
 def _lr_marks(ax, which):
     if which in ("axial", "coronal"):
-        ax.text(0.01, 0.5, "L", color="yellow", fontsize=8, transform=ax.transAxes,
-                va="center")
-        ax.text(0.99, 0.5, "R", color="yellow", fontsize=8, transform=ax.transAxes,
-                va="center", ha="right")
+        ax.text(0.01, 0.5, "L", color="yellow", fontsize=8, transform=ax.transAxes, va="center")
+        ax.text(
+            0.99,
+            0.5,
+            "R",
+            color="yellow",
+            fontsize=8,
+            transform=ax.transAxes,
+            va="center",
+            ha="right",
+        )
 
 
 def planes_figure(rows, *, mask, voxel_size=(1.0, 1.0, 1.0), title: str = "") -> bytes:
@@ -124,8 +133,17 @@ def planes_figure(rows, *, mask, voxel_size=(1.0, 1.0, 1.0), title: str = "") ->
     c = center_of(mask)
     fig = _figure(9.6, 2.9 * len(rows) + (0.35 if title else 0))
     width = [1.0, 1.0, 1.0, 0.06]
-    gs = fig.add_gridspec(len(rows), 4, width_ratios=width, wspace=0.04, hspace=0.12,
-                          left=0.01, right=0.90, top=0.93 if title else 0.99, bottom=0.01)
+    gs = fig.add_gridspec(
+        len(rows),
+        4,
+        width_ratios=width,
+        wspace=0.04,
+        hspace=0.12,
+        left=0.01,
+        right=0.90,
+        top=0.93 if title else 0.99,
+        bottom=0.01,
+    )
     if title:
         fig.suptitle(title, color="white", fontsize=11)
     for r, row in enumerate(rows):
@@ -140,9 +158,15 @@ def planes_figure(rows, *, mask, voxel_size=(1.0, 1.0, 1.0), title: str = "") ->
             ax.set_axis_off()
             idx = c[_axis_of(which)]
             sl = plane(_crop(data, box), which, idx - box[_axis_of(which)].start)
-            im = ax.imshow(sl, cmap=cmap, vmin=vmin, vmax=vmax,
-                           origin="lower", interpolation="nearest",
-                           aspect=_aspect(voxel_size, which))
+            im = ax.imshow(
+                sl,
+                cmap=cmap,
+                vmin=vmin,
+                vmax=vmax,
+                origin="lower",
+                interpolation="nearest",
+                aspect=_aspect(voxel_size, which),
+            )
             _label(ax, f"{which} {idx}")
             _lr_marks(ax, which)
         cax = fig.add_subplot(gs[r, 3])
@@ -152,8 +176,9 @@ def planes_figure(rows, *, mask, voxel_size=(1.0, 1.0, 1.0), title: str = "") ->
     return _png(fig)
 
 
-def mask_mosaic(magnitude, brain_mask, *, inner_mask=None, voxel_size=(1.0, 1.0, 1.0),
-                n_slices: int = 6) -> bytes:
+def mask_mosaic(
+    magnitude, brain_mask, *, inner_mask=None, voxel_size=(1.0, 1.0, 1.0), n_slices: int = 6
+) -> bytes:
     """Mask outlines over the magnitude: 3 rows (axial, coronal, sagittal) x ``n_slices``
     slices evenly spread over the mask's extent.  Red: brain mask; yellow: the (eroded) mask
     where chi is valid, when given."""
@@ -164,10 +189,14 @@ def mask_mosaic(magnitude, brain_mask, *, inner_mask=None, voxel_size=(1.0, 1.0,
     vals = mag[brain] if brain.any() else mag.ravel()
     vmax = float(np.percentile(vals, 99.5)) if vals.size else 1.0
     fig = _figure(1.6 * n_slices, 1.75 * 3 + 0.3)
-    gs = fig.add_gridspec(3, n_slices, wspace=0.02, hspace=0.06, left=0.0, right=1.0,
-                          top=0.94, bottom=0.0)
-    fig.suptitle("brain mask (red) and mask after background removal (yellow) over the "
-                 "magnitude", color="white", fontsize=10)
+    gs = fig.add_gridspec(
+        3, n_slices, wspace=0.02, hspace=0.06, left=0.0, right=1.0, top=0.94, bottom=0.0
+    )
+    fig.suptitle(
+        "brain mask (red) and mask after background removal (yellow) over the magnitude",
+        color="white",
+        fontsize=10,
+    )
     for r, which in enumerate(PLANES):
         ax_i = _axis_of(which)
         idx = np.nonzero(brain.any(axis=tuple(a for a in range(3) if a != ax_i)))[0]
@@ -177,9 +206,15 @@ def mask_mosaic(magnitude, brain_mask, *, inner_mask=None, voxel_size=(1.0, 1.0,
             ax = fig.add_subplot(gs[r, k])
             ax.set_axis_off()
             off = s - box[ax_i].start
-            ax.imshow(plane(_crop(mag, box), which, off), cmap="gray", vmin=0, vmax=vmax,
-                      origin="lower", interpolation="nearest",
-                      aspect=_aspect(voxel_size, which))
+            ax.imshow(
+                plane(_crop(mag, box), which, off),
+                cmap="gray",
+                vmin=0,
+                vmax=vmax,
+                origin="lower",
+                interpolation="nearest",
+                aspect=_aspect(voxel_size, which),
+            )
             for m, colour in ((brain, "red"), (inner, "yellow")):
                 if m is None:
                     continue

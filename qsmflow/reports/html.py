@@ -40,9 +40,11 @@ def png_data_uri(png: bytes) -> str:
 
 
 def figure_block(title: str, png: bytes, caption: str = "") -> str:
-    return (f'<figure class="qc-figure"><h3>{esc(title)}</h3>'
-            f'<img alt="{esc(title)}" src="{png_data_uri(png)}">'
-            f"<figcaption>{esc(caption)}</figcaption></figure>")
+    return (
+        f'<figure class="qc-figure"><h3>{esc(title)}</h3>'
+        f'<img alt="{esc(title)}" src="{png_data_uri(png)}">'
+        f"<figcaption>{esc(caption)}</figcaption></figure>"
+    )
 
 
 def section(title: str, body: str, *, anchor: str = "") -> str:
@@ -56,57 +58,88 @@ def _num(v, fmt="{:+.4f}"):
 
 def regions_table(rows: list[dict]) -> str:
     """The regional chi table (values in ppm)."""
-    out = ['<h3>Regional susceptibility (ppm)</h3><table><tr><th class="l">region</th>'
-           '<th class="l">defined by</th><th>voxels</th><th>mean</th><th>median</th>'
-           '<th>std</th><th>5th pct</th><th>95th pct</th><th>reference offset</th></tr>']
+    out = [
+        '<h3>Regional susceptibility (ppm)</h3><table><tr><th class="l">region</th>'
+        '<th class="l">defined by</th><th>voxels</th><th>mean</th><th>median</th>'
+        "<th>std</th><th>5th pct</th><th>95th pct</th><th>reference offset</th></tr>"
+    ]
     for r in rows:
         cls = ' class="ref"' if r.get("group") == "reference" else ""
         off = r.get("offset")
         out.append(
             f'<tr{cls}><td class="l">{esc(r["region"])}</td><td class="l">{esc(r["group"])}'
-            f'</td><td>{r["voxels"]}</td><td>{_num(r["mean"])}</td><td>{_num(r["median"])}'
-            f'</td><td>{_num(r["std"], "{:.4f}")}</td><td>{_num(r["p5"])}</td>'
-            f'<td>{_num(r["p95"])}</td><td>{_num(off) if off is not None else ""}</td></tr>')
-    out.append("</table><p style='font-size:12px;color:#555'>Regions come from the images "
-               "(no registered atlas): geometric zones of the mask, multi-Otsu classes of the "
-               "echo-averaged magnitude and the tails of the chi histogram. The reference "
-               "offset is the value subtracted from the unreferenced map so that the "
-               "reference region has chi 0.</p>")
+            f"</td><td>{r['voxels']}</td><td>{_num(r['mean'])}</td><td>{_num(r['median'])}"
+            f"</td><td>{_num(r['std'], '{:.4f}')}</td><td>{_num(r['p5'])}</td>"
+            f"<td>{_num(r['p95'])}</td><td>{_num(off) if off is not None else ''}</td></tr>"
+        )
+    out.append(
+        "</table><p style='font-size:12px;color:#555'>Regions come from the images "
+        "(no registered atlas): geometric zones of the mask, multi-Otsu classes of the "
+        "echo-averaged magnitude and the tails of the chi histogram. The reference "
+        "offset is the value subtracted from the unreferenced map so that the "
+        "reference region has chi 0.</p>"
+    )
     return "".join(out)
 
 
-def provenance_block(meta: dict, *, timing: dict | None = None, report_s: float | None = None,
-                     fit_details: dict | None = None) -> str:
+def provenance_block(
+    meta: dict,
+    *,
+    timing: dict | None = None,
+    report_s: float | None = None,
+    fit_details: dict | None = None,
+) -> str:
     """Methods with every parameter, seed, acquisition, what the fits found and the time per
     step."""
-    out = ["<h3>Provenance</h3><table><tr><th class='l'>stage</th><th class='l'>method</th>"
-           "<th class='l'>parameters</th></tr>"]
+    out = [
+        "<h3>Provenance</h3><table><tr><th class='l'>stage</th><th class='l'>method</th>"
+        "<th class='l'>parameters</th></tr>"
+    ]
     for stage, m in (meta.get("QSMflowMethods") or {}).items():
         params = ", ".join(f"{k}={v}" for k, v in sorted((m.get("Parameters") or {}).items()))
-        out.append(f"<tr><td class='l'>{esc(stage)}</td><td class='l'>{esc(m.get('Method'))}"
-                   f"</td><td class='l'>{esc(params)}</td></tr>")
+        out.append(
+            f"<tr><td class='l'>{esc(stage)}</td><td class='l'>{esc(m.get('Method'))}"
+            f"</td><td class='l'>{esc(params)}</td></tr>"
+        )
     out.append("</table>")
     skip = {"QSMflowMethods", "SoftwareVersions", "Sources"}
     facts = {k: v for k, v in meta.items() if k not in skip}
     if facts:
-        out.append("<table>" + "".join(
-            f"<tr><td class='l'>{esc(k)}</td><td class='l'>{esc(_short(v))}</td></tr>"
-            for k, v in facts.items()) + "</table>")
+        out.append(
+            "<table>"
+            + "".join(
+                f"<tr><td class='l'>{esc(k)}</td><td class='l'>{esc(_short(v))}</td></tr>"
+                for k, v in facts.items()
+            )
+            + "</table>"
+        )
     if fit_details:
-        out.append("<table><tr><th class='l'>step</th><th class='l'>fit result</th>"
-                   "<th class='l'>value</th></tr>" + "".join(
-                       f"<tr><td class='l'>{esc(step)}</td><td class='l'>{esc(k)}</td>"
-                       f"<td class='l'>{esc(_short(v))}</td></tr>"
-                       for step, d in fit_details.items() for k, v in d.items()) + "</table>")
+        out.append(
+            "<table><tr><th class='l'>step</th><th class='l'>fit result</th>"
+            "<th class='l'>value</th></tr>"
+            + "".join(
+                f"<tr><td class='l'>{esc(step)}</td><td class='l'>{esc(k)}</td>"
+                f"<td class='l'>{esc(_short(v))}</td></tr>"
+                for step, d in fit_details.items()
+                for k, v in d.items()
+            )
+            + "</table>"
+        )
     if timing or report_s is not None:
         rows = dict(timing or {})
         if report_s is not None:
             rows["report figures"] = report_s
         total = sum(v for v in rows.values() if v is not None)
-        out.append("<table><tr><th class='l'>step</th><th>seconds</th></tr>" + "".join(
-            f"<tr><td class='l'>{esc(k)}</td><td>{v:.1f}</td></tr>" for k, v in rows.items()
-            if v is not None) + f"<tr><td class='l'><b>total</b></td><td><b>{total:.1f}</b>"
-            "</td></tr></table>")
+        out.append(
+            "<table><tr><th class='l'>step</th><th>seconds</th></tr>"
+            + "".join(
+                f"<tr><td class='l'>{esc(k)}</td><td>{v:.1f}</td></tr>"
+                for k, v in rows.items()
+                if v is not None
+            )
+            + f"<tr><td class='l'><b>total</b></td><td><b>{total:.1f}</b>"
+            "</td></tr></table>"
+        )
     return "".join(out)
 
 
@@ -125,8 +158,7 @@ def markdown_to_html(text: str) -> str:
         if para:
             out.append("<p>" + esc(" ".join(para)) + "</p>")
         if items:
-            out.append(f"<{kind}>" + "".join(f"<li>{esc(i)}</li>" for i in items)
-                       + f"</{kind}>")
+            out.append(f"<{kind}>" + "".join(f"<li>{esc(i)}</li>" for i in items) + f"</{kind}>")
         para, items, kind = [], [], None
 
     for line in text.splitlines():
@@ -149,40 +181,66 @@ def markdown_to_html(text: str) -> str:
     return '<div class="methods">' + "".join(out) + "</div>"
 
 
-def subject_page(subject: str, sections: list[str], *, summaries: list[dict],
-                 versions: dict | str, methods_md: str = "", errors: list[str] = ()) -> str:
+def subject_page(
+    subject: str,
+    sections: list[str],
+    *,
+    summaries: list[dict],
+    versions: dict | str,
+    methods_md: str = "",
+    errors: list[str] = (),
+) -> str:
     """The whole ``sub-X.html``."""
     from qsmflow import __version__
 
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    nav = "".join(f'<a href="#{esc(s["prefix"])}">{esc(s["prefix"])}</a>' for s in summaries
-                  if s.get("status", "ok") == "ok")
+    nav = "".join(
+        f'<a href="#{esc(s["prefix"])}">{esc(s["prefix"])}</a>'
+        for s in summaries
+        if s.get("status", "ok") == "ok"
+    )
     nav += '<a href="#methods">Methods</a><a href="index.html">All subjects</a>'
     summary_rows = "".join(
         f"<tr><td class='l'>{esc(s['prefix'])}</td><td>{s.get('mask_voxels', '')}</td>"
         f"<td>{_num(s.get('chi_median_ppm'))}</td>"
         f"<td>{_num(s.get('relative_residual'), '{:.3f}')}</td>"
         f"<td class='l'>{esc(s.get('reference_region', s.get('status', '')))}</td>"
-        f"<td>{_num(s.get('reference_offset_ppm'))}</td></tr>" for s in summaries)
-    vers = versions if isinstance(versions, str) else ", ".join(
-        f"{k} {v}" for k, v in versions.items())
-    errs = section("Errors", "".join(f"<pre style='color:#a00'>{esc(e)}</pre>"
-                                     for e in errors)) if errors else ""
+        f"<td>{_num(s.get('reference_offset_ppm'))}</td></tr>"
+        for s in summaries
+    )
+    vers = (
+        versions
+        if isinstance(versions, str)
+        else ", ".join(f"{k} {v}" for k, v in versions.items())
+    )
+    errs = (
+        section("Errors", "".join(f"<pre style='color:#a00'>{esc(e)}</pre>" for e in errors))
+        if errors
+        else ""
+    )
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>qsmflow: sub-{esc(subject)}</title><style>{CSS}</style></head><body>"
         f"<header><h1>qsmflow report: sub-{esc(subject)}</h1><p>qsmflow {esc(__version__)}; "
         f"generated {now}; {len(summaries)} run(s)</p></header><nav>{nav}</nav><main>"
         + errs
-        + section("Summary", "<table><tr><th class='l'>run</th><th>mask voxels</th>"
-                  "<th>median chi (ppm)</th><th>relative residual</th><th class='l'>"
-                  "reference region</th><th>reference offset (ppm)</th></tr>"
-                  + summary_rows + "</table>")
+        + section(
+            "Summary",
+            "<table><tr><th class='l'>run</th><th>mask voxels</th>"
+            "<th>median chi (ppm)</th><th>relative residual</th><th class='l'>"
+            "reference region</th><th>reference offset (ppm)</th></tr>" + summary_rows + "</table>",
+        )
         + "".join(sections)
-        + section("Methods", markdown_to_html(re.sub(r"^\s*# Methods\s*\n", "", methods_md))
-                  + f"<h3>Software versions</h3><p style='font-size:12px'>{esc(vers)}</p>",
-                  anchor="methods")
-        + "</main>" + summary_script(summaries) + "</body></html>\n")
+        + section(
+            "Methods",
+            markdown_to_html(re.sub(r"^\s*# Methods\s*\n", "", methods_md))
+            + f"<h3>Software versions</h3><p style='font-size:12px'>{esc(vers)}</p>",
+            anchor="methods",
+        )
+        + "</main>"
+        + summary_script(summaries)
+        + "</body></html>\n"
+    )
 
 
 SUMMARY_ID = "qsmflow-summary"
@@ -196,8 +254,11 @@ def summary_script(summaries: list[dict]) -> str:
 
 def read_summary(page) -> list[dict]:
     """The run summaries embedded in a subject page (empty list if none)."""
-    m = re.search(rf'<script type="application/json" id="{SUMMARY_ID}">(.*?)</script>',
-                  Path(page).read_text(encoding="utf-8"), flags=re.S)
+    m = re.search(
+        rf'<script type="application/json" id="{SUMMARY_ID}">(.*?)</script>',
+        Path(page).read_text(encoding="utf-8"),
+        flags=re.S,
+    )
     if not m:
         return []
     try:
@@ -215,28 +276,40 @@ def group_page(entries: list[dict]) -> str:
     for e in entries:
         runs = e.get("runs") or [{}]
         for i, s in enumerate(runs):
-            link = (f"<a href='{esc(e['href'])}#{esc(s.get('prefix', ''))}'>"
-                    f"{esc(s.get('prefix', 'sub-' + e['subject']))}</a>")
+            link = (
+                f"<a href='{esc(e['href'])}#{esc(s.get('prefix', ''))}'>"
+                f"{esc(s.get('prefix', 'sub-' + e['subject']))}</a>"
+            )
             meths = ", ".join(f"{k}={v}" for k, v in (s.get("methods") or {}).items())
             rows.append(
-                "<tr>" + (f"<td class='l' rowspan='{len(runs)}'><a href='{esc(e['href'])}'>"
-                          f"sub-{esc(e['subject'])}</a></td>" if i == 0 else "")
+                "<tr>"
+                + (
+                    f"<td class='l' rowspan='{len(runs)}'><a href='{esc(e['href'])}'>"
+                    f"sub-{esc(e['subject'])}</a></td>"
+                    if i == 0
+                    else ""
+                )
                 + f"<td class='l'>{link}</td><td class='l'>{esc(s.get('status', 'ok'))}</td>"
                 f"<td>{_num(s.get('chi_median_ppm'))}</td>"
                 f"<td>{_num(s.get('relative_residual'), '{:.3f}')}</td>"
                 f"<td>{_num(s.get('reference_offset_ppm'))}</td>"
-                f"<td class='l'>{esc(meths)}</td></tr>")
+                f"<td class='l'>{esc(meths)}</td></tr>"
+            )
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>qsmflow: all "
         f"subjects</title><style>{CSS}</style></head><body><header><h1>qsmflow reports</h1>"
         f"<p>qsmflow {esc(__version__)}; {len(entries)} subject(s); generated {now}</p>"
         "</header><main>"
-        + section("Subjects", "<table><tr><th class='l'>subject</th><th class='l'>run</th>"
-                  "<th class='l'>status</th>"
-                  "<th>median chi (ppm)</th><th>relative residual</th><th>reference offset "
-                  "(ppm)</th><th class='l'>methods</th></tr>" + "".join(rows) + "</table>")
-        + "</main></body></html>\n")
+        + section(
+            "Subjects",
+            "<table><tr><th class='l'>subject</th><th class='l'>run</th>"
+            "<th class='l'>status</th>"
+            "<th>median chi (ppm)</th><th>relative residual</th><th>reference offset "
+            "(ppm)</th><th class='l'>methods</th></tr>" + "".join(rows) + "</table>",
+        )
+        + "</main></body></html>\n"
+    )
 
 
 def relative_href(page: Path, root: Path) -> str:

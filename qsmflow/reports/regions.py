@@ -41,15 +41,21 @@ def reference_offset(chi_unreferenced, chi, mask) -> float:
 def _stats(values) -> dict:
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
-        return {"voxels": 0, "mean": None, "median": None, "std": None, "p5": None,
-                "p95": None}
+        return {"voxels": 0, "mean": None, "median": None, "std": None, "p5": None, "p95": None}
     p5, med, p95 = np.percentile(v, [5, 50, 95])
-    return {"voxels": int(v.size), "mean": float(v.mean()), "median": float(med),
-            "std": float(v.std()), "p5": float(p5), "p95": float(p95)}
+    return {
+        "voxels": int(v.size),
+        "mean": float(v.mean()),
+        "median": float(med),
+        "std": float(v.std()),
+        "p5": float(p5),
+        "p95": float(p95),
+    }
 
 
-def geometric_regions(mask: np.ndarray, *, voxel_size=(1.0, 1.0, 1.0),
-                      shell_mm: float = 6.0) -> dict:
+def geometric_regions(
+    mask: np.ndarray, *, voxel_size=(1.0, 1.0, 1.0), shell_mm: float = 6.0
+) -> dict:
     """``{name: (X, Y, Z) bool}``: left/right halves, deep central zone and cortical shell
     of ``mask`` (RAS+ orientation: the first array axis runs from left to right)."""
     mask = np.asarray(mask, dtype=bool)
@@ -61,8 +67,9 @@ def geometric_regions(mask: np.ndarray, *, voxel_size=(1.0, 1.0, 1.0),
         out["left half"] = mask & (xs < cx)
         out["right half"] = mask & (xs >= cx)
         out["deep central zone (depth > 50 % of max)"] = depth > 0.5 * depth.max()
-        out[f"cortical shell (within {shell_mm:g} mm of the mask edge)"] = (
-            mask & (depth <= shell_mm))
+        out[f"cortical shell (within {shell_mm:g} mm of the mask edge)"] = mask & (
+            depth <= shell_mm
+        )
     return out
 
 
@@ -74,7 +81,7 @@ def magnitude_classes(magnitude: np.ndarray, mask: np.ndarray) -> dict:
     mag = np.asarray(magnitude, dtype=np.float32)
     mask = np.asarray(mask, dtype=bool)
     vals = mag[mask]
-    if vals.size < 10 or np.unique(vals[: 100000]).size < 3:
+    if vals.size < 10 or np.unique(vals[:100000]).size < 3:
         return {}
     try:
         t1, t2 = threshold_multiotsu(vals, classes=3)
@@ -87,10 +94,17 @@ def magnitude_classes(magnitude: np.ndarray, mask: np.ndarray) -> dict:
     }
 
 
-def regional_table(chi: np.ndarray, mask: np.ndarray, *, magnitude=None,
-                   voxel_size=(1.0, 1.0, 1.0), reference_name: str | None = None,
-                   reference_mask=None, reference_offset: float | None = None,
-                   tail_ppm: float = 0.1) -> list[dict]:
+def regional_table(
+    chi: np.ndarray,
+    mask: np.ndarray,
+    *,
+    magnitude=None,
+    voxel_size=(1.0, 1.0, 1.0),
+    reference_name: str | None = None,
+    reference_mask=None,
+    reference_offset: float | None = None,
+    tail_ppm: float = 0.1,
+) -> list[dict]:
     """Rows ``{region, group, voxels, mean, median, std, p5, p95}`` (chi in ppm).
 
     Parameters
@@ -114,13 +128,32 @@ def regional_table(chi: np.ndarray, mask: np.ndarray, *, magnitude=None,
     if magnitude is not None:
         for name, m in magnitude_classes(magnitude, mask).items():
             rows.append({"region": name, "group": "intensity cluster", **_stats(chi[m])})
-    rows.append({"region": f"paramagnetic tail (chi > +{tail_ppm:g} ppm)",
-                 "group": "chi cluster", **_stats(chi[mask & (chi > tail_ppm)])})
-    rows.append({"region": f"diamagnetic tail (chi < -{tail_ppm:g} ppm)",
-                 "group": "chi cluster", **_stats(chi[mask & (chi < -tail_ppm)])})
+    rows.append(
+        {
+            "region": f"paramagnetic tail (chi > +{tail_ppm:g} ppm)",
+            "group": "chi cluster",
+            **_stats(chi[mask & (chi > tail_ppm)]),
+        }
+    )
+    rows.append(
+        {
+            "region": f"diamagnetic tail (chi < -{tail_ppm:g} ppm)",
+            "group": "chi cluster",
+            **_stats(chi[mask & (chi < -tail_ppm)]),
+        }
+    )
     if reference_name is not None:
-        ref = (np.zeros_like(mask) if reference_mask is None
-               else np.asarray(reference_mask, bool) & mask)  # unknown region: no statistics
-        rows.append({"region": f"reference: {reference_name}", "group": "reference",
-                     **_stats(chi[ref]), "offset": reference_offset})
+        ref = (
+            np.zeros_like(mask)
+            if reference_mask is None
+            else np.asarray(reference_mask, bool) & mask
+        )  # unknown region: no statistics
+        rows.append(
+            {
+                "region": f"reference: {reference_name}",
+                "group": "reference",
+                **_stats(chi[ref]),
+                "offset": reference_offset,
+            }
+        )
     return rows

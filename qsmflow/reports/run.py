@@ -30,8 +30,9 @@ def _to_ras(arr, affine):
     """``arr`` (3D or 4D) reoriented to the closest RAS+ canonical orientation."""
     import nibabel as nib
 
-    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
-                                           nib.orientations.axcodes2ornt("RAS"))
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt("RAS")
+    )
     return nib.orientations.apply_orientation(np.asarray(arr), ornt)
 
 
@@ -70,11 +71,23 @@ def read_loss_history(path) -> list[dict]:
     return rows
 
 
-def run_section(*, prefix: str, chi, mask, local_field, total_field, brain_mask=None,
-                phase=None, magnitude=None, chi_unreferenced=None, chi_std=None,
-                loss_history=None, metadata: dict | None = None,
-                timing: dict | None = None, fit_details: dict | None = None
-                ) -> tuple[str, dict]:
+def run_section(
+    *,
+    prefix: str,
+    chi,
+    mask,
+    local_field,
+    total_field,
+    brain_mask=None,
+    phase=None,
+    magnitude=None,
+    chi_unreferenced=None,
+    chi_std=None,
+    loss_history=None,
+    metadata: dict | None = None,
+    timing: dict | None = None,
+    fit_details: dict | None = None,
+) -> tuple[str, dict]:
     """HTML fragment and summary of one run (all image arguments are NIfTI paths).
 
     Parameters
@@ -107,17 +120,16 @@ def run_section(*, prefix: str, chi, mask, local_field, total_field, brain_mask=
     vs_native = tuple(float(v) for v in voxel_size_from_affine(aff))
     b0 = b0_dir_from_affine(aff)  # as the inversion node: B0 in array axes from the affine
     resid_a = data_consistency_residual_map(
-        np.where(mask_a, chi_a, 0.0), local_a, mask_a, voxel_size=vs_native, b0_dir=b0)
+        np.where(mask_a, chi_a, 0.0), local_a, mask_a, voxel_size=vs_native, b0_dir=b0
+    )
     f = local_a[mask_a].astype(np.float64)
-    rel_resid = float(np.linalg.norm(resid_a[mask_a]) / max(np.linalg.norm(f - f.mean()),
-                                                              1e-30))
+    rel_resid = float(np.linalg.norm(resid_a[mask_a]) / max(np.linalg.norm(f - f.mean()), 1e-30))
 
     def ras(a):
         return _to_ras(a, aff)
 
     vs = _ras_voxel_size(aff)
-    chi_r, mask_r, local_r, total_r, resid_r = map(ras, (chi_a, mask_a, local_a, total_a,
-                                                         resid_a))
+    chi_r, mask_r, local_r, total_r, resid_r = map(ras, (chi_a, mask_a, local_a, total_a, resid_a))
     brain_r = ras(_load(brain_mask)[1] != 0) if brain_mask else mask_r
     mag_r = None
     if magnitude:
@@ -127,56 +139,132 @@ def run_section(*, prefix: str, chi, mask, local_field, total_field, brain_mask=
 
     # 1. masks over the magnitude
     under = mag_r if mag_r is not None else np.abs(total_r)
-    figs.append(("Brain mask", F.mask_mosaic(under, brain_r, inner_mask=mask_r, voxel_size=vs),
-                 "Red: brain mask; yellow: the eroded mask after background removal, where "
-                 "chi is valid. Look for brain cut off, skull or sinus included, holes."
-                 + ("" if mag_r is not None else " (phase-only data: shown over |total "
-                                                  "field|)")))
+    figs.append(
+        (
+            "Brain mask",
+            F.mask_mosaic(under, brain_r, inner_mask=mask_r, voxel_size=vs),
+            "Red: brain mask; yellow: the eroded mask after background removal, where "
+            "chi is valid. Look for brain cut off, skull or sinus included, holes."
+            + ("" if mag_r is not None else " (phase-only data: shown over |total field|)"),
+        )
+    )
     # 2. wrapped phase vs total field
     rows = []
     if phase:
         p = _load(phase)[1]
-        rows.append({"data": ras(p[..., 0] if p.ndim == 4 else p),
-                     "label": "wrapped phase, echo 1 (rad)", "window": (-np.pi, np.pi)})
-    rows.append({"data": total_r, "label": "total field (ppm)", "masked": True,
-                 "window": F.symmetric_window(total_r[brain_r])})
-    figs.append(("Wrapped phase and total field", F.planes_figure(
-        rows, mask=brain_r, voxel_size=vs), "Top: the first echo's phase as measured; "
-                 "bottom: the unwrapped, echo-combined field inside the brain mask. Residual "
-                 "wraps show as sharp steps."))
+        rows.append(
+            {
+                "data": ras(p[..., 0] if p.ndim == 4 else p),
+                "label": "wrapped phase, echo 1 (rad)",
+                "window": (-np.pi, np.pi),
+            }
+        )
+    rows.append(
+        {
+            "data": total_r,
+            "label": "total field (ppm)",
+            "masked": True,
+            "window": F.symmetric_window(total_r[brain_r]),
+        }
+    )
+    figs.append(
+        (
+            "Wrapped phase and total field",
+            F.planes_figure(rows, mask=brain_r, voxel_size=vs),
+            "Top: the first echo's phase as measured; "
+            "bottom: the unwrapped, echo-combined field inside the brain mask. Residual "
+            "wraps show as sharp steps.",
+        )
+    )
     # 3. local field and residual on one window
     lw = F.symmetric_window(local_r[mask_r])
-    figs.append(("Local field", F.planes_figure(
-        [{"data": local_r, "label": "local field (ppm)", "window": lw, "masked": True}],
-        mask=mask_r, voxel_size=vs), "After background field removal. Smooth large-scale "
-                 "gradients here are background field left over."))
+    figs.append(
+        (
+            "Local field",
+            F.planes_figure(
+                [{"data": local_r, "label": "local field (ppm)", "window": lw, "masked": True}],
+                mask=mask_r,
+                voxel_size=vs,
+            ),
+            "After background field removal. Smooth large-scale "
+            "gradients here are background field left over.",
+        )
+    )
     # 4. chi, fixed window
-    figs.append(("Susceptibility (chi)", F.planes_figure(
-        [{"data": chi_r, "label": "chi (ppm), fixed window "
-          f"{F.CHI_WINDOW_PPM[0]:+.2f}..{F.CHI_WINDOW_PPM[1]:+.2f}",
-          "window": F.CHI_WINDOW_PPM, "masked": True}], mask=mask_r, voxel_size=vs),
-        f"Fixed window {F.CHI_WINDOW_PPM[0]:+.2f}..{F.CHI_WINDOW_PPM[1]:+.2f} ppm, the same "
-        "for every subject and run. Look for streaks along B0, dots, rims at the mask edge."))
+    figs.append(
+        (
+            "Susceptibility (chi)",
+            F.planes_figure(
+                [
+                    {
+                        "data": chi_r,
+                        "label": "chi (ppm), fixed window "
+                        f"{F.CHI_WINDOW_PPM[0]:+.2f}..{F.CHI_WINDOW_PPM[1]:+.2f}",
+                        "window": F.CHI_WINDOW_PPM,
+                        "masked": True,
+                    }
+                ],
+                mask=mask_r,
+                voxel_size=vs,
+            ),
+            f"Fixed window {F.CHI_WINDOW_PPM[0]:+.2f}..{F.CHI_WINDOW_PPM[1]:+.2f} ppm, the same "
+            "for every subject and run. Look for streaks along B0, dots, rims at the mask edge.",
+        )
+    )
     # 5. residual
-    figs.append(("Data-consistency residual", F.planes_figure(
-        [{"data": resid_r, "label": "D*chi - local field (ppm)", "window": lw,
-          "cmap": "RdBu_r", "masked": True}], mask=mask_r, voxel_size=vs),
-        f"Field the chi map predicts minus the local field, on the local field's window. "
-        f"Relative residual ||r|| / ||f|| = {rel_resid:.3f}. Structure (veins, rims) is field "
-        "the map does not explain."))
+    figs.append(
+        (
+            "Data-consistency residual",
+            F.planes_figure(
+                [
+                    {
+                        "data": resid_r,
+                        "label": "D*chi - local field (ppm)",
+                        "window": lw,
+                        "cmap": "RdBu_r",
+                        "masked": True,
+                    }
+                ],
+                mask=mask_r,
+                voxel_size=vs,
+            ),
+            f"Field the chi map predicts minus the local field, on the local field's window. "
+            f"Relative residual ||r|| / ||f|| = {rel_resid:.3f}. Structure (veins, rims) is field "
+            "the map does not explain.",
+        )
+    )
     # 6. DIP extras
     if chi_std:
         std_r = ras(_load(chi_std)[1])
         w = float(np.percentile(std_r[mask_r], 99)) if mask_r.any() else 1.0
-        figs.append(("Ensemble standard deviation", F.planes_figure(
-            [{"data": std_r, "label": "chi std over the ensemble (ppm)",
-              "window": (0.0, max(w, 1e-6)), "cmap": "magma", "masked": True}],
-            mask=mask_r, voxel_size=vs), "Voxel-wise spread of the deep-image-prior "
-                     "ensemble: where the fit is uncertain."))
+        figs.append(
+            (
+                "Ensemble standard deviation",
+                F.planes_figure(
+                    [
+                        {
+                            "data": std_r,
+                            "label": "chi std over the ensemble (ppm)",
+                            "window": (0.0, max(w, 1e-6)),
+                            "cmap": "magma",
+                            "masked": True,
+                        }
+                    ],
+                    mask=mask_r,
+                    voxel_size=vs,
+                ),
+                "Voxel-wise spread of the deep-image-prior ensemble: where the fit is uncertain.",
+            )
+        )
     if loss_history:
         hist = read_loss_history(loss_history)
-        figs.append(("Optimisation curve", F.loss_curve(hist), "Loss and RMS data "
-                     "residual per iteration of every ensemble member."))
+        figs.append(
+            (
+                "Optimisation curve",
+                F.loss_curve(hist),
+                "Loss and RMS data residual per iteration of every ensemble member.",
+            )
+        )
 
     # regional table
     methods = meta.get("QSMflowMethods", {})
@@ -184,10 +272,15 @@ def run_section(*, prefix: str, chi, mask, local_field, total_field, brain_mask=
     offset = None
     if chi_unreferenced:
         offset = reference_offset(ras(_load(chi_unreferenced)[1]), chi_r, mask_r)
-    table = regional_table(chi_r, mask_r, magnitude=mag_r, voxel_size=vs,
-                           reference_name=REFERENCE_REGIONS.get(ref_method, ref_method),
-                           reference_mask=mask_r if ref_method == "mean" else None,
-                           reference_offset=offset)
+    table = regional_table(
+        chi_r,
+        mask_r,
+        magnitude=mag_r,
+        voxel_size=vs,
+        reference_name=REFERENCE_REGIONS.get(ref_method, ref_method),
+        reference_mask=mask_r if ref_method == "mean" else None,
+        reference_offset=offset,
+    )
     build_s = time.time() - t0
     summary = {
         "prefix": prefix,
@@ -204,6 +297,5 @@ def run_section(*, prefix: str, chi, mask, local_field, total_field, brain_mask=
     }
     body = [H.figure_block(title, png, caption) for title, png, caption in figs]
     body.append(H.regions_table(table))
-    body.append(H.provenance_block(meta, timing=timing, report_s=build_s,
-                                   fit_details=fit_details))
+    body.append(H.provenance_block(meta, timing=timing, report_s=build_s, fit_details=fit_details))
     return H.section(f"Run {prefix}", "".join(body), anchor=prefix), summary

@@ -58,9 +58,7 @@ def phase_to_siemens_int(phase_rad: np.ndarray) -> np.ndarray:
 
 def siemens_int_to_phase(values: np.ndarray) -> np.ndarray:
     """Inverse of :func:`phase_to_siemens_int`: integers -4096..4094 -> phase in [-pi, pi)."""
-    return (np.asarray(values, dtype=np.float64) * (np.pi / SIEMENS_PHASE_SCALE)).astype(
-        np.float32
-    )
+    return (np.asarray(values, dtype=np.float64) * (np.pi / SIEMENS_PHASE_SCALE)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,8 +166,13 @@ def write_bids_dataset(
         ph = make_head_phantom(shape, voxel_size=voxel_size, seed=sseed)
         fields = simulate_fields(ph, b0_dir=b0_dir)
         mag, phase = simulate_megre(
-            ph, total_field_ppm=fields["total"], te_s=te, b0_tesla=b0_tesla, snr=snr,
-            phase_offset=True, seed=sseed,
+            ph,
+            total_field_ppm=fields["total"],
+            te_s=te,
+            b0_tesla=b0_tesla,
+            snr=snr,
+            phase_offset=True,
+            seed=sseed,
         )
         anat = root / f"sub-{sub}" / "anat"
         for e, t in enumerate(te):
@@ -207,21 +210,30 @@ def write_bids_dataset(
 
         truth = truth_paths(root, sub)
         _save_nifti(truth["Chimap"], fields["chi_local"], affine)
-        _save_json(_sidecar(truth["Chimap"]),
-                   {"Units": "ppm", "Reference": "water", "SkullStripped": True})
+        _save_json(
+            _sidecar(truth["Chimap"]), {"Units": "ppm", "Reference": "water", "SkullStripped": True}
+        )
         outside = ~np.asarray(ph.brain_mask, dtype=bool)
         mag_mean = np.mean(mag, axis=-1).astype(np.float32)
         for kind in ("total", "local"):
             _save_nifti(truth[f"desc-{kind}_fieldmap"], fields[kind], affine)
             _save_json(
                 _sidecar(truth[f"desc-{kind}_fieldmap"]),
-                {"Units": "ppm", "B0Direction": [float(v) for v in b0_dir],
-                 "SkullStripped": bool(np.all(np.asarray(fields[kind])[outside] == 0))},
+                {
+                    "Units": "ppm",
+                    "B0Direction": [float(v) for v in b0_dir],
+                    "SkullStripped": bool(np.all(np.asarray(fields[kind])[outside] == 0)),
+                },
             )
             _save_nifti(truth[f"desc-{kind}_magnitude"], mag_mean, affine)
-            _save_json(_sidecar(truth[f"desc-{kind}_magnitude"]),
-                       {"Units": "arbitrary", "SkullStripped": False,
-                        "Description": "simulated magnitude averaged over echoes"})
+            _save_json(
+                _sidecar(truth[f"desc-{kind}_magnitude"]),
+                {
+                    "Units": "arbitrary",
+                    "SkullStripped": False,
+                    "Description": "simulated magnitude averaged over echoes",
+                },
+            )
         _save_nifti(truth["desc-brain_mask"], ph.brain_mask.astype(np.uint8), affine)
         _save_nifti(truth["dseg"], ph.labels.astype(np.int16), affine)
     return root
@@ -232,8 +244,10 @@ def truth_paths(root, subject: str) -> dict:
     ``{"Chimap", "desc-brain_mask", "dseg", "desc-total_fieldmap", "desc-local_fieldmap",
     "desc-total_magnitude", "desc-local_magnitude": Path}`` (NIfTI)."""
     base = Path(root) / "derivatives" / DERIV_NAME / f"sub-{subject}"
-    out = {k: base / "anat" / f"sub-{subject}_{k}.nii.gz"
-           for k in ("Chimap", "desc-brain_mask", "dseg")}
+    out = {
+        k: base / "anat" / f"sub-{subject}_{k}.nii.gz"
+        for k in ("Chimap", "desc-brain_mask", "dseg")
+    }
     for kind in ("total", "local"):
         for suffix in ("fieldmap", "magnitude"):
             key = f"desc-{kind}_{suffix}"
@@ -272,9 +286,7 @@ def read_bids_megre(root, subject: str = "1", *, suffix: str = "MEGRE") -> dict:
     affine = None
     for _e, pp in found:
         mp = pp.with_name(pp.name.replace("_part-phase_", "_part-mag_"))
-        side = json.loads(
-            pp.with_name(re.sub(r"\.nii(\.gz)?$", ".json", pp.name)).read_text()
-        )
+        side = json.loads(pp.with_name(re.sub(r"\.nii(\.gz)?$", ".json", pp.name)).read_text())
         pimg = nib.load(pp)
         pdat = np.asarray(pimg.dataobj)
         if np.issubdtype(pdat.dtype, np.integer) or np.abs(pdat).max() > 3.5:

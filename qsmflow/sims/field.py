@@ -65,7 +65,11 @@ def simulate_fields(
     if chi.ndim != 3 or mask.shape != chi.shape:
         raise ValueError("phantom chi and brain_mask must be 3D arrays of the same shape")
     op = DipoleOperator(
-        chi.shape, voxel_size=ph.voxel_size, b0_dir=b0_dir, kind=kind, pad_factor=pad_factor,
+        chi.shape,
+        voxel_size=ph.voxel_size,
+        b0_dir=b0_dir,
+        kind=kind,
+        pad_factor=pad_factor,
         dtype=np.float32,
     )
     chi_local = np.where(mask, chi, np.float32(0.0)).astype(np.float32)

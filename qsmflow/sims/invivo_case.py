@@ -130,8 +130,14 @@ def make_invivo_case(
         r2s = ndimage.gaussian_filter(r2s, pv_sigma_vox)
     chi_local = np.where(mask, chi, 0.0).astype(np.float32)
 
-    op = DipoleOperator(shape, voxel_size=vsz, b0_dir=(0.0, 0.0, 1.0), kind="integral",
-                        pad_factor=2.0, dtype=np.float32)
+    op = DipoleOperator(
+        shape,
+        voxel_size=vsz,
+        b0_dir=(0.0, 0.0, 1.0),
+        kind="integral",
+        pad_factor=2.0,
+        dtype=np.float32,
+    )
     field_clean = op.forward(chi_local).astype(np.float32)
 
     mag_clean = m0[..., None].astype(np.float64) * np.exp(-r2s[..., None].astype(np.float64) * te)
@@ -145,11 +151,20 @@ def make_invivo_case(
     field = field_clean + (noise * rng.standard_normal(shape)).astype(np.float32)
     field = np.where(mask, field, 0.0).astype(np.float32)
 
-    mag = np.abs(mag_clean + sigma * (rng.standard_normal(mag_clean.shape)
-                                      + 1j * rng.standard_normal(mag_clean.shape)))
-    return InVivoCase(field=field, chi=chi_local, mask=mask, magnitude=mag.astype(np.float32),
-                      noise=noise.astype(np.float32), te_s=tuple(float(t) for t in te),
-                      b0_tesla=float(b0_tesla), voxel_size=vsz)
+    mag = np.abs(
+        mag_clean
+        + sigma * (rng.standard_normal(mag_clean.shape) + 1j * rng.standard_normal(mag_clean.shape))
+    )
+    return InVivoCase(
+        field=field,
+        chi=chi_local,
+        mask=mask,
+        magnitude=mag.astype(np.float32),
+        noise=noise.astype(np.float32),
+        te_s=tuple(float(t) for t in te),
+        b0_tesla=float(b0_tesla),
+        voxel_size=vsz,
+    )
 
 
 METHODS = {"invivo_case": make_invivo_case}

@@ -288,9 +288,7 @@ def make_head_phantom(
     for s in (-1.0, 1.0):
         veins |= _tube(ax, shape, [at((s * 3, -28, 22)), at((s * 3, 0, 20))], 2.0)
         # transverse sinuses
-        veins |= _tube(
-            ax, shape, [conf, conf + (s * 30, 8, -8), conf + (s * 50, 30, -16)], 3.5
-        )
+        veins |= _tube(ax, shape, [conf, conf + (s * 30, 8, -8), conf + (s * 50, 30, -16)], 3.5)
         # a few cortical veins running over the convexity
         veins |= _tube(ax, shape, [at((s * 20, 30, 55)), at((s * 45, 25, 35))], 2.0)
         veins |= _tube(ax, shape, [at((s * 22, -30, 58)), at((s * 48, -40, 30))], 2.0)

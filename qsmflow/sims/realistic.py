@@ -280,8 +280,7 @@ def make_realistic_head(
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     acq = dict(PRESETS[preset])
-    for k, v in (("snr", snr), ("te_s", te_s), ("b0_tesla", b0_tesla),
-                 ("angles_deg", angles_deg)):
+    for k, v in (("snr", snr), ("te_s", te_s), ("b0_tesla", b0_tesla), ("angles_deg", angles_deg)):
         if v is not None:
             acq[k] = v
     shape = tuple(int(n) for n in shape)
@@ -334,8 +333,9 @@ def make_realistic_head(
     air = np.zeros(shape, dtype=bool)
 
     def ellipsoid(c, s):
-        return (((X - c[0]) / s[0]) ** 2 + ((Y - c[1]) / s[1]) ** 2
-                + ((Z - c[2]) / s[2]) ** 2) <= 1.0
+        return (
+            ((X - c[0]) / s[0]) ** 2 + ((Y - c[1]) / s[1]) ** 2 + ((Z - c[2]) / s[2]) ** 2
+        ) <= 1.0
 
     # frontal sinus: in front of the lower frontal lobe, 1.5 mm of bone from the CSF
     air |= ellipsoid((cx, y_hi + min_air + 5.0, z_low + 22.0), (14.0, 7.0, 12.0))
@@ -383,8 +383,7 @@ def make_realistic_head(
     outside = labels == 0
     chi[outside] = CHI_AIR_PPM
     # fine texture (2 mm correlation) in the parenchyma and the scalp
-    tex = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32),
-                              [2.0 / v for v in h])
+    tex = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), [2.0 / v for v in h])
     tex /= max(float(tex.std()), 1e-12)
     chi[paren] += np.float32(texture_ppm) * tex[paren]
     m0[paren] *= 1.0 + 0.04 * tex[paren]
@@ -399,8 +398,9 @@ def make_realistic_head(
     # --- fields -------------------------------------------------------------------------------
     affine = oblique_affine(h, angles_deg=acq["angles_deg"], shape=shape)
     b0_dir = b0_dir_from_affine(affine)
-    op = DipoleOperator(shape, voxel_size=h, b0_dir=b0_dir, kind="integral", pad_factor=2.0,
-                        dtype=np.float32)
+    op = DipoleOperator(
+        shape, voxel_size=h, b0_dir=b0_dir, kind="integral", pad_factor=2.0, dtype=np.float32
+    )
     total = op.forward(chi - np.float32(CHI_AIR_PPM)).astype(np.float32)
     local = op.forward(chi_local).astype(np.float32)
     background = (total - local).astype(np.float32)
@@ -410,8 +410,11 @@ def make_realistic_head(
     gam_te = [ppm_to_phase(np.float32(1.0), te_s=float(t), b0_tesla=b0) for t in te]
     grads = np.gradient(total, *h)  # ppm / mm
     rng_sig = np.random.default_rng(seed)
-    phi0 = (_phase_offset(shape, rng_sig, amplitude_rad=2.5) if phase_offset
-            else np.zeros(shape, np.float32))
+    phi0 = (
+        _phase_offset(shape, rng_sig, amplitude_rad=2.5)
+        if phase_offset
+        else np.zeros(shape, np.float32)
+    )
     ref_m0 = float(m0[paren].mean())
     sigma = ref_m0 * float(np.exp(-float(np.median(r2s[paren])) * te[0])) / float(acq["snr"])
     mag = np.empty(shape + (te.size,), dtype=np.float32)
@@ -432,11 +435,22 @@ def make_realistic_head(
         pha[..., e] = p
 
     return RealisticHead(
-        magnitude=mag, phase=pha, chi=chi.astype(np.float32), chi_local=chi_local,
-        brain_mask=brain_mask, labels=labels, total_field=total, local_field=local,
-        background_field=background, te_s=tuple(float(t) for t in te), b0_tesla=b0,
-        b0_dir=np.asarray(b0_dir, dtype=np.float64), affine=affine, voxel_size=h,
-        noise_sigma=float(sigma), preset=preset,
+        magnitude=mag,
+        phase=pha,
+        chi=chi.astype(np.float32),
+        chi_local=chi_local,
+        brain_mask=brain_mask,
+        labels=labels,
+        total_field=total,
+        local_field=local,
+        background_field=background,
+        te_s=tuple(float(t) for t in te),
+        b0_tesla=b0,
+        b0_dir=np.asarray(b0_dir, dtype=np.float64),
+        affine=affine,
+        voxel_size=h,
+        noise_sigma=float(sigma),
+        preset=preset,
         extras={"parenchyma": paren, "phase_offset": phi0},
     )
 

@@ -29,8 +29,9 @@ def subject_workflow_name(subject: str) -> str:
 def _source(path, bids_dir) -> str:
     if bids_dir is not None:
         try:
-            return "bids:raw:" + Path(path).resolve().relative_to(
-                Path(bids_dir).resolve()).as_posix()
+            return (
+                "bids:raw:" + Path(path).resolve().relative_to(Path(bids_dir).resolve()).as_posix()
+            )
         except ValueError:
             pass
     return str(path)
@@ -38,8 +39,7 @@ def _source(path, bids_dir) -> str:
 
 def run_metadata(run, config: QSMConfig, *, seed: int | None = None) -> tuple[dict, list]:
     """Sidecar provenance of one run: every method and parameter, seed, acquisition."""
-    cfg, notes = effective_config(config, has_magnitude=run.has_magnitude,
-                                  n_echoes=run.n_echoes)
+    cfg, notes = effective_config(config, has_magnitude=run.has_magnitude, n_echoes=run.n_echoes)
     methods = {}
     for stage in STAGE_ORDER:
         meth = cfg.method(stage)
@@ -107,23 +107,38 @@ def init_single_subject_wf(
     config = config if config is not None else default_config()
     wf = pe.Workflow(name=name or subject_workflow_name(subject))
     if report and runs:
-        merge_frag = pe.Node(niu.Merge(len(runs)), name="report_sections",
-                             run_without_submitting=True)
-        merge_sum = pe.Node(niu.Merge(len(runs)), name="report_summaries",
-                            run_without_submitting=True)
-        sub_report = pe.Node(SubjectReport(output_dir=os.path.abspath(output_dir),
-                                           subject=subject,
-                                           methods=subject_methods_text(runs[0], config)),
-                             name="report_subject", n_procs=1)
-        wf.connect([(merge_frag, sub_report, [("out", "fragments")]),
-                    (merge_sum, sub_report, [("out", "summaries")])])
+        merge_frag = pe.Node(
+            niu.Merge(len(runs)), name="report_sections", run_without_submitting=True
+        )
+        merge_sum = pe.Node(
+            niu.Merge(len(runs)), name="report_summaries", run_without_submitting=True
+        )
+        sub_report = pe.Node(
+            SubjectReport(
+                output_dir=os.path.abspath(output_dir),
+                subject=subject,
+                methods=subject_methods_text(runs[0], config),
+            ),
+            name="report_subject",
+            n_procs=1,
+        )
+        wf.connect(
+            [
+                (merge_frag, sub_report, [("out", "fragments")]),
+                (merge_sum, sub_report, [("out", "summaries")]),
+            ]
+        )
     for i, run in enumerate(runs):
         if run.subject != subject:
             raise ValueError(f"run {run.bids_prefix} does not belong to subject {subject}")
         mem_gb = max(1, _prod(run.shape)) * max(run.n_echoes, 1) * 4 / 1e9
         qsm_wf = init_qsm_wf(
-            config=config, has_magnitude=run.has_magnitude, n_echoes=run.n_echoes,
-            use_gpu=use_gpu, omp_nthreads=omp_nthreads, mem_gb=mem_gb,
+            config=config,
+            has_magnitude=run.has_magnitude,
+            n_echoes=run.n_echoes,
+            use_gpu=use_gpu,
+            omp_nthreads=omp_nthreads,
+            mem_gb=mem_gb,
             name=f"qsm_{run.node_name}_wf",
         )
         qsm_wf.inputs.inputnode.phase_files = [str(p) for p in run.phase_files]
@@ -133,34 +148,71 @@ def init_single_subject_wf(
         meta, _ = run_metadata(run, config)
         sources = [_source(p, bids_dir) for p in [*run.phase_files, *run.magnitude_files]]
         ds = pe.Node(
-            DerivativesWriter(output_dir=os.path.abspath(output_dir), prefix=run.bids_prefix,
-                              metadata=meta, source_files=sources),
-            name=f"ds_{run.node_name}", mem_gb=4 * mem_gb, n_procs=1,
+            DerivativesWriter(
+                output_dir=os.path.abspath(output_dir),
+                prefix=run.bids_prefix,
+                metadata=meta,
+                source_files=sources,
+            ),
+            name=f"ds_{run.node_name}",
+            mem_gb=4 * mem_gb,
+            n_procs=1,
         )
         if run.session:
             ds.inputs.session = run.session
-        wf.connect([(qsm_wf, ds, [
-            ("outputnode.chi", "chi"), ("outputnode.mask", "mask"),
-            ("outputnode.total_field", "total_field"), ("outputnode.local_field", "local_field"),
-            ("outputnode.chi_std", "chi_std"), ("outputnode.loss_history", "loss_history"),
-            ("outputnode.phase_scaling", "phase_scaling"),
-            ("outputnode.magnitude", "magnitude"),
-            ("outputnode.chi_unreferenced", "chi_unreferenced"),
-            ("outputnode.inversion_sidecar", "inversion_sidecar"),
-        ])])
+        wf.connect(
+            [
+                (
+                    qsm_wf,
+                    ds,
+                    [
+                        ("outputnode.chi", "chi"),
+                        ("outputnode.mask", "mask"),
+                        ("outputnode.total_field", "total_field"),
+                        ("outputnode.local_field", "local_field"),
+                        ("outputnode.chi_std", "chi_std"),
+                        ("outputnode.loss_history", "loss_history"),
+                        ("outputnode.phase_scaling", "phase_scaling"),
+                        ("outputnode.magnitude", "magnitude"),
+                        ("outputnode.chi_unreferenced", "chi_unreferenced"),
+                        ("outputnode.inversion_sidecar", "inversion_sidecar"),
+                    ],
+                )
+            ]
+        )
         if report:
             run_report = pe.Node(
-                RunReport(prefix=run.bids_prefix, metadata=meta,
-                          qsm_workflow_name=qsm_wf.name),
+                RunReport(prefix=run.bids_prefix, metadata=meta, qsm_workflow_name=qsm_wf.name),
                 # measured peak: 1.4 GB at 160^3 x 4 echoes (the residual's padded FFTs)
-                name=f"report_{run.node_name}", mem_gb=0.3 + 20 * mem_gb, n_procs=1)
-            wf.connect([
-                (qsm_wf, run_report, [(f"outputnode.{f}", f) for f in (
-                    "chi", "chi_unreferenced", "mask", "brain_mask", "total_field",
-                    "local_field", "phase", "magnitude", "chi_std", "loss_history")]),
-                (run_report, merge_frag, [("fragment", f"in{i + 1}")]),
-                (run_report, merge_sum, [("summary", f"in{i + 1}")]),
-            ])
+                name=f"report_{run.node_name}",
+                mem_gb=0.3 + 20 * mem_gb,
+                n_procs=1,
+            )
+            wf.connect(
+                [
+                    (
+                        qsm_wf,
+                        run_report,
+                        [
+                            (f"outputnode.{f}", f)
+                            for f in (
+                                "chi",
+                                "chi_unreferenced",
+                                "mask",
+                                "brain_mask",
+                                "total_field",
+                                "local_field",
+                                "phase",
+                                "magnitude",
+                                "chi_std",
+                                "loss_history",
+                            )
+                        ],
+                    ),
+                    (run_report, merge_frag, [("fragment", f"in{i + 1}")]),
+                    (run_report, merge_sum, [("summary", f"in{i + 1}")]),
+                ]
+            )
     return wf
 
 
@@ -169,8 +221,7 @@ def subject_methods_text(run, config: QSMConfig) -> str:
     for every method substitution (as written to ``sub-X/log/methods.md``)."""
     from qsmflow.interfaces.reports import methods_text
 
-    eff, notes = effective_config(config, has_magnitude=run.has_magnitude,
-                                  n_echoes=run.n_echoes)
+    eff, notes = effective_config(config, has_magnitude=run.has_magnitude, n_echoes=run.n_echoes)
     text = methods_text(eff.resolved(), version=__version__, seed=eff.seed)
     if notes:
         text += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
@@ -205,8 +256,18 @@ def init_qsmflow_wf(
     for r in runs:
         by_subject.setdefault(r.subject, []).append(r)
     for subject, sruns in sorted(by_subject.items()):
-        wf.add_nodes([init_single_subject_wf(
-            subject=subject, runs=sruns, output_dir=output_dir, config=config,
-            bids_dir=bids_dir, omp_nthreads=omp_nthreads, use_gpu=use_gpu, report=report,
-        )])
+        wf.add_nodes(
+            [
+                init_single_subject_wf(
+                    subject=subject,
+                    runs=sruns,
+                    output_dir=output_dir,
+                    config=config,
+                    bids_dir=bids_dir,
+                    omp_nthreads=omp_nthreads,
+                    use_gpu=use_gpu,
+                    report=report,
+                )
+            ]
+        )
     return wf

@@ -23,8 +23,18 @@ from qsmflow.config import QSMConfig, default_config
 
 INPUT_FIELDS = ("phase_files", "magnitude_files", "te_s", "b0_tesla")
 OUTPUT_FIELDS = (
-    "chi", "mask", "brain_mask", "total_field", "local_field", "noise", "chi_std",
-    "loss_history", "phase_scaling", "phase", "magnitude", "chi_unreferenced",
+    "chi",
+    "mask",
+    "brain_mask",
+    "total_field",
+    "local_field",
+    "noise",
+    "chi_std",
+    "loss_history",
+    "phase_scaling",
+    "phase",
+    "magnitude",
+    "chi_unreferenced",
     "inversion_sidecar",
 )
 #: the method a stage falls back to when its method needs a magnitude and the data have none
@@ -45,8 +55,9 @@ def effective_config(
                 notes.append(f"no magnitude: {stage} method {meth!r} replaced by {fallback!r}")
                 cfg.stages[stage].method = fallback
     if n_echoes is not None and n_echoes < 3 and cfg.method("combine") == "complexfit":
-        notes.append(f"{n_echoes} echo(es): field mapping 'complexfit' (needs >= 3) replaced "
-                     "by 'wls'")
+        notes.append(
+            f"{n_echoes} echo(es): field mapping 'complexfit' (needs >= 3) replaced by 'wls'"
+        )
         cfg.stages["combine"].method = "wls"
     return cfg, notes
 
@@ -135,7 +146,11 @@ def init_qsm_wf(
     )
 
     cfg = (config if config is not None else default_config()).with_methods(
-        unwrap=unwrap, combine=combine, mask=mask, bfr=bfr, invert=inversion,
+        unwrap=unwrap,
+        combine=combine,
+        mask=mask,
+        bfr=bfr,
+        invert=inversion,
         reference=reference,
     )
     cfg, _ = effective_config(cfg, has_magnitude=has_magnitude, n_echoes=n_echoes)
@@ -150,28 +165,37 @@ def init_qsm_wf(
 
     prepare = pe.Node(PreparePhase(), name="prepare", mem_gb=3 * mem, n_procs=1)
     # a GPU node only when the method can use one and the device is not pinned to the CPU
-    gpu = bool(use_gpu) and registry.method("invert", cfg.method("invert")).gpu \
-        and device != "cpu"
+    gpu = bool(use_gpu) and registry.method("invert", cfg.method("invert")).gpu and device != "cpu"
 
     def stage_node(iface, stage, node_name, mem_factor, settings=None, **extra):
         n_procs = 1 if extra.get("use_gpu") else nthr
         return pe.Node(
-            iface(method=cfg.method(stage), settings=settings or cfg.settings(stage),
-                  n_threads=n_procs, **extra),
-            name=node_name, mem_gb=mem_factor * mem, n_procs=n_procs)
+            iface(
+                method=cfg.method(stage),
+                settings=settings or cfg.settings(stage),
+                n_threads=n_procs,
+                **extra,
+            ),
+            name=node_name,
+            mem_gb=mem_factor * mem,
+            n_procs=n_procs,
+        )
 
     mask_node = stage_node(Mask, "mask", "mask", 4)
     combine_settings = cfg.settings("combine")
     combine_settings.setdefault("unwrap", cfg.method("unwrap"))
     fieldmap = stage_node(FieldMap, "combine", "fieldmap", 8, combine_settings)
     bfr_node = stage_node(BackgroundRemoval, "bfr", "bfr", 12)
-    invert = stage_node(Inversion, "invert", "invert", 16, seed=seed, use_gpu=gpu,
-                        device=device)
+    invert = stage_node(Inversion, "invert", "invert", 16, seed=seed, use_gpu=gpu, device=device)
     ref_node = stage_node(Reference, "reference", "reference", 2)
 
     # what every node may get; each node gets what its method's signature takes (registry)
-    common = {"phase": (prepare, "phase"), "te_s": (inputnode, "te_s"),
-              "b0_tesla": (inputnode, "b0_tesla"), "b0_dir": (prepare, "b0_dir")}
+    common = {
+        "phase": (prepare, "phase"),
+        "te_s": (inputnode, "te_s"),
+        "b0_tesla": (inputnode, "b0_tesla"),
+        "b0_dir": (prepare, "b0_dir"),
+    }
     if has_magnitude:
         common["magnitude"] = (prepare, "magnitude")
     if "noise" in registry.method("combine", cfg.method("combine")).provides:
@@ -188,23 +212,40 @@ def init_qsm_wf(
         sources = {**{k: v for k, v in common.items() if v[0] is not node}, **upstream}
         missing = meth.required_inputs - set(sources) - {"voxel_size"}
         if missing:
-            raise ValueError(f"{stage} method {meth.name!r} needs {', '.join(sorted(missing))}, "
-                             "which this workflow does not have")
+            raise ValueError(
+                f"{stage} method {meth.name!r} needs {', '.join(sorted(missing))}, "
+                "which this workflow does not have"
+            )
         for name in sorted(meth.inputs & set(sources)):
             src, out = sources[name]
             wf.connect(src, out, node, name)
 
-    wf.connect([
-        (inputnode, prepare, [("phase_files", "phase_files"),
-                              ("magnitude_files", "magnitude_files")]),
-        (invert, outputnode, [("chi", "chi_unreferenced")]),
-        (ref_node, outputnode, [("chi", "chi")]),
-        (bfr_node, outputnode, [("mask", "mask"), ("local_field", "local_field")]),
-        (mask_node, outputnode, [("mask", "brain_mask")]),
-        (fieldmap, outputnode, [("field", "total_field"), ("noise", "noise")]),
-        (invert, outputnode, [("std", "chi_std"), ("loss", "loss_history"),
-                              ("sidecar", "inversion_sidecar")]),
-        (prepare, outputnode, [("phase_scaling", "phase_scaling"), ("phase", "phase"),
-                               ("magnitude", "magnitude")]),
-    ])
+    wf.connect(
+        [
+            (
+                inputnode,
+                prepare,
+                [("phase_files", "phase_files"), ("magnitude_files", "magnitude_files")],
+            ),
+            (invert, outputnode, [("chi", "chi_unreferenced")]),
+            (ref_node, outputnode, [("chi", "chi")]),
+            (bfr_node, outputnode, [("mask", "mask"), ("local_field", "local_field")]),
+            (mask_node, outputnode, [("mask", "brain_mask")]),
+            (fieldmap, outputnode, [("field", "total_field"), ("noise", "noise")]),
+            (
+                invert,
+                outputnode,
+                [("std", "chi_std"), ("loss", "loss_history"), ("sidecar", "inversion_sidecar")],
+            ),
+            (
+                prepare,
+                outputnode,
+                [
+                    ("phase_scaling", "phase_scaling"),
+                    ("phase", "phase"),
+                    ("magnitude", "magnitude"),
+                ],
+            ),
+        ]
+    )
     return wf

@@ -26,8 +26,9 @@ def smooth(in_file, fwhm_mm=1.0):
 
     img = nib.load(in_file)
     vox = np.asarray(img.header.get_zooms()[:3])
-    data = ndimage.gaussian_filter(np.asarray(img.dataobj, dtype=np.float32),
-                                   fwhm_mm / 2.3548 / vox)
+    data = ndimage.gaussian_filter(
+        np.asarray(img.dataobj, dtype=np.float32), fwhm_mm / 2.3548 / vox
+    )
     out = os.path.abspath("chi_smooth.nii.gz")
     nib.save(nib.Nifti1Image(data, img.affine, img.header), out)
     return out
@@ -41,13 +42,27 @@ def build(bids_dir, subject, work_dir):
     src.inputs.te, src.inputs.b0 = list(run.te_s), run.b0_tesla
 
     qsm = init_qsm_wf(config=load_preset("fast"), inversion="tv", n_echoes=run.n_echoes)
-    post = pe.Node(niu.Function(function=smooth, input_names=["in_file", "fwhm_mm"],
-                                output_names=["out_file"]), name="smooth")
-    wf.connect([
-        (src, qsm, [("phase", "inputnode.phase_files"), ("mag", "inputnode.magnitude_files"),
-                    ("te", "inputnode.te_s"), ("b0", "inputnode.b0_tesla")]),
-        (qsm, post, [("outputnode.chi", "in_file")]),
-    ])
+    post = pe.Node(
+        niu.Function(
+            function=smooth, input_names=["in_file", "fwhm_mm"], output_names=["out_file"]
+        ),
+        name="smooth",
+    )
+    wf.connect(
+        [
+            (
+                src,
+                qsm,
+                [
+                    ("phase", "inputnode.phase_files"),
+                    ("mag", "inputnode.magnitude_files"),
+                    ("te", "inputnode.te_s"),
+                    ("b0", "inputnode.b0_tesla"),
+                ],
+            ),
+            (qsm, post, [("outputnode.chi", "in_file")]),
+        ]
+    )
     return wf
 
 

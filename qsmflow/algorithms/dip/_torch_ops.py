@@ -104,11 +104,20 @@ class TorchDipole:
     of :func:`qsmflow.algorithms._inversion_common.make_operator`.
     """
 
-    def __init__(self, shape: Sequence[int], *, voxel_size, b0_dir, pad_factor: float = 1.5,
-                 device=None, kernel: str = "continuous"):
+    def __init__(
+        self,
+        shape: Sequence[int],
+        *,
+        voxel_size,
+        b0_dir,
+        pad_factor: float = 1.5,
+        device=None,
+        kernel: str = "continuous",
+    ):
         torch = import_torch()
-        op = make_operator(shape, voxel_size=voxel_size, b0_dir=b0_dir, pad_factor=pad_factor,
-                           kernel=kernel)
+        op = make_operator(
+            shape, voxel_size=voxel_size, b0_dir=b0_dir, pad_factor=pad_factor, kernel=kernel
+        )
         self.shape = tuple(int(n) for n in shape)
         self.padded_shape = tuple(op.padded_shape)
         self.voxel_size = tuple(float(v) for v in voxel_size)

@@ -39,19 +39,22 @@ from qsmflow.algorithms.dip.runner import (
 
 
 class DIPStepper:
-    def __init__(self, problem: Problem, *, in_channels, depth, base, decoder_blocks, lr,
-                 lambda_tv, amp):
+    def __init__(
+        self, problem: Problem, *, in_channels, depth, base, decoder_blocks, lr, lambda_tv, amp
+    ):
         torch = import_torch()
         from qsmflow.algorithms.dip.unet import UNet3D
 
         self.p = problem
         shape = tuple(problem.f.shape[-3:])
         # stacked 2D Gaussian noise slices (one draw per slice, channel), std 0.1
-        slices = [0.1 * torch.randn(1, int(in_channels), shape[0], shape[1], 1)
-                  for _ in range(shape[2])]
+        slices = [
+            0.1 * torch.randn(1, int(in_channels), shape[0], shape[1], 1) for _ in range(shape[2])
+        ]
         self.z = torch.cat(slices, dim=-1).to(problem.device)
-        self.net = UNet3D(int(in_channels), 1, depth=depth, base=base,
-                          decoder_blocks=decoder_blocks).to(problem.device)
+        self.net = UNet3D(
+            int(in_channels), 1, depth=depth, base=base, decoder_blocks=decoder_blocks
+        ).to(problem.device)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=lr, betas=(0.5, 0.999))
         self.lambda_tv, self.amp = float(lambda_tv), bool(amp)
         self.gain = problem.chi_gain()
@@ -131,29 +134,71 @@ def fit_dip(
     if int(in_channels) < 1 or int(depth) < 0 or int(base) < 1:
         raise ValueError("in_channels and base must be >= 1, depth >= 0")
     member_seeds = ensemble_seeds(seed, ensemble, seeds)
-    problem = Problem(field, mask, voxel_size=voxel_size, b0_dir=b0_dir, magnitude=magnitude,
-                      noise=noise, device=device, margin=margin, multiple=2 ** int(depth),
-                      pad_factor=pad_factor, kernel=kernel)
+    problem = Problem(
+        field,
+        mask,
+        voxel_size=voxel_size,
+        b0_dir=b0_dir,
+        magnitude=magnitude,
+        noise=noise,
+        device=device,
+        margin=margin,
+        multiple=2 ** int(depth),
+        pad_factor=pad_factor,
+        kernel=kernel,
+    )
     bf16 = resolve_amp(amp, problem.device)
-    settings = dict(method="dip", max_iter=max_iter, lr=lr, in_channels=in_channels,
-                    depth=depth, base=base, decoder_blocks=decoder_blocks, lambda_tv=lambda_tv,
-                    average=average, tau=tau, window=window, plateau_tol=plateau_tol,
-                    map_tol=map_tol,
-                    margin=margin, pad_factor=pad_factor, kernel=kernel, amp=amp, bf16=bf16,
-                    field_scale_ppm=problem.scale, crop_shape=list(problem.shape))
+    settings = dict(
+        method="dip",
+        max_iter=max_iter,
+        lr=lr,
+        in_channels=in_channels,
+        depth=depth,
+        base=base,
+        decoder_blocks=decoder_blocks,
+        lambda_tv=lambda_tv,
+        average=average,
+        tau=tau,
+        window=window,
+        plateau_tol=plateau_tol,
+        map_tol=map_tol,
+        margin=margin,
+        pad_factor=pad_factor,
+        kernel=kernel,
+        amp=amp,
+        bf16=bf16,
+        field_scale_ppm=problem.scale,
+        crop_shape=list(problem.shape),
+    )
 
     def make(pr, s):
-        return DIPStepper(pr, in_channels=in_channels, depth=int(depth), base=int(base),
-                          decoder_blocks=int(decoder_blocks), lr=lr, lambda_tv=lambda_tv, amp=bf16)
+        return DIPStepper(
+            pr,
+            in_channels=in_channels,
+            depth=int(depth),
+            base=int(base),
+            decoder_blocks=int(decoder_blocks),
+            lr=lr,
+            lambda_tv=lambda_tv,
+            amp=bf16,
+        )
 
-    stop = dict(max_iter=max_iter, tau=tau, window=window, plateau_tol=plateau_tol,
-                map_tol=map_tol)
-    return fit_ensemble(problem, make, seeds=member_seeds, stop_kwargs=stop, average=average,
-                        threads=threads, progress=progress, settings=settings)
+    stop = dict(max_iter=max_iter, tau=tau, window=window, plateau_tol=plateau_tol, map_tol=map_tol)
+    return fit_ensemble(
+        problem,
+        make,
+        seeds=member_seeds,
+        stop_kwargs=stop,
+        average=average,
+        threads=threads,
+        progress=progress,
+        settings=settings,
+    )
 
 
 invert_dip = chi_only(
-    fit_dip, name="invert_dip",
+    fit_dip,
+    name="invert_dip",
     summary="DIP (deep image prior) dipole inversion",
 )
 

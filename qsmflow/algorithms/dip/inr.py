@@ -110,8 +110,25 @@ def gradient_weights(chi0: np.ndarray, mask: np.ndarray, voxel_size, tv_range) -
 
 
 class INRStepper:
-    def __init__(self, problem: Problem, *, coords, tv_w, hidden, layers, w0, lr, lambda_tv,
-                 tv_norm, patch, overlap, refresh, pad_factor, gain=1.0, chunk=262144):
+    def __init__(
+        self,
+        problem: Problem,
+        *,
+        coords,
+        tv_w,
+        hidden,
+        layers,
+        w0,
+        lr,
+        lambda_tv,
+        tv_norm,
+        patch,
+        overlap,
+        refresh,
+        pad_factor,
+        gain=1.0,
+        chunk=262144,
+    ):
         torch = import_torch()
         self.p = problem
         self.net = _siren(int(hidden), int(layers), float(w0), float(gain)).to(problem.device)
@@ -135,9 +152,14 @@ class INRStepper:
                 starts.append(st)
             self.patches = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
             self.P = tuple(P)
-            self.dp = TorchDipole(self.P, voxel_size=problem.voxel_size, b0_dir=problem.b0_dir,
-                                  pad_factor=pad_factor, device=problem.device,
-                                  kernel=problem.kernel_kind)
+            self.dp = TorchDipole(
+                self.P,
+                voxel_size=problem.voxel_size,
+                b0_dir=problem.b0_dir,
+                pad_factor=pad_factor,
+                device=problem.device,
+                kernel=problem.kernel_kind,
+            )
         self.comp = None
 
     def _eval_full(self):
@@ -188,8 +210,9 @@ class INRStepper:
                 outside = dfull[sl] - self.dp(full[sl])
             self.opt.zero_grad(set_to_none=True)
             chi = m * self.net(cs[sl[1:]].reshape(-1, 3)).reshape(1, 1, *self.P)
-            loss = self._loss(chi, self.dp(chi), p.f[sl] - outside, m, p.w[sl],
-                              self.tv_w[(slice(None),) + sl], n)
+            loss = self._loss(
+                chi, self.dp(chi), p.f[sl] - outside, m, p.w[sl], self.tv_w[(slice(None),) + sl], n
+            )
             loss.backward()
             self.opt.step()
             total += float(loss.detach()) * n
@@ -274,9 +297,19 @@ def fit_inr(
     if patch and int(overlap) >= int(patch):
         raise ValueError("overlap must be smaller than patch")
     member_seeds = ensemble_seeds(seed, ensemble, seeds)
-    problem = Problem(field, mask, voxel_size=voxel_size, b0_dir=b0_dir, magnitude=magnitude,
-                      noise=noise, device=device, margin=margin, multiple=1,
-                      pad_factor=pad_factor, kernel=kernel)
+    problem = Problem(
+        field,
+        mask,
+        voxel_size=voxel_size,
+        b0_dir=b0_dir,
+        magnitude=magnitude,
+        noise=noise,
+        device=device,
+        margin=margin,
+        multiple=1,
+        pad_factor=pad_factor,
+        kernel=kernel,
+    )
     shape = problem.shape
     vs = np.asarray(problem.voxel_size)
     axes = [(np.arange(n) - (n - 1) / 2.0) * h for n, h in zip(shape, vs)]
@@ -285,30 +318,73 @@ def fit_inr(
     coords = torch.from_numpy(grid.astype(np.float32)).to(problem.device)
     gain = problem.chi_gain()
     chi0 = problem.tkd
-    tvw = gradient_weights(problem.crop.crop(chi0), problem.crop.crop(problem.mask_full),
-                           problem.voxel_size, (tv_low, tv_high))
+    tvw = gradient_weights(
+        problem.crop.crop(chi0),
+        problem.crop.crop(problem.mask_full),
+        problem.voxel_size,
+        (tv_low, tv_high),
+    )
     tv_w = torch.from_numpy(tvw)[:, None, None].to(problem.device)
-    settings = dict(method="inr", max_iter=max_iter, lr=lr, hidden=hidden, layers=layers, w0=w0,
-                    lambda_tv=lambda_tv, tv_norm=tv_norm, tv_low=tv_low,
-                    tv_high=tv_high, patch=patch,
-                    overlap=overlap, refresh=refresh, average=average, tau=tau, window=window,
-                    plateau_tol=plateau_tol, map_tol=map_tol, margin=margin, pad_factor=pad_factor,
-                    kernel=kernel, field_scale_ppm=problem.scale, crop_shape=list(problem.shape))
+    settings = dict(
+        method="inr",
+        max_iter=max_iter,
+        lr=lr,
+        hidden=hidden,
+        layers=layers,
+        w0=w0,
+        lambda_tv=lambda_tv,
+        tv_norm=tv_norm,
+        tv_low=tv_low,
+        tv_high=tv_high,
+        patch=patch,
+        overlap=overlap,
+        refresh=refresh,
+        average=average,
+        tau=tau,
+        window=window,
+        plateau_tol=plateau_tol,
+        map_tol=map_tol,
+        margin=margin,
+        pad_factor=pad_factor,
+        kernel=kernel,
+        field_scale_ppm=problem.scale,
+        crop_shape=list(problem.shape),
+    )
 
     def make(pr, s):
-        return INRStepper(pr, coords=coords, tv_w=tv_w, hidden=hidden, layers=layers, w0=w0,
-                          lr=lr, lambda_tv=lambda_tv, tv_norm=tv_norm, patch=int(patch),
-                          overlap=int(overlap),
-                          refresh=int(refresh), pad_factor=pad_factor, gain=gain)
+        return INRStepper(
+            pr,
+            coords=coords,
+            tv_w=tv_w,
+            hidden=hidden,
+            layers=layers,
+            w0=w0,
+            lr=lr,
+            lambda_tv=lambda_tv,
+            tv_norm=tv_norm,
+            patch=int(patch),
+            overlap=int(overlap),
+            refresh=int(refresh),
+            pad_factor=pad_factor,
+            gain=gain,
+        )
 
-    stop = dict(max_iter=max_iter, tau=tau, window=window, plateau_tol=plateau_tol,
-                map_tol=map_tol)
-    return fit_ensemble(problem, make, seeds=member_seeds, stop_kwargs=stop, average=average,
-                        threads=threads, progress=progress, settings=settings)
+    stop = dict(max_iter=max_iter, tau=tau, window=window, plateau_tol=plateau_tol, map_tol=map_tol)
+    return fit_ensemble(
+        problem,
+        make,
+        seeds=member_seeds,
+        stop_kwargs=stop,
+        average=average,
+        threads=threads,
+        progress=progress,
+        settings=settings,
+    )
 
 
 invert_inr = chi_only(
-    fit_inr, name="invert_inr",
+    fit_inr,
+    name="invert_inr",
     summary="INR-QSM (implicit neural representation) dipole inversion",
 )
 

@@ -80,10 +80,14 @@ class DIPResult:
 
     def sidecar(self) -> dict:
         """JSON-serialisable provenance (no arrays): seeds, device, stop reasons, settings."""
-        return {"seed": self.seed, "seeds": list(self.seeds), "device": self.device,
-                "stopped_reason": self.stopped_reason,
-                "iterations": _iterations_per_member(self.history),
-                "settings": dict(self.settings)}
+        return {
+            "seed": self.seed,
+            "seeds": list(self.seeds),
+            "device": self.device,
+            "stopped_reason": self.stopped_reason,
+            "iterations": _iterations_per_member(self.history),
+            "settings": dict(self.settings),
+        }
 
 
 #: columns of the loss curve (the one loss-curve format: ``<stem>_loss.tsv``)
@@ -94,8 +98,9 @@ def history_tsv(history) -> str:
     """Loss-curve rows (dicts with :data:`LOSS_COLUMNS`) as tab-separated text, header first."""
     lines = ["\t".join(LOSS_COLUMNS)]
     for h in history:
-        lines.append("\t".join(f"{h[c]:.6g}" if isinstance(h[c], float) else str(h[c])
-                               for c in LOSS_COLUMNS))
+        lines.append(
+            "\t".join(f"{h[c]:.6g}" if isinstance(h[c], float) else str(h[c]) for c in LOSS_COLUMNS)
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -128,9 +133,21 @@ class Problem:
     dipole : :class:`TorchDipole` on the crop
     """
 
-    def __init__(self, field, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0),
-                 magnitude=None, noise=None, device="auto", margin: int = 4, multiple: int = 1,
-                 pad_factor: float = 1.5, kernel: str = "continuous"):
+    def __init__(
+        self,
+        field,
+        mask,
+        *,
+        voxel_size=(1.0, 1.0, 1.0),
+        b0_dir=(0.0, 0.0, 1.0),
+        magnitude=None,
+        noise=None,
+        device="auto",
+        margin: int = 4,
+        multiple: int = 1,
+        pad_factor: float = 1.5,
+        kernel: str = "continuous",
+    ):
         torch = import_torch()
         field, mask, vsz, b0 = check_inputs(field, mask, voxel_size=voxel_size, b0_dir=b0_dir)
         w = data_weight(mask, magnitude=magnitude, noise=noise)
@@ -159,8 +176,14 @@ class Problem:
             inv[mask] = self.scale / np.asarray(noise, np.float64)[mask]
             self.inv_noise = self.tensor(inv)
         self.kernel_kind = kernel
-        self.dipole = TorchDipole(shape, voxel_size=vsz, b0_dir=b0, pad_factor=pad_factor,
-                                  device=self.device, kernel=kernel)
+        self.dipole = TorchDipole(
+            shape,
+            voxel_size=vsz,
+            b0_dir=b0,
+            pad_factor=pad_factor,
+            device=self.device,
+            kernel=kernel,
+        )
 
     def tensor(self, a: np.ndarray):
         """A full-grid array as a ``(1, 1, X, Y, Z)`` float32 tensor on the (padded) crop."""
@@ -175,8 +198,9 @@ class Problem:
         if getattr(self, "_gain", None) is None:
             from qsmflow.algorithms.inversion_direct import invert_tkd
 
-            chi = invert_tkd(self.f_full, self.mask_full, voxel_size=self.voxel_size,
-                             b0_dir=self.b0_dir)
+            chi = invert_tkd(
+                self.f_full, self.mask_full, voxel_size=self.voxel_size, b0_dir=self.b0_dir
+            )
             self.tkd = chi
             g = float(np.sqrt(np.mean(chi[self.mask_full].astype(np.float64) ** 2)))
             self._gain = g / self.scale if g > 0 else 1.0
@@ -212,9 +236,17 @@ class Problem:
 class StopRule:
     """Discrepancy principle / residual plateau / max_iter (see the module docstring)."""
 
-    def __init__(self, *, max_iter: int, tau: float = 1.0, window: int = 25,
-                 plateau_tol: float = 0.01, map_tol: float = 0.0, min_iter: int = 0,
-                 max_time_s: float | None = None):
+    def __init__(
+        self,
+        *,
+        max_iter: int,
+        tau: float = 1.0,
+        window: int = 25,
+        plateau_tol: float = 0.01,
+        map_tol: float = 0.0,
+        min_iter: int = 0,
+        max_time_s: float | None = None,
+    ):
         if int(max_iter) < 1:
             raise ValueError(f"max_iter must be >= 1, got {max_iter}")
         if int(window) < 1:
@@ -227,8 +259,14 @@ class StopRule:
         self.max_time_s = None if max_time_s is None else float(max_time_s)
         self.res: list = []
 
-    def update(self, iteration: int, residual: float, discrepancy: float | None,
-               map_change: float | None = None, seconds: float | None = None) -> str | None:
+    def update(
+        self,
+        iteration: int,
+        residual: float,
+        discrepancy: float | None,
+        map_change: float | None = None,
+        seconds: float | None = None,
+    ) -> str | None:
         self.res.append(residual)
         n = iteration + 1
         early = n < self.min_iter
@@ -238,7 +276,7 @@ class StopRule:
             return "converged"
         w = self.window
         if not early and self.plateau_tol > 0 and n >= 2 * w and n % w == 0:
-            prev = float(np.mean(self.res[-2 * w: -w]))
+            prev = float(np.mean(self.res[-2 * w : -w]))
             cur = float(np.mean(self.res[-w:]))
             if prev > 0 and (prev - cur) / prev < self.plateau_tol:
                 return "plateau"
@@ -278,9 +316,18 @@ def torch_threads(threads: int):
         torch.set_num_threads(old)
 
 
-def fit(problem: Problem, stepper, *, stop: StopRule, average: float = 0.9, member: int = 0,
-        seed: int = 0, progress: Callable | None = None, log_every: int = 25,
-        elapsed0: float = 0.0):
+def fit(
+    problem: Problem,
+    stepper,
+    *,
+    stop: StopRule,
+    average: float = 0.9,
+    member: int = 0,
+    seed: int = 0,
+    progress: Callable | None = None,
+    log_every: int = 25,
+    elapsed0: float = 0.0,
+):
     """Run ``stepper.step(it) -> (loss, chi, D chi)`` (tensors in scaled units; chi and D chi
     detached, chi masked) until ``stop`` says so.  ``elapsed0``: seconds already spent (warm
     start, earlier members), counted against ``stop.max_time_s``.
@@ -304,19 +351,28 @@ def fit(problem: Problem, stepper, *, stop: StopRule, average: float = 0.9, memb
             res, disc = problem.residual_stats(dchi)
         lv = float(loss)
         if not math.isfinite(lv):
-            raise FloatingPointError(f"loss became {lv} at iteration {it} (learning rate too "
-                                     "high?)")
+            raise FloatingPointError(
+                f"loss became {lv} at iteration {it} (learning rate too high?)"
+            )
         sec = time.perf_counter() - t0
-        rec = {"member": member, "seed": int(seed), "iteration": it + 1, "loss": lv,
-               "residual": res, "seconds": sec}
+        rec = {
+            "member": member,
+            "seed": int(seed),
+            "iteration": it + 1,
+            "loss": lv,
+            "residual": res,
+            "seconds": sec,
+        }
         if disc is not None:
             rec["discrepancy"] = disc
         change = None
         if (it + 1) % stop.window == 0:  # how much the (averaged) map moved in one window
             with torch.no_grad():
                 if ema_prev is not None:
-                    change = float(torch.linalg.vector_norm(ema - ema_prev)
-                                   / torch.linalg.vector_norm(ema).clamp_min(1e-12))
+                    change = float(
+                        torch.linalg.vector_norm(ema - ema_prev)
+                        / torch.linalg.vector_norm(ema).clamp_min(1e-12)
+                    )
                     rec["map_change"] = change
                 ema_prev = ema.clone()
         hist.append(rec)
@@ -325,8 +381,17 @@ def fit(problem: Problem, stepper, *, stop: StopRule, average: float = 0.9, memb
         if progress is not None:
             progress(dict(rec, eta_s=eta, max_iter=stop.max_iter))
         if log_every and ((it + 1) % log_every == 0 or r is not None):
-            log.info("member %d seed %d it %d/%d loss %.4g residual %.4g ppm %.1fs ETA %.0fs",
-                     member, seed, it + 1, stop.max_iter, lv, res, sec, eta)
+            log.info(
+                "member %d seed %d it %d/%d loss %.4g residual %.4g ppm %.1fs ETA %.0fs",
+                member,
+                seed,
+                it + 1,
+                stop.max_iter,
+                lv,
+                res,
+                sec,
+                eta,
+            )
         it += 1
         if r is not None:
             reason = r
@@ -334,10 +399,18 @@ def fit(problem: Problem, stepper, *, stop: StopRule, average: float = 0.9, memb
     return ema, hist, reason
 
 
-def fit_ensemble(problem: Problem, make_stepper: Callable, *, seeds: Sequence[int],
-                 stop_kwargs: dict, average: float = 0.9, threads: int = 0,
-                 progress: Callable | None = None, settings: dict | None = None,
-                 elapsed0: float = 0.0) -> DIPResult:
+def fit_ensemble(
+    problem: Problem,
+    make_stepper: Callable,
+    *,
+    seeds: Sequence[int],
+    stop_kwargs: dict,
+    average: float = 0.9,
+    threads: int = 0,
+    progress: Callable | None = None,
+    settings: dict | None = None,
+    elapsed0: float = 0.0,
+) -> DIPResult:
     """Fit one member per seed (``make_stepper(problem, seed)`` is called under the seeded RNG)
     and combine them: mean map, voxel-wise std (ddof 0) when there are >= 2 members."""
     seeds = tuple(int(s) for s in seeds)
@@ -349,9 +422,16 @@ def fit_ensemble(problem: Problem, make_stepper: Callable, *, seeds: Sequence[in
         for k, s in enumerate(seeds):
             with seeded(s, problem.device):
                 stepper = make_stepper(problem, s)
-                chi_t, h, r = fit(problem, stepper, stop=StopRule(**stop_kwargs),
-                                  average=average, member=k, seed=s, progress=progress,
-                                  elapsed0=elapsed0 + time.perf_counter() - t_start)
+                chi_t, h, r = fit(
+                    problem,
+                    stepper,
+                    stop=StopRule(**stop_kwargs),
+                    average=average,
+                    member=k,
+                    seed=s,
+                    progress=progress,
+                    elapsed0=elapsed0 + time.perf_counter() - t_start,
+                )
             chis.append(problem.paste(chi_t))
             hist.extend(h)
             reasons.append(r)
@@ -363,9 +443,16 @@ def fit_ensemble(problem: Problem, make_stepper: Callable, *, seeds: Sequence[in
         chi = stack.mean(0).astype(np.float32)
         std = stack.std(0).astype(np.float32)
     uniq = list(dict.fromkeys(reasons))
-    return DIPResult(chi=chi, chi_std=std, history=hist, seed=seeds[0],
-                     device=str(problem.device), stopped_reason=",".join(uniq), seeds=seeds,
-                     settings=dict(settings or {}))
+    return DIPResult(
+        chi=chi,
+        chi_std=std,
+        history=hist,
+        seed=seeds[0],
+        device=str(problem.device),
+        stopped_reason=",".join(uniq),
+        seeds=seeds,
+        settings=dict(settings or {}),
+    )
 
 
 def ensemble_seeds(seed: int, ensemble: int, seeds: Sequence[int] | None = None) -> tuple:

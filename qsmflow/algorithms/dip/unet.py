@@ -70,8 +70,16 @@ class UNet3D(nn.Module):
         the FFT buffers of the data-consistency steps are not checkpointed).
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 1, *, depth: int = 1,
-                 base: int = 32, decoder_blocks: int = 1, checkpoint: bool = False):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        *,
+        depth: int = 1,
+        base: int = 32,
+        decoder_blocks: int = 1,
+        checkpoint: bool = False,
+    ):
         super().__init__()
         self.checkpoint = bool(checkpoint)
         if depth < 0 or base < 1:
