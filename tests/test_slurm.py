@@ -144,6 +144,43 @@ def test_slurmgraph_failure_is_named_and_cancels_dependants(tmp_path):
     assert _no_jobs_left(work)
 
 
+def test_interrupt_cancels_the_submitted_jobs(dataset, tmp_path):
+    """Ctrl-C while qsmflow waits for its SLURMGraph jobs: exit 130, the jobs (qsmflow's
+    workers on the cluster) are cancelled, none left queued or running, no Chimap written."""
+    import signal
+    import time
+
+    from qsmflow.cli._plugins import slurm_jobs_under
+
+    bids, _, _ = dataset
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(":")
+    env.setdefault("LOGNAME", "root")
+    plugin = _plugin_file(tmp_path, "SLURMGraph")
+    cmd = [sys.executable, "-m", "qsmflow.cli.run", str(bids), str(out), "participant"]
+    cmd += ["-w", str(work), "--use-plugin", str(plugin)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    batch = work / "qsmflow_0_1_wf" / "batch"
+    deadline = time.monotonic() + 300
+    while not slurm_jobs_under(batch) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[0]
+    assert slurm_jobs_under(batch), "no job was submitted"
+    proc.send_signal(signal.SIGINT)
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, text
+    assert "interrupted" in text and "cancelled" in text and "SLURM job" in text, text
+    assert "Traceback" not in text, text
+    deadline = time.monotonic() + 30
+    while slurm_jobs_under(batch) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert slurm_jobs_under(batch) == []
+    assert not (out / "sub-01" / "anat" / "sub-01_Chimap.nii.gz").exists()
+
+
 def test_slurm_settings_checked_before_submitting(dataset, tmp_path):
     """A partition SLURM does not have, and the SLURM plugin without LOGNAME: one line each,
     exit 2, nothing submitted or written."""

@@ -128,6 +128,20 @@ def slurm_jobs_under(batch_dir) -> list[tuple[str, str]]:
     return jobs
 
 
+def cancel_slurm_jobs(batch_dir) -> int:
+    """``scancel`` every queued/running job whose script is in ``batch_dir``; how many.
+
+    Called when qsmflow is interrupted (Ctrl-C, SIGTERM) under the SLURM plugins: the jobs are
+    qsmflow's workers on the cluster, so they stop with it (a rerun resumes from the cache)."""
+    try:
+        ids = [job for job, _ in slurm_jobs_under(batch_dir)]
+    except (OSError, subprocess.SubprocessError, PluginError):
+        return 0
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60)
+    return len(ids)
+
+
 def wait_for_slurm_jobs(
     batch_dir, *, poll_s: float = 2.0, stream=None, timeout_s: float | None = None
 ) -> bool:

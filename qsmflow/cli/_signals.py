@@ -71,8 +71,11 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def handle_signals(prog: str, *, hint: str = ""):
-    """Within the block, SIGINT/SIGTERM stop the workers and exit 130/143 (no traceback)."""
+def handle_signals(prog: str, *, hint: str = "", on_stop=None):
+    """Within the block, SIGINT/SIGTERM stop the workers and exit 130/143 (no traceback).
+
+    ``on_stop``: called first (in the main process), e.g. to cancel cluster jobs; it returns a
+    line to print or None."""
     if multiprocessing.current_process().name != "MainProcess":
         yield
         return
@@ -93,6 +96,14 @@ def handle_signals(prog: str, *, hint: str = ""):
             sys.stderr.flush()
         except (OSError, ValueError):
             pass
+        if on_stop is not None:
+            try:
+                line = on_stop()
+                if line:
+                    sys.stderr.write(f"{prog}: {line}\n")
+                    sys.stderr.flush()
+            except Exception:  # noqa: BLE001 - stopping must go on whatever the cleanup does
+                pass
         stop_workers()
         os._exit(code)  # the pool's shutdown could wait for results that never come
 

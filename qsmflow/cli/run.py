@@ -466,7 +466,18 @@ def _execute(wf, plugin, pargs, progress, work: Path):
     t0 = time.time()
     stamps = _result_stamps(work / top_workflow_name())
     error = None
-    with handle_signals("qsmflow", hint=" (re-run the same command to resume)"):
+    batch = work / top_workflow_name() / "batch"
+    on_stop = None
+    if plugin in ("SLURM", "SLURMGraph"):  # the cluster jobs are workers too: cancel them
+
+        def on_stop():
+            from qsmflow.cli._plugins import cancel_slurm_jobs
+
+            n = cancel_slurm_jobs(batch)
+            return f"cancelled {n} SLURM job(s)" if n else None
+
+    hint = " (re-run the same command to resume)"
+    with handle_signals("qsmflow", hint=hint, on_stop=on_stop):
         try:
             wf.run(plugin=plugin, plugin_args=pargs)
         except Exception as exc:  # noqa: BLE001 - nipype raises RuntimeError for crashed nodes
@@ -476,7 +487,7 @@ def _execute(wf, plugin, pargs, progress, work: Path):
         if plugin == "SLURMGraph":  # it returns once the jobs are submitted: wait for them
             from qsmflow.cli._plugins import wait_for_slurm_jobs
 
-            wait_for_slurm_jobs(work / top_workflow_name() / "batch")
+            wait_for_slurm_jobs(batch)
     executed = _executed_nodes(work / top_workflow_name(), stamps)
     write_json_atomic({"executed": executed, "start": t0}, work / "qsmflow_last_run.json")
     return error, executed, t0

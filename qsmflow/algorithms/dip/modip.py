@@ -58,9 +58,9 @@ GPU_DEFAULTS = {"init": "none", "net_factor": 1, "dc_steps": 10, "max_time_s": N
 #: ``"auto"`` settings on a CPU: the ``dip-cpu`` recipe (network on a 2x coarser grid, warm start
 #: from TV, whose output layer starts at zero) without unrolled data-consistency steps (they cost
 #: 20 full-grid FFTs per iteration), and a wall-clock budget (13 min, so a 1 mm brain finishes in
-#: <= 15 min on 2 cores with input/output).  Realistic case (qsmflow.sims.invivo_case), 48^3:
-#: TV start 50.4 % NRMSE -> 32.7 % (110 iterations within the budget on a heavily shared
-#: 2-core machine); benchmarks/RESULTS.md has 160^3.
+#: <= 15 min on 2 cores with input/output).  Realistic case (qsmflow.sims.invivo_case), 160^3
+#: on a quiet 2-core machine: TV start 40.6 % NRMSE -> 25.3 % in 134 s (300 iterations, stopped
+#: by the plateau rule); with 10 DC steps 26.3 % in 224 s, so they stay off (benchmarks/RESULTS.md).
 CPU_DEFAULTS = {"init": "tv", "net_factor": 2, "dc_steps": 0, "max_time_s": 780.0}
 
 #: classical warm starts of ``init``: ``none`` or a method returning chi (ppm)
@@ -87,9 +87,14 @@ class _Level:
         wc = F.avg_pool3d(problem.w * problem.m, factor) / mc.clamp_min(1e-6)
         m = (mc >= 0.5).float()
         vs = tuple(factor * v for v in problem.voxel_size)
-        dip = TorchDipole(tuple(m.shape[-3:]), voxel_size=vs, b0_dir=problem.b0_dir,
-                          pad_factor=pad_factor, device=problem.device,
-                          kernel=problem.kernel_kind)
+        dip = TorchDipole(
+            tuple(m.shape[-3:]),
+            voxel_size=vs,
+            b0_dir=problem.b0_dir,
+            pad_factor=pad_factor,
+            device=problem.device,
+            kernel=problem.kernel_kind,
+        )
         if init is not None:
             init = F.avg_pool3d(init * problem.m, factor) / mc.clamp_min(1e-6) * m
         return cls(fc * m, m, wc * m, dip, vs, factor, init)
@@ -123,8 +128,9 @@ def parse_schedule(schedule: str) -> list[tuple[int, int]]:
         except ValueError:
             raise ValueError(f"schedule must look like '4:150,2:100', got {schedule!r}") from None
         if fac < 2 or fac & (fac - 1) or n < 0:
-            raise ValueError(f"schedule {schedule!r}: factors are powers of 2 >= 2, iterations "
-                             ">= 0")
+            raise ValueError(
+                f"schedule {schedule!r}: factors are powers of 2 >= 2, iterations >= 0"
+            )
         if out and fac >= out[-1][0]:
             raise ValueError(f"schedule {schedule!r}: factors must decrease (coarsest first)")
         out.append((fac, n))
@@ -148,16 +154,36 @@ def _laplacian(x, voxel_size):
 class MoDIPStepper:
     """One Adam iteration of MoDIP per :meth:`step` (optionally coarse-to-fine)."""
 
-    def __init__(self, problem: Problem, *, depth, base, decoder_blocks, lr, weight_decay,
-                 lr_step, lr_gamma, dc_steps, dc_step_size, dc_mode, lap_weight, amp,
-                 schedule, pad_factor, init=None, compile_net=False, checkpoint=False,
-                 net_factor=1):
+    def __init__(
+        self,
+        problem: Problem,
+        *,
+        depth,
+        base,
+        decoder_blocks,
+        lr,
+        weight_decay,
+        lr_step,
+        lr_gamma,
+        dc_steps,
+        dc_step_size,
+        dc_mode,
+        lap_weight,
+        amp,
+        schedule,
+        pad_factor,
+        init=None,
+        compile_net=False,
+        checkpoint=False,
+        net_factor=1,
+    ):
         torch = import_torch()
         from qsmflow.algorithms.dip.unet import UNet3D
 
         self.p = problem
-        self.net = UNet3D(1, 1, depth=depth, base=base, decoder_blocks=decoder_blocks,
-                          checkpoint=checkpoint)
+        self.net = UNet3D(
+            1, 1, depth=depth, base=base, decoder_blocks=decoder_blocks, checkpoint=checkpoint
+        )
         if init is not None:
             # warm start: the output layer starts at zero, so the fit starts exactly at the
             # classical map and the network only ever adds a learnt correction to it (a random
@@ -166,14 +192,17 @@ class MoDIPStepper:
                 self.net.out.weight.zero_()
         self.net.to(problem.device)
         self.fwd = torch.compile(self.net) if compile_net else self.net
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=lr, betas=(0.5, 0.999), eps=1e-9,
-                                    weight_decay=weight_decay)
-        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=max(int(lr_step), 1),
-                                                     gamma=lr_gamma)
+        self.opt = torch.optim.Adam(
+            self.net.parameters(), lr=lr, betas=(0.5, 0.999), eps=1e-9, weight_decay=weight_decay
+        )
+        self.sched = torch.optim.lr_scheduler.StepLR(
+            self.opt, step_size=max(int(lr_step), 1), gamma=lr_gamma
+        )
         self.K, self.a, self.mode = int(dc_steps), float(dc_step_size), dc_mode
         self.lap_weight, self.amp = float(lap_weight), bool(amp)
-        self.fine = _Level(problem.f, problem.m, problem.w, problem.dipole, problem.voxel_size,
-                           1, init)
+        self.fine = _Level(
+            problem.f, problem.m, problem.w, problem.dipole, problem.voxel_size, 1, init
+        )
         # (last iteration + 1, level) for every coarse level, coarsest first
         self.levels, end = [], 0
         for fac, n in schedule:
@@ -214,7 +243,7 @@ class MoDIPStepper:
         if key not in self._kspace_cache:
             dp = lev.dipole
             q = 1.0 - self.a * dp.D2
-            qk = q ** self.K
+            qk = q**self.K
             s = sum(q**j for j in range(self.K))  # (1 - q^K) / (a D^2), finite at D = 0
             self._kspace_cache[key] = (qk, (self.a * dp.D * s) * dp.rfftn(lev.f))
         return self._kspace_cache[key]
@@ -251,8 +280,7 @@ class MoDIPStepper:
             if lev is not self.fine:  # report the map on the full grid (trilinear)
                 import torch.nn.functional as F
 
-                chi = self.fine.m * F.interpolate(chi, scale_factor=lev.factor,
-                                                  mode="trilinear")
+                chi = self.fine.m * F.interpolate(chi, scale_factor=lev.factor, mode="trilinear")
                 dchi = self.fine.dipole(chi)
             return loss.detach(), chi.detach(), dchi.detach()
 
@@ -402,47 +430,115 @@ def fit_modip(
     if int(net_factor) < 1 or int(net_factor) & (int(net_factor) - 1):
         raise ValueError(f"net_factor must be a power of 2 >= 1, got {net_factor}")
     multiple = 2 ** int(depth) * max([fac for fac, _ in levels] + [1]) * int(net_factor)
-    problem = Problem(field, mask, voxel_size=voxel_size, b0_dir=b0_dir, magnitude=magnitude,
-                      noise=noise, device=dev, margin=margin, multiple=multiple,
-                      pad_factor=pad_factor, kernel=kernel)
+    problem = Problem(
+        field,
+        mask,
+        voxel_size=voxel_size,
+        b0_dir=b0_dir,
+        magnitude=magnitude,
+        noise=noise,
+        device=dev,
+        margin=margin,
+        multiple=multiple,
+        pad_factor=pad_factor,
+        kernel=kernel,
+    )
     bf16 = resolve_amp(amp, problem.device)
     init_t = None
     if init != "none":
         extra = dict(magnitude=magnitude, noise=noise) if init == "medi" else {}
-        chi_init = INITS[init](field, mask, voxel_size=problem.voxel_size, b0_dir=problem.b0_dir,
-                               kernel=kernel, **extra)
+        chi_init = INITS[init](
+            field,
+            mask,
+            voxel_size=problem.voxel_size,
+            b0_dir=problem.b0_dir,
+            kernel=kernel,
+            **extra,
+        )
         init_t = problem.tensor(chi_init / problem.scale)
-    settings = dict(method="modip", max_iter=max_iter, lr=lr, depth=depth, base=base,
-                    decoder_blocks=decoder_blocks, dc_steps=dc_steps, dc_step_size=dc_step_size,
-                    dc_mode=dc_mode, lap_weight=lap_weight, weight_decay=weight_decay,
-                    lr_step=lr_step, lr_gamma=lr_gamma, average=average, tau=tau,
-                    window=window, plateau_tol=plateau_tol, map_tol=map_tol,
-                    schedule=str(schedule), init=init,
-                    margin=margin, pad_factor=pad_factor, kernel=kernel, amp=amp, bf16=bf16,
-                    checkpoint=checkpoint, net_factor=net_factor, max_time_s=max_time_s,
-                    device_defaults="cpu" if dev.type == "cpu" else "gpu",
-                    field_scale_ppm=problem.scale, crop_shape=list(problem.shape))
+    settings = dict(
+        method="modip",
+        max_iter=max_iter,
+        lr=lr,
+        depth=depth,
+        base=base,
+        decoder_blocks=decoder_blocks,
+        dc_steps=dc_steps,
+        dc_step_size=dc_step_size,
+        dc_mode=dc_mode,
+        lap_weight=lap_weight,
+        weight_decay=weight_decay,
+        lr_step=lr_step,
+        lr_gamma=lr_gamma,
+        average=average,
+        tau=tau,
+        window=window,
+        plateau_tol=plateau_tol,
+        map_tol=map_tol,
+        schedule=str(schedule),
+        init=init,
+        margin=margin,
+        pad_factor=pad_factor,
+        kernel=kernel,
+        amp=amp,
+        bf16=bf16,
+        checkpoint=checkpoint,
+        net_factor=net_factor,
+        max_time_s=max_time_s,
+        device_defaults="cpu" if dev.type == "cpu" else "gpu",
+        field_scale_ppm=problem.scale,
+        crop_shape=list(problem.shape),
+    )
 
     def make(pr, s):
-        return MoDIPStepper(pr, depth=int(depth), base=int(base),
-                            decoder_blocks=int(decoder_blocks), lr=lr, weight_decay=weight_decay,
-                            lr_step=lr_step, lr_gamma=lr_gamma, dc_steps=dc_steps,
-                            dc_step_size=dc_step_size, dc_mode=dc_mode, lap_weight=lap_weight,
-                            amp=bf16, schedule=levels, pad_factor=pad_factor, init=init_t,
-                            compile_net=compile_net, checkpoint=checkpoint,
-                            net_factor=int(net_factor))
+        return MoDIPStepper(
+            pr,
+            depth=int(depth),
+            base=int(base),
+            decoder_blocks=int(decoder_blocks),
+            lr=lr,
+            weight_decay=weight_decay,
+            lr_step=lr_step,
+            lr_gamma=lr_gamma,
+            dc_steps=dc_steps,
+            dc_step_size=dc_step_size,
+            dc_mode=dc_mode,
+            lap_weight=lap_weight,
+            amp=bf16,
+            schedule=levels,
+            pad_factor=pad_factor,
+            init=init_t,
+            compile_net=compile_net,
+            checkpoint=checkpoint,
+            net_factor=int(net_factor),
+        )
 
     min_iter = n_coarse + 2 * int(window) if n_coarse else 0
-    stop = dict(max_iter=max_iter, tau=tau, window=window, plateau_tol=plateau_tol,
-                map_tol=map_tol, min_iter=min_iter,
-                max_time_s=None if max_time_s is None else float(max_time_s))
-    return fit_ensemble(problem, make, seeds=member_seeds, stop_kwargs=stop, average=average,
-                        threads=threads, progress=progress, settings=settings,
-                        elapsed0=time.perf_counter() - t_start)
+    stop = dict(
+        max_iter=max_iter,
+        tau=tau,
+        window=window,
+        plateau_tol=plateau_tol,
+        map_tol=map_tol,
+        min_iter=min_iter,
+        max_time_s=None if max_time_s is None else float(max_time_s),
+    )
+    return fit_ensemble(
+        problem,
+        make,
+        seeds=member_seeds,
+        stop_kwargs=stop,
+        average=average,
+        threads=threads,
+        progress=progress,
+        settings=settings,
+        elapsed0=time.perf_counter() - t_start,
+    )
 
 
 invert_modip = chi_only(
-    fit_modip, name="invert_modip",
+    fit_modip,
+    name="invert_modip",
     summary="MoDIP (model-based deep image prior) dipole inversion",
 )
 
