@@ -275,7 +275,10 @@ def invert_medi(
         ``delta_TE`` of the toolbox = ``te_s[1] - te_s[0]`` (one echo: its TE; None: 5 ms).
     b0_tesla : float or None (3 T)
     lam : float
-        Data-term weight in toolbox units (default 1000).
+        Data-term weight in toolbox units (default 1000).  No automatic choice: on the
+        realistic case the L-curve has no corner and the discrepancy principle lands 3-10x
+        too high, both worse than this constant, which is within 1.1 NRMSE points of the best
+        weight there (benchmarks/RESULTS.md).
     percentage : float
         Edge fraction of ``M_G`` (default 0.9, see :func:`medi_edge_mask`).
     max_iter, tol_norm_ratio : int, float
