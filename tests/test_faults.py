@@ -5,55 +5,35 @@ work directory.  qsmflow runs as a subprocess here, as a user runs it."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from qsmflow_subprocess import chi_map, qsmflow_cmd, subprocess_env
 
 from qsmflow.sims.bids import write_bids_dataset
 
-REPO = Path(__file__).resolve().parents[1]
 SUBJECTS = tuple(f"{i:02d}" for i in range(1, 9))
 KW = {"shape": (20, 20, 20), "voxel_size": (3.0,) * 3, "te_s": (0.004, 0.012)}
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(":")
-    return env
-
-
 def _cmd(bids, out, work, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "qsmflow.cli.run",
-        str(bids),
-        str(out),
-        "participant",
-        "-w",
-        str(work),
-        "--nprocs",
-        "2",
-        *map(str, extra),
-    ]
+    return qsmflow_cmd(bids, out, work, "--nprocs", "2", *extra)
 
 
 def _run(bids, out, work, *extra, timeout=600):
     res = subprocess.run(
-        _cmd(bids, out, work, *extra), capture_output=True, text=True, env=_env(), timeout=timeout
+        _cmd(bids, out, work, *extra),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=timeout,
     )
     return res.returncode, res.stdout + res.stderr
-
-
-def _chi(out, sub):
-    return np.asarray(nib.load(out / f"sub-{sub}" / "anat" / f"sub-{sub}_Chimap.nii.gz").dataobj)
 
 
 def _break_subject(bids, sub):
@@ -125,7 +105,7 @@ def test_interrupt_stops_workers_and_rerun_resumes(sig, code, eight, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=_env(),
+        env=subprocess_env(),
     )
     deadline = time.monotonic() + 300
     wf = work / "qsmflow_0_1_wf"
@@ -156,7 +136,7 @@ def test_interrupt_stops_workers_and_rerun_resumes(sig, code, eight, tmp_path):
     executed = set(json.loads((work / "qsmflow_last_run.json").read_text())["executed"])
     assert finished and not (finished & executed), "finished nodes were run again"
     for s in SUBJECTS[:2]:
-        np.testing.assert_array_equal(_chi(out, s), _chi(ref_out, s))
+        np.testing.assert_array_equal(chi_map(out, s), chi_map(ref_out, s))
 
 
 def test_work_dir_a_file_does_not_hang(tmp_path):

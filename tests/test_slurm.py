@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from qsmflow_subprocess import chi_map, qsmflow_cmd, subprocess_env
 
 from qsmflow.sims.bids import write_bids_dataset
 
@@ -49,30 +49,15 @@ SBATCH = "--partition=normal --time=00:20:00 --cpus-per-task=1 --kill-on-invalid
 
 def _qsmflow(bids, out, work, *extra, env_drop=()):
     """qsmflow as a user runs it (a subprocess; SLURM jobs import qsmflow via PYTHONPATH)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(":")
-    env.setdefault("LOGNAME", "root")
-    for k in env_drop:
-        env.pop(k, None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "qsmflow.cli.run",
-        str(bids),
-        str(out),
-        "participant",
-        "-w",
-        str(work),
-        *map(str, extra),
-    ]
     res = subprocess.run(
-        cmd, capture_output=True, text=True, env=env, timeout=900, cwd=str(work.parent)
+        qsmflow_cmd(bids, out, work, *extra),
+        capture_output=True,
+        text=True,
+        env=subprocess_env(drop=env_drop),
+        timeout=900,
+        cwd=str(work.parent),
     )
     return res.returncode, res.stdout + res.stderr
-
-
-def _chi(out, sub):
-    return np.asarray(nib.load(out / f"sub-{sub}" / "anat" / f"sub-{sub}_Chimap.nii.gz").dataobj)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +73,7 @@ def dataset(tmp_path_factory):
     out = root / "ref_out"
     rc, text = _qsmflow(bids, out, root / "ref_work", "--nprocs", "2")
     assert rc == 0, text
-    return bids, root, _chi(out, "01")
+    return bids, root, chi_map(out, "01")
 
 
 def _plugin_file(tmp, name):
@@ -113,7 +98,7 @@ def test_slurm_plugins_give_the_multiproc_maps(plugin, dataset, tmp_path):
     rc, text = _qsmflow(bids, out, work, "--use-plugin", _plugin_file(tmp_path, plugin))
     assert rc == 0, text
     assert "sub-01: ok" in text and "all 1 subject(s) done" in text, text
-    np.testing.assert_array_equal(_chi(out, "01"), ref)  # same code, same seed: same map
+    np.testing.assert_array_equal(chi_map(out, "01"), ref)  # same code, same seed: same map
     assert _no_jobs_left(work)
 
 
@@ -154,14 +139,9 @@ def test_interrupt_cancels_the_submitted_jobs(dataset, tmp_path):
 
     bids, _, _ = dataset
     out, work = tmp_path / "out", tmp_path / "work"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(":")
-    env.setdefault("LOGNAME", "root")
-    plugin = _plugin_file(tmp_path, "SLURMGraph")
-    cmd = [sys.executable, "-m", "qsmflow.cli.run", str(bids), str(out), "participant"]
-    cmd += ["-w", str(work), "--use-plugin", str(plugin)]
+    cmd = qsmflow_cmd(bids, out, work, "--use-plugin", _plugin_file(tmp_path, "SLURMGraph"))
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env()
     )
     batch = work / "qsmflow_0_1_wf" / "batch"
     deadline = time.monotonic() + 300
