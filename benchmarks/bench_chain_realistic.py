@@ -50,6 +50,14 @@ def main(argv=None) -> int:
     ap.add_argument("--bfrs", nargs="*", default=list(BFRS))
     ap.add_argument("--inversions", nargs="*", default=list(INVERSIONS))
     ap.add_argument(
+        "--combine",
+        default="wls",
+        choices=("wls", "complexfit"),
+        help="field mapping; complexfit's noise map goes on to lbv-robust and the inversion "
+        "(as the pipeline wires it) unless --no-noise",
+    )
+    ap.add_argument("--no-noise", action="store_true", help="do not pass complexfit's noise")
+    ap.add_argument(
         "--time-default",
         action="store_true",
         help="only time the fast preset's chain (wall and CPU seconds, 2 threads)",
@@ -64,7 +72,7 @@ def main(argv=None) -> int:
     from threadpoolctl import threadpool_limits
 
     from qsmflow.algorithms import masking, reference
-    from qsmflow.algorithms.phase import estimate_field_wls
+    from qsmflow.algorithms.phase import estimate_field_complexfit, estimate_field_wls
     from qsmflow.registry import method
     from qsmflow.sims.realistic import make_realistic_head
 
@@ -106,9 +114,12 @@ def main(argv=None) -> int:
             )
         raise ValueError(name)
 
-    def bfr_call(name, field, mask):
-        fn = method("bfr", name).function
+    def bfr_call(name, field, mask, noise=None):
+        bfr = method("bfr", name)
+        fn = bfr.function
         kw = {"voxel_size": vs}
+        if noise is not None and "noise" in bfr.inputs:
+            kw["noise"] = noise
         if name == "pdf":
             kw["b0_dir"] = acq["b0_dir"]
         return fn(field, mask, **kw)
@@ -125,25 +136,44 @@ def main(argv=None) -> int:
             sigmas = [0.0, 2.0] if (args.extra and mname != "true") else [0.0]
             for sigma in sigmas:
                 t = time.perf_counter()
-                field = estimate_field_wls(
-                    head.phase,
-                    head.magnitude,
-                    te_s=head.te_s,
-                    b0_tesla=head.b0_tesla,
-                    mask=mask,
-                    voxel_size=vs,
-                    sigma_mm=sigma,
-                )
+                noise = None
+                if args.combine == "complexfit":
+                    field, noise = estimate_field_complexfit(
+                        head.phase,
+                        head.magnitude,
+                        te_s=head.te_s,
+                        b0_tesla=head.b0_tesla,
+                        mask=mask,
+                        voxel_size=vs,
+                    )
+                    noise = None if args.no_noise else noise
+                else:
+                    field = estimate_field_wls(
+                        head.phase,
+                        head.magnitude,
+                        te_s=head.te_s,
+                        b0_tesla=head.b0_tesla,
+                        mask=mask,
+                        voxel_size=vs,
+                        sigma_mm=sigma,
+                    )
                 t_field = time.perf_counter() - t
                 for bname in args.bfrs:
                     t = time.perf_counter()
-                    local, m_out = bfr_call(bname, field, mask)
+                    local, m_out = bfr_call(bname, field, mask, noise)
                     t_bfr = time.perf_counter() - t
                     ev = m_out & truth_mask
                     local_nrmse = _nrmse(local, head.local_field, ev)
                     for iname in args.inversions:
                         t = time.perf_counter()
-                        chi = method("invert", iname).function(local, m_out, **acq)
+                        inv = method("invert", iname)
+                        kw = dict(acq)
+                        if "magnitude" in inv.inputs:  # as the pipeline wires it
+                            kw["magnitude"] = head.magnitude  # 4D, as the pipeline passes it
+                        if noise is not None and "noise" in inv.inputs:
+                            kw["noise"] = noise
+                        chi = inv.function(local, m_out, **kw)
+                        chi = getattr(chi, "chi", chi)  # fit_* return the map with its record
                         chi = reference.reference_mean(chi, m_out)
                         t_inv = time.perf_counter() - t
                         row = {
@@ -152,6 +182,7 @@ def main(argv=None) -> int:
                             "mask": mname,
                             "bfr": bname,
                             "invert": iname,
+                            "combine": args.combine + ("" if noise is None else "+noise"),
                             "wls_sigma_mm": sigma,
                             "dice": round(dice, 4),
                             "extra_voxels": extra,
