@@ -33,6 +33,26 @@ def test_lcurve_corner_of_a_sharp_l():
     assert abs(t[k]) <= 0.26
 
 
+def test_lcurve_choice_at_the_sweep_end_hands_over_to_the_discrepancy():
+    t = np.linspace(-3, 3, 25)
+    v = np.exp(t)
+    chi2 = np.exp(2.0 * t)  # crosses 1 at t = 0
+    # a sharp L: the knee is interior and kept
+    x, y = np.log1p(np.exp(2.0 * t)), np.log1p(np.exp(-2.0 * t))
+    val, rule, at_end = reg.choose_with_fallback(
+        v, np.exp(x), np.exp(y), rule="lcurve-knee", chi2=chi2
+    )
+    assert rule == "lcurve-knee" and at_end is None and abs(np.log(val)) <= 0.26
+    # no corner in the range (the residual keeps falling steeply as the weight drops, the
+    # regulariser flattens, as with background-removal errors): the knee lands on the
+    # smallest weight and the discrepancy principle decides
+    res, regn = np.exp(3.0 * t), np.exp(-0.2 * t - 0.05 * t**2)
+    k = reg.lcurve_knee(v, res, regn)
+    assert k in (0, len(v) - 1)
+    val, rule, at_end = reg.choose_with_fallback(v, res, regn, rule="lcurve-knee", chi2=chi2)
+    assert rule == "discrepancy" and at_end == v[k] and val == pytest.approx(1.0, rel=0.05)
+
+
 def test_discrepancy_interpolates_and_clips():
     v = np.array([1e-3, 1e-2, 1e-1, 1.0])
     chi2 = np.array([0.1, 0.5, 2.0, 8.0])

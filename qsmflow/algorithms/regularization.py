@@ -45,6 +45,7 @@ __all__ = [
     "lcurve_knee",
     "steepest_point",
     "discrepancy_choice",
+    "choose_with_fallback",
     "estimate_field_noise",
     "data_residual",
     "is_auto",
@@ -347,6 +348,26 @@ def choose(
             raise ValueError("the discrepancy principle needs the noise-normalised residuals")
         return discrepancy_choice(v, chi2, tau=tau)
     raise ValueError(f"unknown rule {rule!r}")
+
+
+def choose_with_fallback(
+    values: Sequence[float],
+    residual: Sequence[float],
+    regularizer: Sequence[float],
+    *,
+    rule: str,
+    chi2: Sequence[float],
+    tau: float = 1.0,
+) -> tuple[float, str, float | None]:
+    """:func:`choose`, except that an L-curve rule landing on an end of the sweep hands over to
+    the discrepancy principle: a corner at the end of the range is no corner (the curve has
+    none there, e.g. when background-removal errors dominate a local field and the smallest
+    weight over-fits them).  Returns ``(value, rule used, the L-curve's end choice or None)``."""
+    value, k = choose(values, residual, regularizer, rule=rule, chi2=chi2, tau=tau)
+    if rule.startswith("lcurve") and k in (0, len(values) - 1):
+        fallback, _ = discrepancy_choice(values, chi2, tau=tau)
+        return fallback, "discrepancy", float(values[k])
+    return value, rule, None
 
 
 def noise_level(field: np.ndarray, mask: np.ndarray, noise=None) -> tuple[np.ndarray, str]:
