@@ -362,8 +362,8 @@ METHODS = (
         _A + "inversion_tv:fit_tv",
         ["tv"],
         "Susceptibility was computed by total-variation regularised inversion solved with ADMM "
-        "[tv], the weight chosen from the data at the L-curve knee unless set (value in the "
-        "sidecar's InversionFit).",
+        "[tv], the weight chosen from the data by the discrepancy principle unless set (value "
+        "in the sidecar's InversionFit).",
     ),
     _m(
         "invert",
