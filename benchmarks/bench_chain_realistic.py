@@ -58,6 +58,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--no-noise", action="store_true", help="do not pass complexfit's noise")
     ap.add_argument(
+        "--lbv-noise-max", type=float, default=None, help="lbv-robust's noise cut (0 = off)"
+    )
+    ap.add_argument(
         "--time-default",
         action="store_true",
         help="only time the fast preset's chain (wall and CPU seconds, 2 threads)",
@@ -120,6 +123,8 @@ def main(argv=None) -> int:
         kw = {"voxel_size": vs}
         if noise is not None and "noise" in bfr.inputs:
             kw["noise"] = noise
+        if name == "lbv-robust" and args.lbv_noise_max is not None:
+            kw["noise_max"] = args.lbv_noise_max
         if name == "pdf":
             kw["b0_dir"] = acq["b0_dir"]
         return fn(field, mask, **kw)

@@ -113,6 +113,34 @@ def test_lbv_robust_with_the_pipeline_mask(head, reliable_mask):
     assert m_rob.sum() > 0.9 * m_plain.sum()
 
 
+def test_lbv_robust_with_complexfit_noise_keeps_the_brain(head, reliable_mask):
+    """The pipeline passes complexfit's noise map to lbv-robust: by default it must not cut
+    the brain on it (the noise cut, measured harmful on this head, is opt-in)."""
+    from qsmflow.algorithms.phase import estimate_field_complexfit
+
+    mask = reliable_mask
+    field, noise = estimate_field_complexfit(
+        head.phase,
+        head.magnitude,
+        te_s=head.te_s,
+        b0_tesla=head.b0_tesla,
+        mask=mask,
+        voxel_size=VOX,
+    )
+    local_n, m_n = bgm.remove_background_lbv_robust(field, mask, voxel_size=VOX, noise=noise)
+    local_0, m_0 = bgm.remove_background_lbv_robust(field, mask, voxel_size=VOX)
+    np.testing.assert_array_equal(m_n, m_0)
+    np.testing.assert_array_equal(local_n, local_0)
+    # opted in, the cut removes noisy voxels (above 4x the median; enclosed ones come back
+    # with the hole filling)
+    _, m_cut = bgm.remove_background_lbv_robust(
+        field, mask, voxel_size=VOX, noise=noise, noise_max=4.0
+    )
+    noisy = noise > 4.0 * np.median(noise[mask])
+    assert m_cut.sum() < m_0.sum()
+    assert (m_cut & noisy).sum() < 0.5 * (m_0 & noisy).sum()
+
+
 def test_boundary_outliers_keeps_a_consistent_mask():
     """A harmonic background + a smooth local field on a sphere: nothing to peel."""
     n = 40
