@@ -94,6 +94,6 @@ def test_dicom_to_chi(tmp_path):
     # measured 67.5 %, r 0.774 (TV's weight by the discrepancy principle; the L-curve knee gave
     # 88.3 %, the old fixed 1e-5 79.2 %): background removal limits the chain on this small
     # (80 mm) head; V-SHARP is pinned because LBV, the default for full-size heads, is worse at
-    # this size.  A wrong B0 direction or a flipped axis from the DICOM geometry gives > 100 %.
+    # this size.
     assert nrmse < 75 and corr > 0.72, (nrmse, corr)
     assert mask.sum() > 0.5 * ph.brain_mask.sum()

@@ -32,4 +32,6 @@ def test_phase_only_mask_and_chi_on_the_realistic_head(head):
     local, mask = res.data, res.extras.get("mask", mask)
     chi = execute("invert", "rts", dict(acq, field=local, mask=mask)).data
     nrmse = float(qsm_eval.nrmse_challenge(chi, h.chi_local, mask & h.brain_mask)[0])
-    assert nrmse < 100.0  # achieved 82.7 % (393 % before; 90 % with BET on the magnitude)
+    assert (
+        nrmse < 100.0
+    )  # achieved 82.2 % (83.4 % with RTS's former 4 LSMR iterations; 393 % before)

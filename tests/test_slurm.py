@@ -11,16 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from qsmflow_subprocess import chi_map, qsmflow_cmd, subprocess_env
+from qsmflow_subprocess import REPO, chi_map, qsmflow_cmd, subprocess_env
 
 from qsmflow.sims.bids import write_bids_dataset
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _slurm_up() -> str | None:

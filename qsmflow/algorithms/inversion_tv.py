@@ -236,16 +236,16 @@ def fit_tv(
         ``(||W (D chi - f)||, ||grad chi||_1)`` (Bilgic et al. 2014; Milovic et al. 2018 pick
         FANSI's weight on it), the knee or the maximum-curvature corner.  Measured
         (benchmarks/RESULTS.md): through the pipeline's chain on the realistic head (local
-        field with background-removal errors, :mod:`qsmflow.sims.realistic`, 64^3 and 96^3, 3T
-        and 7T, WLS or complexfit) the discrepancy principle lands within 3x of the best weight
-        and within 0.3-1 NRMSE point of it, while the knee lands 10-3000x too low (up to 90 %
-        NRMSE against 46 %); on the in-vivo-like case with the TRUE local field
-        (:mod:`qsmflow.sims.invivo_case`) the knee is within 1.5x of the best and the
-        discrepancy principle 25x above it (about 10 points worse).  Real data come through
-        background removal, and the in-vivo report that motivated this (best weight 1e-3, 1e-5
-        at 162 % NRMSE) points the same way, hence the default.  When an L-curve rule lands on
-        an end of the sweep the discrepancy principle decides; the record says which rule
-        chose.
+        field with background-removal errors, :mod:`qsmflow.sims.realistic`) the discrepancy
+        principle lands within 3x of the best weight and 0.1-0.3 NRMSE points from it at 64^3
+        (3T, 7T), and every 96^3 chain is equal or better than with the knee, which lands
+        10-3000x too low there (up to 90 % NRMSE against 46 %); on the in-vivo-like case with
+        the TRUE local field (:mod:`qsmflow.sims.invivo_case`, 64^3) the knee is within 1.5x of
+        the best and the discrepancy principle 20x above it (13.7 points worse).  Real data
+        come through background removal, and the in-vivo report that motivated this (best
+        weight 1e-3, 1e-5 at 162 % NRMSE) points the same way, hence the default.  When an
+        L-curve rule lands on an end of the sweep the discrepancy principle decides; the record
+        says which rule chose.
     alpha_min, alpha_max, n_alphas, sweep_iter, tau : the sweep (ppm, gradients in mm^-1)
     mu1_factor, mu2, tol, max_iter, pad_factor, margin, kernel : see :func:`invert_tv`
 
