@@ -11,6 +11,7 @@ raising, so a command can print the full list and exit before it writes anything
 * image values (:func:`check_finite`, :func:`check_magnitude`, :func:`check_phase_range`,
   :func:`check_mask`): NaN/Inf, an all-zero or negative (phase and magnitude swapped)
   magnitude, phase that is neither radians nor integer coded, an empty mask;
+* BIDS labels (:func:`bids_label`): letters and digits only, an optional ``sub-``/``ses-``;
 * paths (:func:`check_output_dir`, :func:`check_output_file`): an output that is an input, an
   output folder that is a file or lies under a file.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +196,36 @@ def check_mask(data, *, where: str, what: str = "mask") -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
+# labels
+# --------------------------------------------------------------------------------------------
+def bids_label(text, prefix: str) -> str:
+    """A BIDS label (``sub``/``ses``...) given on the command line: ``'sub-01'`` or ``'01'`` ->
+    ``'01'``; ValueError (one line) unless it is letters and digits only.  The one check of
+    ``qsmflow`` and ``qsmflow-convert``."""
+    t = str(text)
+    t = t[len(prefix) + 1 :] if t.startswith(prefix + "-") else t
+    if not re.fullmatch(r"[A-Za-z0-9]+", t):
+        raise ValueError(
+            f"invalid label {text!r} (alphanumeric, optionally with a leading '{prefix}-')"
+        )
+    return t
+
+
+def label_arg(prefix: str):
+    """argparse ``type=`` for :func:`bids_label` (an invalid label is a usage error, exit 2)."""
+    import argparse
+
+    def parse(text):
+        try:
+            return bids_label(text, prefix)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = f"{prefix} label"
+    return parse
+
+
+# --------------------------------------------------------------------------------------------
 # paths
 # --------------------------------------------------------------------------------------------
 def _file_above(path: Path) -> Path | None:
@@ -244,7 +276,6 @@ def bids_layout(root):
     file that subject or run.  Each pattern is anchored after the dataset root here.
     """
     import importlib.resources
-    import re
 
     from bids import BIDSLayout
 

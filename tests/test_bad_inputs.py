@@ -728,7 +728,17 @@ def _convert_cases():
         h = _file(tmp, "h.json", "{")
         return [tmp / "dicom", tmp / "bids", "--heuristic", h], ["h.json"]
 
+    def label(value, needle):
+        def make(tmp):
+            _dicom_series(tmp / "dicom")
+            return [tmp / "dicom", tmp / "bids", *value], [needle]
+
+        return make
+
     return {
+        "participant-label-invalid": label(["--participant-label", "!!"], "invalid label '!!'"),
+        "participant-label-empty": label(["--participant-label", ""], "invalid label ''"),
+        "session-label-invalid": label(["--session-label", "a_b"], "invalid label 'a_b'"),
         "damaged-header": damaged,
         "truncated-file": truncated,
         "dicom-dir-missing": missing,

@@ -156,6 +156,20 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "bids").exists()
 
 
+def test_labels_checked_as_qsmflow_checks_them(tmp_path, capsys):
+    """'sub-07' is the label 07 (as for qsmflow); the library refuses what the CLI refuses."""
+    from qsmflow.conversion import ConversionError, plan_conversion
+
+    _megre(tmp_path / "dicom")
+    argv = [str(tmp_path / "dicom"), str(tmp_path / "bids"), "--dry-run"]
+    assert main([*argv, "--participant-label", "sub-07", "--session-label", "ses-1"]) == 0
+    assert "sub-07/ses-1/anat/sub-07_ses-1_echo-1_part-mag_MEGRE.nii.gz" in capsys.readouterr().out
+    for bad in ("!!", "", "0 1"):
+        with pytest.raises(ConversionError, match="invalid label"):
+            plan_conversion(tmp_path / "dicom", participant_label=bad)
+    assert not (tmp_path / "bids").exists()
+
+
 def test_heuristic_and_rerun(tmp_path, capsys):
     _megre(tmp_path / "dicom")
     heur = tmp_path / "map.json"

@@ -6,6 +6,12 @@ import argparse
 import sys
 
 from qsmflow.conversion import ConversionError, convert_dicom_to_bids
+from qsmflow.validation import label_arg
+
+
+def _session_arg(text):
+    """A session label as for ``qsmflow``; an empty string: no session level."""
+    return "" if text == "" else label_arg("ses")(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,8 +23,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dicom_dir", metavar="DICOM_DIR")
     p.add_argument("bids_dir", metavar="BIDS_DIR")
-    p.add_argument("--participant-label", help="subject label (default: from PatientID)")
-    p.add_argument("--session-label", help="session label (default: from StudyDate)")
+    p.add_argument(
+        "--participant-label",
+        type=label_arg("sub"),
+        metavar="LABEL",
+        help="subject label, letters and digits, 'sub-' optional (default: from PatientID)",
+    )
+    p.add_argument(
+        "--session-label",
+        type=_session_arg,
+        metavar="LABEL",
+        help="session label, 'ses-' optional; '' for no session (default: from StudyDate)",
+    )
     p.add_argument(
         "--heuristic",
         metavar="FILE",

@@ -80,16 +80,9 @@ def _int_at_least(minimum: int):
 
 
 def _label(prefix):
-    def parse(text):
-        t = str(text)
-        t = t[len(prefix) + 1 :] if t.startswith(prefix + "-") else t
-        if not re.fullmatch(r"[A-Za-z0-9]+", t):
-            raise argparse.ArgumentTypeError(
-                f"invalid label {text!r} (alphanumeric, optionally with a leading '{prefix}-')"
-            )
-        return t
+    from qsmflow.validation import label_arg
 
-    return parse
+    return label_arg(prefix)
 
 
 def build_parser() -> argparse.ArgumentParser:

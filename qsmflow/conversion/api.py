@@ -43,6 +43,21 @@ class ConversionResult:
         return [root / f"{im.relpath}.nii.gz" for im in self.plan.images]
 
 
+def _check_labels(participant_label, session_label):
+    """Labels checked as ``qsmflow`` checks them (``validation.bids_label``); ``''`` as the
+    session means no session level."""
+    from qsmflow.validation import bids_label
+
+    try:
+        if participant_label is not None:
+            participant_label = bids_label(participant_label, "sub")
+        if session_label:
+            session_label = bids_label(session_label, "ses")
+    except ValueError as exc:
+        raise ConversionError([f"participant/session label: {exc}"]) from None
+    return participant_label, session_label
+
+
 def plan_conversion(
     dicom_dir, *, participant_label=None, session_label=None, heuristic=None
 ) -> tuple[Plan, Report]:
@@ -55,6 +70,7 @@ def plan_conversion(
         heur = heuristic if isinstance(heuristic, dict) else load_heuristic(heuristic)
     except ValueError as exc:
         raise ConversionError([str(exc)]) from exc
+    participant_label, session_label = _check_labels(participant_label, session_label)
     found = discover(dicom_dir, report)
     series = classify(found, report)
     plan = make_plan(
