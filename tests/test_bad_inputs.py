@@ -703,6 +703,27 @@ def _damage_header(dicom):
     return victim
 
 
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+QA_ME = SHARED / "dcm_qa_me" / "In"
+
+
+def _siemens_header_cut(tmp: Path) -> Path:
+    """The real Siemens export (dcm_qa_me) copied to ``tmp``, one phase-difference file cut to
+    half its header (the bytes before the pixel data element); returns the damaged file."""
+    if not QA_ME.is_dir():
+        pytest.skip(f"shared test data not found at {QA_ME}")
+    dst = tmp / "dicom"
+    shutil.copytree(QA_ME, dst)
+    for p in dst.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)  # the shared copy is read-only
+    victim = sorted((dst / "3_me_FieldMap_GRE").glob("*.dcm"))[4]
+    raw = victim.read_bytes()
+    header = raw.rfind(b"\xe0\x7f\x10\x00")  # (7FE0,0010) PixelData
+    assert header > 1000
+    victim.write_bytes(raw[: header // 2])
+    return victim
+
+
 def _convert_cases():
     def damaged(tmp):
         _dicom_series(tmp / "dicom")
@@ -735,7 +756,24 @@ def _convert_cases():
 
         return make
 
+    def siemens_header_cut(tmp):
+        v = _siemens_header_cut(tmp)
+        return [tmp / "dicom", tmp / "bids", "--participant-label", "01"], [
+            "damaged or truncated DICOM file",
+            str(v),
+            "series 3 'me_FieldMap_GRE'",
+            "--skip-damaged",
+        ]
+
+    def meta_cut(tmp):
+        _dicom_series(tmp / "dicom")
+        v = sorted((tmp / "dicom" / "pha").glob("*.dcm"))[1]
+        v.write_bytes(v.read_bytes()[:150])  # inside the File Meta header, after 'DICM'
+        return [tmp / "dicom", tmp / "bids"], ["damaged DICOM header", v.name]
+
     return {
+        "siemens-phasediff-header-cut-in-half": siemens_header_cut,
+        "file-meta-cut": meta_cut,
         "participant-label-invalid": label(["--participant-label", "!!"], "invalid label '!!'"),
         "participant-label-empty": label(["--participant-label", ""], "invalid label ''"),
         "session-label-invalid": label(["--session-label", "a_b"], "invalid label 'a_b'"),
@@ -761,6 +799,22 @@ def test_convert_bad_input(name, tmp_path, capsys):
     _assert_clean(rc, text, 2, needles)
     assert _hashes(tmp_path) == before
     assert not (tmp_path / "bids").is_dir()
+
+
+def test_convert_skip_damaged_names_them_and_converts_the_rest(tmp_path, capsys):
+    """--skip-damaged: exit 0, the damaged file named in a warning (even with -q), the other
+    series converted; the input folder unchanged."""
+    pytest.importorskip("dcm2niix")
+    from qsmflow.cli.convert import main
+
+    victim = _siemens_header_cut(tmp_path)
+    before = _hashes(tmp_path / "dicom")
+    argv = [tmp_path / "dicom", tmp_path / "bids", "--participant-label", "01", "-q"]
+    rc, text = _call(main, [*argv, "--skip-damaged"], capsys)
+    _assert_clean(rc, text, 0, ["warning: left out", str(victim)])
+    assert _hashes(tmp_path / "dicom") == before
+    fmap = tmp_path / "bids" / "sub-01" / "ses-20180502" / "fmap"
+    assert (fmap / "sub-01_ses-20180502_run-1_magnitude2.nii.gz").is_file()
 
 
 # --------------------------------------------------------------------------------------------

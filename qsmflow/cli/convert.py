@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the plan (series -> BIDS names) and write nothing",
     )
+    p.add_argument(
+        "--skip-damaged",
+        action="store_true",
+        help="convert without damaged (unreadable, truncated) DICOM files, naming each in a "
+        "warning (default: report them and write nothing)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print problems only")
     return p
 
@@ -67,6 +73,7 @@ def main(argv=None) -> int:
             session_label=args.session_label,
             heuristic=args.heuristic,
             dry_run=args.dry_run,
+            skip_damaged=args.skip_damaged,
         )
     except ConversionError as exc:
         print(
@@ -75,7 +82,15 @@ def main(argv=None) -> int:
         )
         for msg in exc.problems:
             print(f"  - {msg}", file=sys.stderr)
+        if exc.damaged:
+            print(
+                f"qsmflow-convert: {len(exc.damaged)} damaged DICOM file(s): replace them, or "
+                "give --skip-damaged to convert without them",
+                file=sys.stderr,
+            )
         return 2
+    for msg in result.warnings:
+        print(f"qsmflow-convert: warning: {msg}", file=sys.stderr)
     if not args.quiet:
         print("Plan:" if args.dry_run else "Converted:")
         print(result.plan.describe())

@@ -35,6 +35,7 @@ class ConversionResult:
     unchanged: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     dry_run: bool = False
+    warnings: list[str] = field(default_factory=list)  # damaged files left out
 
     @property
     def outputs(self) -> list[Path]:
@@ -59,13 +60,20 @@ def _check_labels(participant_label, session_label):
 
 
 def plan_conversion(
-    dicom_dir, *, participant_label=None, session_label=None, heuristic=None
+    dicom_dir,
+    *,
+    participant_label=None,
+    session_label=None,
+    heuristic=None,
+    skip_damaged: bool = False,
 ) -> tuple[Plan, Report]:
     """Discover, classify and name every series (headers only; nothing is written).
 
-    Raises ``ConversionError`` listing every problem found.
+    Raises ``ConversionError`` listing every problem found.  A damaged file (unreadable,
+    truncated, its header cut short) is a problem, or with ``skip_damaged`` a warning naming
+    it (``report.warnings``) and the file is left out.
     """
-    report = Report()
+    report = Report(skip_damaged=skip_damaged)
     try:
         heur = heuristic if isinstance(heuristic, dict) else load_heuristic(heuristic)
     except ValueError as exc:
@@ -268,12 +276,15 @@ def convert_dicom_to_bids(
     heuristic=None,
     dry_run: bool = False,
     dcm2niix: str | None = None,
+    skip_damaged: bool = False,
 ) -> ConversionResult:
     """Convert a DICOM folder into (or next to existing data in) a BIDS dataset.
 
     All or nothing: when any series has a problem, or an existing file in ``bids_dir``
     differs from what would be written, nothing is written and ``ConversionError`` lists
     every reason.  ``dicom_dir`` is only read.  Re-running on the same input writes nothing.
+    Damaged DICOM files are problems too, unless ``skip_damaged`` (then they are left out and
+    named in ``result.warnings``).
     """
     dicom_dir, bids_dir = Path(dicom_dir).resolve(), Path(bids_dir).resolve()
     if bids_dir == dicom_dir or dicom_dir in bids_dir.parents:
@@ -288,8 +299,15 @@ def convert_dicom_to_bids(
         participant_label=participant_label,
         session_label=session_label,
         heuristic=heuristic,
+        skip_damaged=skip_damaged,
     )
-    result = ConversionResult(plan=plan, bids_dir=bids_dir, notes=report.notes, dry_run=dry_run)
+    result = ConversionResult(
+        plan=plan,
+        bids_dir=bids_dir,
+        notes=report.notes,
+        dry_run=dry_run,
+        warnings=report.warnings,
+    )
     if dry_run:
         return result
     staging = writer.make_staging(bids_dir)
@@ -356,4 +374,5 @@ def result_summary(result: ConversionResult) -> dict:
         "unchanged": [str(p) for p in result.unchanged],
         "aside": [f"{s.label}: {why}" for s, why in result.plan.aside],
         "notes": list(result.notes),
+        "warnings": list(result.warnings),
     }

@@ -227,6 +227,29 @@ def _expected_pixel_bytes(ds) -> int | None:
         return None
 
 
+def _image_class(ds) -> str | None:
+    """The name of the file's SOP class when it is an image storage class ('' otherwise,
+    None when the file names none): such a file must hold pixel data (a DICOMDIR, report or
+    raw-data file need not)."""
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    uid = _get(meta, "MediaStorageSOPClassUID") if meta is not None else None
+    uid = uid or _get(ds, "SOPClassUID")
+    if not uid:
+        return None
+    name = UID(str(uid)).name
+    return name if "Image Storage" in name else ""
+
+
+def _meta_cut_short(ds, path: Path) -> bool:
+    """The file ends inside its File Meta header (128-byte preamble, 'DICM', the group-length
+    element, then that many bytes)."""
+    meta = getattr(ds, "file_meta", None)
+    n = _int(_get(meta, "FileMetaInformationGroupLength")) if meta is not None else None
+    return n is not None and path.stat().st_size < 128 + 4 + 12 + n
+
+
 def _looks_like_dicom(path: Path) -> bool:
     """A file pydicom refuses that still looks like DICOM: a DICOM extension, the 'DICM'
     magic, or a DICOM UID root (1.2.840.10008) in its first kilobytes."""
@@ -246,7 +269,7 @@ def read_dicom_file(path: Path, report: Report) -> DicomFile | None:
         ds = pydicom.dcmread(path)
     except InvalidDicomError as exc:
         if _looks_like_dicom(path):
-            report.problem(f"damaged DICOM header: {path} ({exc})")
+            report.damaged(path, f"damaged DICOM header: {path} ({exc})")
         else:
             report.note(f"ignored (not DICOM): {path}")
         return None
@@ -258,17 +281,33 @@ def read_dicom_file(path: Path, report: Report) -> DicomFile | None:
             where += f"'{_get(head, 'SeriesDescription', '')}'"
         except Exception:  # noqa: BLE001
             pass
-        report.problem(f"unreadable or truncated DICOM file{where}: {path} ({exc})")
-        return None
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
-        report.note(f"ignored (DICOM without image data, e.g. DICOMDIR or report): {path}")
+        report.damaged(path, f"unreadable or truncated DICOM file{where}: {path} ({exc})")
         return None
     desc = str(_get(ds, "SeriesDescription", ""))
     label = f"series {_get(ds, 'SeriesNumber', '?')} '{desc}'"
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        sop = _image_class(ds)
+        if sop is None or _meta_cut_short(ds, path):  # a Part-10 file names its SOP class
+            report.damaged(
+                path,
+                f"damaged DICOM header: {path} (no SOP class: the header is cut short or "
+                f"damaged, {path.stat().st_size} bytes)",
+            )
+        elif sop:
+            # an image file without its image: cut short (in its header, or before the pixels)
+            report.damaged(
+                path,
+                f"{label}: damaged or truncated DICOM file {path} ({sop}, but the file ends "
+                f"before its pixel data: {path.stat().st_size} bytes)",
+            )
+        else:
+            report.note(f"ignored (DICOM without image data, e.g. DICOMDIR or report): {path}")
+        return None
     expected = _expected_pixel_bytes(ds)
     if expected is not None and "PixelData" in ds and len(ds.PixelData) < expected:
-        report.problem(
-            f"{label}: truncated DICOM file {path} ({len(ds.PixelData)} of {expected} pixel bytes)"
+        report.damaged(
+            path,
+            f"{label}: truncated DICOM file {path} ({len(ds.PixelData)} of {expected} pixel bytes)",
         )
         return None
     image_type = _tuple_str(_get(ds, "ImageType"))
@@ -307,8 +346,8 @@ def read_dicom_file(path: Path, report: Report) -> DicomFile | None:
     )
     info.frames = _enhanced_frames(ds) if enhanced else [_classic_frame(ds, image_type)]
     if enhanced and len(info.frames) != n_frames:
-        report.problem(
-            f"{label}: {path} declares {n_frames} frames but describes {len(info.frames)}"
+        report.damaged(
+            path, f"{label}: {path} declares {n_frames} frames but describes {len(info.frames)}"
         )
         return None
     return info
