@@ -173,7 +173,7 @@ def config_from_dict(data: dict, *, where: str = "config") -> QSMConfig:
                 raise ConfigError(
                     f"{where}: [{s}] key {k!r}: put method settings in a [{s}.<method>] table"
                 )
-            settings[k] = dict(v)
+            settings[k] = _read_settings(s, k, v)
         stages[s] = StageConfig(method, settings)
     from qsmflow.schema import parse_execution
 
@@ -193,6 +193,18 @@ def config_from_dict(data: dict, *, where: str = "config") -> QSMConfig:
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))
     return cfg
+
+
+def _read_settings(stage: str, meth: str, table: dict) -> dict:
+    """A method's settings table with ``"none"`` read as ``None`` where the method's signature
+    allows ``None`` (TOML has no null; :func:`to_toml` writes ``None`` as ``"none"``); a
+    string parameter keeps the text ``"none"``.  Unknown methods are left to
+    :func:`validate_config`."""
+    try:
+        meth_rec = registry.method(stage, meth)
+    except ValueError:
+        return dict(table)
+    return registry.read_none_texts(meth_rec, table)
 
 
 def default_config() -> QSMConfig:

@@ -194,13 +194,16 @@ class Method:
 
     def check_types(self, settings: dict, *, where: str) -> list:
         """One message per setting whose value has the wrong type: the default's type, or for
-        a parameter annotated with several types (``int | str``) any of them."""
+        a parameter annotated with several types (``int | str``) any of them; ``None`` only
+        where the signature allows it (annotation names ``None`` or the default is ``None``)."""
         from qsmflow.schema import check_setting_types
 
         params, plain, problems = self.parameters, {}, []
         for key, value in settings.items():
             note = params[key].annotation if key in params else None
-            if isinstance(note, str) and "|" in note:
+            if value is None and key in params and not allows_none(params[key]):
+                problems.append(f"{where} {key} = None: expected {note} (not None)")
+            elif isinstance(note, str) and "|" in note:
                 if not _matches_union(value, note):
                     problems.append(f"{where} {key} = {value!r}: expected {note}")
             else:
@@ -464,21 +467,94 @@ def gpu_methods() -> tuple:
     return tuple(m.name for m in METHODS if m.gpu)
 
 
-def coerce_setting(text: str, default):
-    """Read a setting given as text (``--set``): bool, int, float, None or str (bool only where
-    the default is bool)."""
-    low = text.lower()
-    if isinstance(default, bool):
-        if low not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true/false, got {text!r}")
+#: texts read as "no value" where a parameter's signature allows ``None`` (TOML has no null)
+NONE_TEXTS = ("none", "null")
+
+
+def declared_types(param: inspect.Parameter | None, default=None) -> frozenset:
+    """The simple type names a setting accepts: its annotation's (``float | str | None`` ->
+    ``{"float", "str", "None"}``), else its default's type (``None`` -> empty: anything)."""
+    note = None if param is None else param.annotation
+    if param is not None and note is not inspect.Parameter.empty:
+        text = note if isinstance(note, str) else getattr(note, "__name__", str(note))
+        names = {n.strip().split("[")[0].split(".")[-1] for n in text.split("|")}
+        return frozenset("None" if n in ("None", "NoneType") else n for n in names)
+    if default is None:
+        return frozenset()
+    return frozenset({type(default).__name__})
+
+
+def allows_none(param: inspect.Parameter | None, default=None) -> bool:
+    """Whether a setting may be ``None``: its annotation names ``None`` or its default is
+    ``None``."""
+    if param is not None and param.default is None:
+        return True
+    if param is None and default is None:
+        return True
+    return "None" in declared_types(param, default)
+
+
+def coerce_setting(text: str, default, param: inspect.Parameter | None = None):
+    """Read a setting given as text (``--set``) by the parameter's declared type.
+
+    ``param`` is the parameter of the method's signature (its annotation decides; without it
+    the default's type does).  ``none``/``null`` is ``None`` only where the signature allows
+    ``None`` (a ``str`` parameter keeps the text ``"none"``); ``true``/``false`` are booleans
+    only for a ``bool`` parameter; numbers only for ``int``/``float`` parameters; a list
+    parameter (``Sequence[int]``) takes comma-separated numbers.  Text that fits none of the
+    declared types is returned as it is, for :meth:`Method.check_types` to report.
+    """
+    low = text.strip().lower()
+    types = declared_types(param, default)
+    if param is not None and param.default is not inspect.Parameter.empty:
+        default = param.default
+    if not types:  # no annotation, default None: anything (numbers, booleans, None, text)
+        types = frozenset({"bool", "int", "float", "None", "str"})
+    if low in NONE_TEXTS and allows_none(param, default):
+        return None
+    if "bool" in types and low in ("true", "false", "1", "0") and not ({"int", "float"} & types):
         return low in ("true", "1")
-    for cast in (int, float):
+    if "int" in types:
         try:
-            return cast(text)
+            return int(text)
         except ValueError:
             pass
-    if low in ("true", "false"):
+    if "float" in types:
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    if "bool" in types and low in ("true", "false"):
         return low == "true"
-    if low in ("none", "null"):
-        return None
-    return text
+    if {"Sequence", "list", "tuple"} & types:
+        try:
+            return [_number(x) for x in text.strip("[]() ").split(",") if x.strip()]
+        except ValueError:
+            pass
+    return text  # a str parameter's value, or a wrong one that ``check_types`` reports
+
+
+def _number(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def read_none_texts(meth: Method, settings: dict) -> dict:
+    """``settings`` (from a TOML file or preset, which have no null) with the strings
+    ``"none"``/``"null"`` read as ``None`` where the parameter allows ``None``; a string
+    parameter keeps them.  Unknown keys are left as they are (``check_settings`` reports
+    them)."""
+    params, out = meth.parameters, {}
+    for key, value in settings.items():
+        p = params.get(key)
+        if (
+            p is not None
+            and isinstance(value, str)
+            and value.strip().lower() in NONE_TEXTS
+            and allows_none(p)
+        ):
+            value = None
+        out[key] = value
+    return out

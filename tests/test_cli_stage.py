@@ -380,3 +380,38 @@ def test_modip_medi_start_and_amp_through_the_stage(sim, tmp_path, capsys):
     m = ph.brain_mask
     r = np.corrcoef(_load(out)[m], f["chi_local"][m])[0, 1]
     assert r > 0.95, r  # MEDI start: 0.99 after 2 iterations (no warm start: 0.82)
+
+
+def test_set_none_is_read_by_the_parameter_type(sim, tmp_path):
+    """`--set unwrap=none` keeps the text "none" for a string parameter (complexfit's
+    documented value that skips spatial unwrapping; it used to become Python None and be
+    refused): the map differs from ROMEO's and the sidecar records the string."""
+    d, paths, f, ph = sim
+    outs = {}
+    for unwrap in ("none", "romeo"):
+        out = tmp_path / f"field_{unwrap}.nii.gz"
+        argv = ["combine", "--method", "complexfit", "--phase", paths["phase"]]
+        argv += ["--magnitude", paths["magnitude"], "--mask", paths["mask"]]
+        argv += ["--params", paths["params"], "--set", f"unwrap={unwrap}", "-o", str(out)]
+        assert main(argv) == 0
+        side = json.loads((tmp_path / f"field_{unwrap}.json").read_text())
+        assert side["settings"]["unwrap"] == unwrap
+        outs[unwrap] = _load(out)
+    assert np.abs(outs["none"] - outs["romeo"]).max() > 1e-3
+
+
+def test_modip_init_none_through_the_stage(sim, tmp_path):
+    """`qsmflow-stage invert --method modip --set init=none` (a documented value) runs: `init`
+    is a string parameter, so `none` stays the text; `max_time_s=none` (annotated `... | None`)
+    is None (no time budget)."""
+    pytest.importorskip("torch")
+    d, paths, f, ph = sim
+    out = tmp_path / "chi.nii.gz"
+    argv = ["invert", "--method", "modip", "--localfield", paths["localfield"]]
+    argv += ["--mask", paths["mask"], "--params", paths["params"], "-o", str(out)]
+    for s in ("init=none", "max_time_s=none", "base=4", "max_iter=2", "device=cpu"):
+        argv += ["--set", s]
+    assert main(argv) == 0
+    side = json.loads((tmp_path / "chi.json").read_text())["settings"]
+    assert side["init"] == "none" and side["max_time_s"] is None
+    assert np.isfinite(_load(out)).all()

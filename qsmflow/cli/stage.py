@@ -84,10 +84,9 @@ def _overrides(meth: registry.Method, items) -> dict:
         k, v = item.split("=", 1)
         if k not in defaults:
             raise StageError(f"unknown parameter {k!r}; valid: {', '.join(defaults) or 'none'}")
-        try:
-            out[k] = registry.coerce_setting(v, defaults[k])
-        except ValueError:
-            raise StageError(f"--set {k}: cannot read {v!r} as a value") from None
+        # read by the parameter's declared type: `init=none` stays the text "none" (a str
+        # parameter), `max_time_s=none` is None (annotated `... | None`)
+        out[k] = registry.coerce_setting(v, defaults[k], meth.parameters[k])
         bad = meth.check_types({k: out[k]}, where="--set")
         if bad:
             raise StageError(bad[0])
