@@ -771,7 +771,19 @@ def _convert_cases():
         v.write_bytes(v.read_bytes()[:150])  # inside the File Meta header, after 'DICM'
         return [tmp / "dicom", tmp / "bids"], ["damaged DICOM header", v.name]
 
+    def gzip_cut(tmp):
+        import gzip
+
+        _dicom_series(tmp / "dicom")
+        v = sorted((tmp / "dicom" / "mag").glob("*.dcm"))[2]
+        gz = Path(f"{v}.gz")
+        raw = gzip.compress(v.read_bytes())
+        gz.write_bytes(raw[: len(raw) // 2])
+        v.unlink()
+        return [tmp / "dicom", tmp / "bids"], ["damaged gzip-compressed file", gz.name]
+
     return {
+        "gzip-dicom-cut": gzip_cut,
         "siemens-phasediff-header-cut-in-half": siemens_header_cut,
         "file-meta-cut": meta_cut,
         "participant-label-invalid": label(["--participant-label", "!!"], "invalid label '!!'"),

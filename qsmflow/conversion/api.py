@@ -6,7 +6,9 @@ dcm2niix into a staging folder, checks everything, and only then moves the files
 
 from __future__ import annotations
 
+import contextlib
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,12 +68,15 @@ def plan_conversion(
     session_label=None,
     heuristic=None,
     skip_damaged: bool = False,
+    scratch=None,
 ) -> tuple[Plan, Report]:
     """Discover, classify and name every series (headers only; nothing is written).
 
     Raises ``ConversionError`` listing every problem found.  A damaged file (unreadable,
     truncated, its header cut short) is a problem, or with ``skip_damaged`` a warning naming
-    it (``report.warnings``) and the file is left out.
+    it (``report.warnings``) and the file is left out.  Gzip-compressed DICOM files are
+    decompressed into ``scratch`` (default: a temporary folder removed on return, so the plan's
+    paths to them are for naming only).
     """
     report = Report(skip_damaged=skip_damaged)
     try:
@@ -79,7 +84,10 @@ def plan_conversion(
     except ValueError as exc:
         raise ConversionError([str(exc)]) from exc
     participant_label, session_label = _check_labels(participant_label, session_label)
-    found = discover(dicom_dir, report)
+    with contextlib.ExitStack() as stack:
+        if scratch is None:
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="qsmflow-dicom-"))
+        found = discover(dicom_dir, report, scratch=scratch)
     series = classify(found, report)
     plan = make_plan(
         series,
@@ -294,12 +302,39 @@ def convert_dicom_to_bids(
                 f"{dicom_dir}; the DICOM folder is never written to"
             ]
         )
+    with tempfile.TemporaryDirectory(prefix="qsmflow-dicom-") as scratch:
+        return _convert(
+            dicom_dir,
+            bids_dir,
+            scratch,
+            participant_label=participant_label,
+            session_label=session_label,
+            heuristic=heuristic,
+            dry_run=dry_run,
+            dcm2niix=dcm2niix,
+            skip_damaged=skip_damaged,
+        )
+
+
+def _convert(
+    dicom_dir,
+    bids_dir,
+    scratch,
+    *,
+    participant_label,
+    session_label,
+    heuristic,
+    dry_run,
+    dcm2niix,
+    skip_damaged,
+) -> ConversionResult:
     plan, report = plan_conversion(
         dicom_dir,
         participant_label=participant_label,
         session_label=session_label,
         heuristic=heuristic,
         skip_damaged=skip_damaged,
+        scratch=scratch,
     )
     result = ConversionResult(
         plan=plan,

@@ -136,7 +136,7 @@ def classify_series(uid: str, files: list[DicomFile], report: Report) -> Series:
     s.kind, s.reason = _kind(files[0])
     frames = list(s._frames())
     needs_te = s.kind in ("megre", "fmap")
-    missing = [f.path for f, fr in frames if fr.echo_time_ms is None]
+    missing = [f.shown for f, fr in frames if fr.echo_time_ms is None]
     if missing and needs_te:
         report.problem(
             f"{s.label}: EchoTime (0018,0081) missing in {len(missing)} image(s), e.g. {missing[0]}"
@@ -153,7 +153,7 @@ def classify_series(uid: str, files: list[DicomFile], report: Report) -> Series:
         if not part:
             part = "mag"
             if needs_te:
-                report.note(f"{s.label}: no magnitude/phase tag in {f.path}; taken as magnitude")
+                report.note(f"{s.label}: no magnitude/phase tag in {f.shown}; taken as magnitude")
         te_s = None if fr.echo_time_ms is None else fr.echo_time_ms / 1000.0
         s.stacks.setdefault((echo, part), Stack(echo, part, te_s)).frames.append((f, fr))
     if s.kind == "aside":
@@ -187,7 +187,7 @@ def _check_repeats(s: Series, report: Report) -> None:
         g = clash[0]
         report.problem(
             f"{s.label}: {len(g)} different images of echo {echo} ({part}) at the same slice "
-            f"position and time: {', '.join(str(f.path) for f, _ in g)}"
+            f"position and time: {', '.join(str(f.shown) for f, _ in g)}"
         )
         s.kind, s.reason = "invalid", "repeated slices"
         return

@@ -70,6 +70,12 @@ class DicomFile:
     enhanced: bool
     mosaic: bool
     frames: list[Frame] = field(default_factory=list)
+    source: Path | None = None  # the .gz input ``path`` was decompressed from
+
+    @property
+    def shown(self) -> Path:
+        """The input file, as messages name it."""
+        return self.path if self.source is None else self.source
 
     @property
     def series_label(self) -> str:
@@ -263,15 +269,18 @@ def _looks_like_dicom(path: Path) -> bool:
     return head[128:132] == b"DICM" or b"1.2.840.10008." in head
 
 
-def read_dicom_file(path: Path, report: Report) -> DicomFile | None:
-    """Header summary of ``path``; ``None`` (with a note or a problem) when not usable."""
+def read_dicom_file(path: Path, report: Report, *, source: Path | None = None) -> DicomFile | None:
+    """Header summary of ``path``; ``None`` (with a note or a problem) when not usable.
+
+    ``source``: the input file ``path`` was decompressed from (messages name it)."""
+    shown = path if source is None else source
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError as exc:
         if _looks_like_dicom(path):
-            report.damaged(path, f"damaged DICOM header: {path} ({exc})")
+            report.damaged(shown, f"damaged DICOM header: {shown} ({exc})")
         else:
-            report.note(f"ignored (not DICOM): {path}")
+            report.note(f"ignored (not DICOM): {shown}")
         return None
     except Exception as exc:  # noqa: BLE001 - truncated / corrupt file
         where = ""
@@ -281,7 +290,7 @@ def read_dicom_file(path: Path, report: Report) -> DicomFile | None:
             where += f"'{_get(head, 'SeriesDescription', '')}'"
         except Exception:  # noqa: BLE001
             pass
-        report.damaged(path, f"unreadable or truncated DICOM file{where}: {path} ({exc})")
+        report.damaged(shown, f"unreadable or truncated DICOM file{where}: {shown} ({exc})")
         return None
     desc = str(_get(ds, "SeriesDescription", ""))
     label = f"series {_get(ds, 'SeriesNumber', '?')} '{desc}'"
@@ -289,25 +298,26 @@ def read_dicom_file(path: Path, report: Report) -> DicomFile | None:
         sop = _image_class(ds)
         if sop is None or _meta_cut_short(ds, path):  # a Part-10 file names its SOP class
             report.damaged(
-                path,
-                f"damaged DICOM header: {path} (no SOP class: the header is cut short or "
+                shown,
+                f"damaged DICOM header: {shown} (no SOP class: the header is cut short or "
                 f"damaged, {path.stat().st_size} bytes)",
             )
         elif sop:
             # an image file without its image: cut short (in its header, or before the pixels)
             report.damaged(
-                path,
-                f"{label}: damaged or truncated DICOM file {path} ({sop}, but the file ends "
+                shown,
+                f"{label}: damaged or truncated DICOM file {shown} ({sop}, but the file ends "
                 f"before its pixel data: {path.stat().st_size} bytes)",
             )
         else:
-            report.note(f"ignored (DICOM without image data, e.g. DICOMDIR or report): {path}")
+            report.note(f"ignored (DICOM without image data, e.g. DICOMDIR or report): {shown}")
         return None
     expected = _expected_pixel_bytes(ds)
     if expected is not None and "PixelData" in ds and len(ds.PixelData) < expected:
         report.damaged(
-            path,
-            f"{label}: truncated DICOM file {path} ({len(ds.PixelData)} of {expected} pixel bytes)",
+            shown,
+            f"{label}: truncated DICOM file {shown} "
+            f"({len(ds.PixelData)} of {expected} pixel bytes)",
         )
         return None
     image_type = _tuple_str(_get(ds, "ImageType"))
@@ -319,6 +329,7 @@ def read_dicom_file(path: Path, report: Report) -> DicomFile | None:
     src = transform if transform is not None else ds
     info = DicomFile(
         path=path,
+        source=source,
         sop_uid=str(_get(ds, "SOPInstanceUID", "")),
         series_uid=str(_get(ds, "SeriesInstanceUID", "")),
         series_number=_int(_get(ds, "SeriesNumber")),
@@ -347,7 +358,7 @@ def read_dicom_file(path: Path, report: Report) -> DicomFile | None:
     info.frames = _enhanced_frames(ds) if enhanced else [_classic_frame(ds, image_type)]
     if enhanced and len(info.frames) != n_frames:
         report.damaged(
-            path, f"{label}: {path} declares {n_frames} frames but describes {len(info.frames)}"
+            shown, f"{label}: {shown} declares {n_frames} frames but describes {len(info.frames)}"
         )
         return None
     return info
@@ -357,11 +368,48 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def discover(dicom_dir, report: Report) -> dict[str, list[DicomFile]]:
+def _gzip_dicom(path: Path, root: Path, scratch: Path, report: Report) -> Path | None:
+    """A gzip-compressed file (e.g. ``*.dcm.gz``) decompressed into ``scratch`` (never next to
+    the input); None, with a note or a problem naming ``path``, when it is not DICOM inside or
+    the compressed file is damaged."""
+    import gzip
+    import shutil
+    import zlib
+
+    rel = path.relative_to(root)
+    dst = scratch / rel.parent / (rel.name[:-3] if rel.name.lower().endswith(".gz") else rel.name)
+    try:
+        with gzip.open(path, "rb") as src:
+            head = src.read(4096)
+            if not (head[128:132] == b"DICM" or _looks_like_dicom(dst)):
+                report.note(f"ignored (gzip-compressed, not DICOM): {path}")
+                return None
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with open(dst, "wb") as out:
+                out.write(head)
+                shutil.copyfileobj(src, out, 1 << 20)
+    except (OSError, EOFError, zlib.error) as exc:
+        dst.unlink(missing_ok=True)
+        report.damaged(path, f"damaged gzip-compressed file: {path} ({exc or type(exc).__name__})")
+        return None
+    return dst
+
+
+def _is_gzip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
+
+
+def discover(dicom_dir, report: Report, *, scratch=None) -> dict[str, list[DicomFile]]:
     """Walk ``dicom_dir`` (any nesting) and group readable images by SeriesInstanceUID.
 
     Files sharing a SOPInstanceUID are checked: identical copies are read once (with a
-    note), different contents are a problem (nothing is silently dropped).
+    note), different contents are a problem (nothing is silently dropped).  Gzip-compressed
+    files (``*.dcm.gz``) are decompressed into ``scratch`` (a folder that must outlive the
+    returned files; required when there are any) and read from there.
     """
     root = Path(dicom_dir)
     if not root.is_dir():
@@ -376,23 +424,38 @@ def discover(dicom_dir, report: Report) -> dict[str, list[DicomFile]]:
         return {}
     by_sop: dict[str, DicomFile] = {}
     series: dict[str, list[DicomFile]] = {}
+    n_gz = 0
     for path in paths:
-        info = read_dicom_file(path, report)
+        if _is_gzip(path):
+            if scratch is None:
+                raise ValueError("discover: gzip-compressed files need a scratch folder")
+            unpacked = _gzip_dicom(path, root, Path(scratch), report)
+            if unpacked is None:
+                continue
+            n_gz += 1
+            info = read_dicom_file(unpacked, report, source=path)
+        else:
+            info = read_dicom_file(path, report)
         if info is None:
             continue
         key = info.sop_uid or f"nosop:{path}"
         if key in by_sop:
             first = by_sop[key]
             if _digest(first.path) == _digest(path):
-                report.note(f"identical copy read once: {path} (same as {first.path})")
+                report.note(f"identical copy read once: {info.shown} (same as {first.shown})")
                 continue
             report.problem(
-                f"{info.series_label}: files {first.path} and {path} share SOPInstanceUID "
+                f"{info.series_label}: files {first.shown} and {info.shown} share SOPInstanceUID "
                 f"{info.sop_uid} but differ; refusing to pick one"
             )
             continue
         by_sop[key] = info
         series.setdefault(info.series_uid or f"noseries:{info.series_number}", []).append(info)
+    if n_gz:
+        report.note(
+            f"{n_gz} gzip-compressed DICOM file(s) read from a temporary decompressed copy "
+            "(the inputs are unchanged)"
+        )
     if not series and not report.problems:
         report.problem(f"no DICOM images found in {root} ({len(paths)} files looked at)")
     return series
