@@ -418,6 +418,67 @@ def test_slurm_plugin_without_logname(bids_base, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.fixture(scope="module")
+def three_one_broken(tmp_path_factory):
+    """Three subjects, sub-02's first magnitude all zero (fails the input checks)."""
+    root = tmp_path_factory.mktemp("per_subject")
+    bids = write_bids_dataset(
+        root / "bids",
+        subjects=("01", "02", "03"),
+        shape=SHAPE,
+        voxel_size=(4.0, 4.0, 4.0),
+        te_s=TE,
+        snr=50.0,
+    )
+    p = bids / "sub-02" / "anat" / "sub-02_echo-1_part-mag_MEGRE.nii.gz"
+    img = nib.load(p)
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), p)
+    return bids, p
+
+
+def test_subject_failing_the_input_checks_is_skipped_the_others_run(
+    three_one_broken, tmp_path, capsys
+):
+    """One subject's bad input does not stop the dataset: it is reported (file and reason),
+    skipped and listed as failed in the summary; the others complete; exit 1."""
+    from qsmflow.cli.run import main
+
+    bids, bad = three_one_broken
+    before = _hashes(bids)
+    out, work = tmp_path / "out", tmp_path / "work"
+    rc, text = _call(main, [bids, out, "participant", "-w", work, "--nprocs", "2"], capsys)
+    _assert_clean(
+        rc,
+        text,
+        1,
+        [
+            "sub-02: 1 problem(s) with the input data; this subject is skipped",
+            f"{bad}: magnitude is all zero",
+            "sub-01: ok",
+            "sub-03: ok",
+            "sub-02: FAILED at the input check:",
+            "1 of 3 subject(s) failed",
+        ],
+    )
+    assert "nothing was run" not in text
+    for s in ("01", "03"):
+        assert (out / f"sub-{s}" / "anat" / f"sub-{s}_Chimap.nii.gz").is_file()
+    assert not (out / "sub-02" / "anat").exists()
+    assert "all zero" in (out / "sub-02.html").read_text()  # the index shows the failure
+    assert _hashes(bids) == before
+
+
+def test_stop_on_first_crash_keeps_all_or_nothing_input_checks(three_one_broken, tmp_path, capsys):
+    from qsmflow.cli.run import main
+
+    bids, bad = three_one_broken
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = [bids, out, "participant", "-w", work, "--stop-on-first-crash"]
+    rc, text = _call(main, argv, capsys)
+    _assert_clean(rc, text, 2, ["1 problem(s) with the input data; nothing was run", bad.name])
+    assert not out.exists() and not work.exists()
+
+
 # --------------------------------------------------------------------------------------------
 # valid but unusual inputs: accepted, with the right result
 # --------------------------------------------------------------------------------------------

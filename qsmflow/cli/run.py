@@ -26,7 +26,8 @@ examples:
   qsmflow /data/bids out participant --inversion tv --bfr pdf     # change single stages
   qsmflow /data/bids out participant --preset dip-gpu --device cuda
   qsmflow /data/bids out participant --preset dip-cpu              # MoDIP in minutes on a CPU
-  qsmflow /data/bids out participant --use-plugin workflows/plugins/slurmgraph.yml
+  qsmflow /data/bids out participant --use-plugin slurmgraph      # SLURM, shipped file
+  qsmflow --dump-plugin slurmgraph > my.yml     # edit partition/time, then --use-plugin my.yml
   qsmflow /data/bids out group                    # index.html linking the subject reports
 
 Outputs (BIDS derivatives) per run, in output_dir/sub-X[/ses-Y]/:
@@ -203,10 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--use-plugin",
-        type=Path,
-        metavar="FILE",
-        help="Nipype plugin YAML (plugin: and plugin_args:), e.g. "
-        "workflows/plugins/slurmgraph.yml for SLURM clusters",
+        metavar="NAME|FILE",
+        help="Nipype execution plugin: a shipped one by name (multiproc, slurm, slurmgraph; "
+        "see --list-plugins) or a YAML file (plugin: and plugin_args:), e.g. an edited copy "
+        "from --dump-plugin slurmgraph for a SLURM cluster",
+    )
+    g.add_argument(
+        "--list-plugins",
+        action="store_true",
+        help="list the shipped plugin files (names for --use-plugin), then exit",
+    )
+    g.add_argument(
+        "--dump-plugin",
+        metavar="NAME",
+        help="print a shipped plugin file as YAML (an editable copy for --use-plugin), then exit",
     )
     g.add_argument(
         "--device",
@@ -369,24 +380,72 @@ def _dump_preset(name: str) -> int:
     return EXIT_OK
 
 
-def _collect_runs(args):
-    """The MEGRE runs to process; None after printing the problems (nothing runs)."""
-    from qsmflow.bids_input import BIDSInputError, collect_runs
+def _list_plugins() -> int:
+    """Each shipped plugin: its name (for --use-plugin), Nipype plugin and file."""
+    from qsmflow.cli._plugins import list_plugins, load_plugin_file, plugin_dir
+
+    for name in list_plugins():
+        path = plugin_dir() / f"{name}.yml"
+        print(f"{name}: Nipype {load_plugin_file(path)[0]} plugin ({path})")
+    return EXIT_OK
+
+
+def _dump_plugin(name: str) -> int:
+    """Print a shipped plugin file (with its comments): an editable start for --use-plugin."""
+    from qsmflow.cli._plugins import PluginError, plugin_text
 
     try:
-        return collect_runs(
+        sys.stdout.write(plugin_text(name))
+    except PluginError as exc:
+        raise UsageError(str(exc)) from None
+    return EXIT_OK
+
+
+def _collect_runs(args):
+    """The MEGRE runs to process and ``{subject: [input problems]}`` of the subjects skipped;
+    None after printing the problems (nothing runs).
+
+    Problems of the dataset (no dataset_description.json, a sidecar that is not JSON, a
+    participant not found) stop everything.  A subject whose runs fail the input checks is
+    skipped and the others run; with ``--stop-on-first-crash``, or when every subject fails,
+    nothing runs."""
+    from qsmflow.bids_input import BIDSInputError, check_run, find_runs
+
+    def refuse(problems):
+        print(
+            f"qsmflow: {len(problems)} problem(s) with the input data; nothing was run:",
+            file=sys.stderr,
+        )
+        for msg in problems:
+            print(f"  - {msg}", file=sys.stderr)
+        return None
+
+    try:
+        runs = find_runs(
             args.bids_dir,
             participant_labels=args.participant_label,
             session_labels=args.session_label,
         )
     except BIDSInputError as exc:
+        return refuse(exc.problems)
+    invalid: dict = {}
+    for r in runs:
+        problems = check_run(r)
+        if problems:
+            invalid.setdefault(r.subject, []).extend(problems)
+    if not invalid:
+        return runs, {}
+    if args.stop_on_first_crash or all(r.subject in invalid for r in runs):
+        return refuse([m for probs in invalid.values() for m in probs])
+    for sub, problems in sorted(invalid.items()):
         print(
-            f"qsmflow: {len(exc.problems)} problem(s) with the input data; nothing was run:",
+            f"qsmflow: sub-{sub}: {len(problems)} problem(s) with the input data; "
+            "this subject is skipped, the others run:",
             file=sys.stderr,
         )
-        for msg in exc.problems:
+        for msg in problems:
             print(f"  - {msg}", file=sys.stderr)
-        return None
+    return [r for r in runs if r.subject not in invalid], invalid
 
 
 def _configure_nipype(args) -> Path:
@@ -500,21 +559,35 @@ def _failed_subjects(runs, out: Path, progress) -> dict:
     return failed
 
 
-def _summarise(args, out, subjects, failed, error, executed, crash, t0, plugin, pargs) -> int:
-    """Print the per-subject summary and the QC report paths; returns the exit status."""
+def _summarise(
+    args, out, subjects, failed, error, executed, crash, t0, plugin, pargs, invalid=None
+) -> int:
+    """Print the per-subject summary and the QC report paths; returns the exit status.
+
+    ``invalid``: ``{subject: [input problems]}`` of the subjects skipped before the run."""
     from qsmflow.cli._summary import failures_by_subject, subject_lines
     from qsmflow.reports import subject_report_path, write_failure_report, write_group_index
 
+    invalid = invalid or {}
     crashes = {s: c for s, c in failures_by_subject(crash, t0).items() if s in failed}
     print(
         f"\nqsmflow summary ({len(executed)} node(s) executed, work dir {args.work_dir}):",
         file=sys.stderr,
     )
-    for line in subject_lines(subjects, failed, crashes, verbose=bool(args.verbose)):
-        print(line, file=sys.stderr)
+    for sub in subjects:
+        if sub in invalid:
+            probs = invalid[sub]
+            more = f" (+{len(probs) - 1} more)" if len(probs) > 1 else ""
+            print(f"  sub-{sub}: FAILED at the input check: {probs[0]}{more}", file=sys.stderr)
+            continue
+        for line in subject_lines([sub], failed, crashes, verbose=bool(args.verbose)):
+            print(line, file=sys.stderr)
     for sub in failed:  # the subject's report page says why, so the index shows the failure
         lines = [ln.strip() for ln in subject_lines([sub], failed, crashes)]
         write_failure_report(out, sub, errors=[" ".join(lines)])
+    for sub, probs in invalid.items():
+        write_failure_report(out, sub, errors=[f"input check: {m}" for m in probs])
+    failed = {**failed, **{s: ["input check"] for s in invalid}}
     index = write_group_index(out)
     pages = [str(p) for p in (subject_report_path(out, s) for s in subjects) if p.is_file()]
     if pages:
@@ -548,11 +621,17 @@ def _info_request(argv):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--list-presets", action="store_true")
     pre.add_argument("--dump-preset")
+    pre.add_argument("--list-plugins", action="store_true")
+    pre.add_argument("--dump-plugin")
     known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else [str(a) for a in argv])
     if known.list_presets:
         return _list_presets()
     if known.dump_preset:
         return _dump_preset(known.dump_preset)
+    if known.list_plugins:
+        return _list_plugins()
+    if known.dump_plugin:
+        return _dump_plugin(known.dump_plugin)
     return None
 
 
@@ -567,9 +646,10 @@ def run(argv=None) -> int:
     cfg = _load_config(args)
     use_gpu = _gpu_wanted(cfg)
     plugin, pargs = _plugin(args, use_gpu, None)  # checked before anything runs
-    runs = _collect_runs(args)
-    if runs is None:
+    collected = _collect_runs(args)
+    if collected is None:
         return EXIT_USAGE
+    runs, invalid = collected
 
     from qsmflow import __version__
     from qsmflow.workflows.base import init_qsmflow_wf
@@ -594,12 +674,16 @@ def run(argv=None) -> int:
         f"qsmflow {__version__}: {len(runs)} run(s) of {len(subjects)} subject(s); "
         f"methods: "
         + ", ".join(f"{s}={cfg.method(s)}" for s in cfg.stages)
-        + f"; work dir {args.work_dir}",
+        + f"; work dir {args.work_dir}"
+        + (f"; skipped: {', '.join('sub-' + s for s in sorted(invalid))}" if invalid else ""),
         file=sys.stderr,
     )
     error, executed, t0 = _execute(wf, plugin, pargs, progress, args.work_dir)
     failed = _failed_subjects(runs, out, progress)
-    return _summarise(args, out, subjects, failed, error, executed, crash, t0, plugin, pargs)
+    subjects = sorted({*subjects, *invalid})
+    return _summarise(
+        args, out, subjects, failed, error, executed, crash, t0, plugin, pargs, invalid
+    )
 
 
 def _group(args) -> int:
