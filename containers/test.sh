@@ -4,7 +4,7 @@
 # 1. hadolint on both Dockerfiles, shellcheck on the scripts (when installed);
 # 2. containers/build.sh (cached layers: seconds when nothing changed);
 # 3. in the image, with --network none and the caller's uid: qsmflow --version and the label,
-#    qsmflow-demo, and the BIDS-App on the host demo's dataset (read-only);
+#    the shipped plugin files (--list-plugins, --dump-plugin slurmgraph), qsmflow-demo, and the BIDS-App on the host demo's dataset (read-only);
 # 4. every chi map from the container equals the host's within float tolerance, and the
 #    outputs are readable by others (mode 0644);
 # 5. QSM-CI: qsm-ci run --runner docker on the RTS folder (when qsm-ci is installed).
@@ -48,6 +48,12 @@ got=$(run "$image" --version)
 label=$(docker image inspect -f '{{index .Config.Labels "org.opencontainers.image.version"}}' \
     "$image")
 [ "$label" = "$version" ] || die "image label version '$label', expected $version"
+
+log "shipped plugin files in the image (--use-plugin slurmgraph works there too)"
+run "$image" --list-plugins | grep -q '^slurmgraph: Nipype SLURMGraph plugin' ||
+    die "qsmflow --list-plugins in the image does not list slurmgraph"
+run "$image" --dump-plugin slurmgraph | grep -q 'kill-on-invalid-dep=yes' ||
+    die "qsmflow --dump-plugin slurmgraph in the image is not the shipped file"
 
 log "qsmflow-demo on the host ($SIZE^3)"
 "$PYTHON" -m qsmflow.cli.demo "$work/host" --size "$SIZE" >"$work/host.log" 2>&1 ||

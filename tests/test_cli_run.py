@@ -137,3 +137,58 @@ def test_bad_inputs_listed_and_nothing_run(tmp_path, capsys):
     assert "sub-02_echo-3_part-phase_MEGRE.nii.gz" in err and "neither radians" in err
     assert "sub-02_echo-2_part-mag_MEGRE.nii.gz: magnitude image must be 3D" in err
     assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
+def test_shipped_plugins_by_name(bids, tmp_path, capsys, monkeypatch):
+    """The plugin files are package data: `--use-plugin slurmgraph` finds the shipped file from
+    any folder; `--dump-plugin` prints it (an editable copy, read back by path); a bad name is
+    one line listing the valid names, and nothing is created."""
+    from qsmflow.cli._plugins import list_plugins, load_plugin_file, plugin_dir
+
+    assert list_plugins() == ["multiproc", "slurm", "slurmgraph"]
+    monkeypatch.chdir(tmp_path)  # not the checkout: names resolve in the package
+    assert load_plugin_file("slurmgraph")[0] == "SLURMGraph"
+    assert load_plugin_file("multiproc")[0] == "MultiProc"
+    assert main(["--list-plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "slurmgraph: Nipype SLURMGraph plugin" in out and "multiproc:" in out
+    assert main(["--dump-plugin", "slurmgraph"]) == 0
+    text = capsys.readouterr().out
+    assert text == (plugin_dir() / "slurmgraph.yml").read_text()
+    (tmp_path / "my.yml").write_text(text.replace("--mem=8G", "--mem=2G"))
+    assert "--mem=2G" in load_plugin_file("my.yml")[1]["sbatch_args"]
+    assert main(["--dump-plugin", "nope"]) == 2
+    assert "unknown plugin 'nope'; choose from: multiproc, slurm, slurmgraph" in (
+        capsys.readouterr().err
+    )
+    w = ["-w", tmp_path / "w"]
+    rc, err = _run([bids, tmp_path / "o", "participant", "--use-plugin", "slurmgrap", *w], capsys)
+    assert rc == 2 and "unknown plugin 'slurmgrap'" in err, err
+    assert "one of: multiproc, slurm, slurmgraph" in err and "\n" not in err.strip(), err
+    rc, err = _run([bids, tmp_path / "o", "participant", "--use-plugin", "no/such.yml", *w], capsys)
+    assert rc == 2 and "plugin file not found" in err, err
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+
+
+def test_installed_package_ships_the_plugins(tmp_path):
+    """The qsmflow this interpreter imports outside the checkout (site-packages after `pip
+    install .`, as in CI and the container) has the plugin files and presets."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, "-m", "qsmflow.cli.run"]
+    res = subprocess.run(
+        [*cmd, "--list-plugins"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    for name in ("multiproc", "slurm", "slurmgraph"):
+        assert f"{name}: Nipype " in res.stdout, res.stdout
+    res = subprocess.run(
+        [*cmd, "--dump-plugin", "slurmgraph"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == (repo / "qsmflow/data/plugins/slurmgraph.yml").read_text()

@@ -15,7 +15,7 @@ import subprocess
 import nibabel as nib
 import numpy as np
 import pytest
-from qsmflow_subprocess import REPO, chi_map, qsmflow_cmd, subprocess_env
+from qsmflow_subprocess import chi_map, qsmflow_cmd, subprocess_env
 
 from qsmflow.sims.bids import write_bids_dataset
 
@@ -181,11 +181,7 @@ def test_slurm_settings_checked_before_submitting(dataset, tmp_path):
 def test_shipped_plugin_files_are_accepted_by_slurm():
     from qsmflow.cli._plugins import check_slurm, load_plugin_file
 
-    for name in ("slurmgraph.yml", "slurm.yml"):
-        path = REPO / "workflows" / "plugins" / name
-        plugin, args = load_plugin_file(path)
-        check_slurm(plugin, args, where=str(path), environ={"LOGNAME": "root"})
-    assert (
-        "--kill-on-invalid-dep=yes"
-        in load_plugin_file(REPO / "workflows" / "plugins" / "slurmgraph.yml")[1]["sbatch_args"]
-    )
+    for name in ("slurmgraph", "slurm"):  # by name: the files shipped in the package
+        plugin, args = load_plugin_file(name)
+        check_slurm(plugin, args, where=name, environ={"LOGNAME": "root"})
+    assert "--kill-on-invalid-dep=yes" in load_plugin_file("slurmgraph")[1]["sbatch_args"]

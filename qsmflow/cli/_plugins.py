@@ -1,6 +1,10 @@
 """Nipype execution plugins: the ``--use-plugin`` file checked before a run, and SLURMGraph
 jobs waited for after it.
 
+Plugin files ship with the package (``qsmflow/data/plugins/<name>.yml``: ``multiproc``,
+``slurm``, ``slurmgraph``): ``--use-plugin slurmgraph`` picks one by name, ``--use-plugin
+my.yml`` reads a file (an edited copy from ``qsmflow --dump-plugin slurmgraph``).
+
 Checked before anything runs (one message each): the YAML itself, the plugin name, the type of
 ``plugin_args``; for SLURM and SLURMGraph that ``sbatch``/``squeue`` exist, that ``LOGNAME`` is
 set (Nipype's SLURM plugin names jobs with it) and that ``sbatch --test-only`` accepts the
@@ -15,6 +19,7 @@ cancels its dependants instead of leaving them pending forever.
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import shlex
 import shutil
@@ -49,11 +54,49 @@ class PluginError(Exception):
     """A problem with the plugin file or the cluster (message names the file and key)."""
 
 
+def plugin_dir() -> Path:
+    """The folder of the shipped plugin files (package data)."""
+    return Path(str(importlib.resources.files("qsmflow") / "data" / "plugins"))
+
+
+def list_plugins() -> list[str]:
+    """Names of the shipped plugin files (``--use-plugin NAME``)."""
+    return sorted(p.stem for p in plugin_dir().glob("*.yml"))
+
+
+def resolve_plugin(spec) -> Path:
+    """The plugin file ``--use-plugin`` names: an existing file, else a shipped plugin's name
+    (``slurmgraph``); :class:`PluginError` (one line listing the shipped names) otherwise."""
+    text = str(spec)
+    p = Path(text)
+    if p.exists():
+        return p
+    names = list_plugins()
+    if text in names:
+        return plugin_dir() / f"{text}.yml"
+    if "/" in text or os.sep in text or p.suffix in (".yml", ".yaml"):
+        raise PluginError(
+            f"{p}: plugin file not found (or name a shipped plugin: {', '.join(names)})"
+        )
+    raise PluginError(
+        f"unknown plugin {text!r}: not a file and not a shipped plugin; choose a YAML file or "
+        f"one of: {', '.join(names)}"
+    )
+
+
+def plugin_text(name: str) -> str:
+    """The YAML text of a shipped plugin file, comments included (``qsmflow --dump-plugin``)."""
+    names = list_plugins()
+    if name not in names:
+        raise PluginError(f"unknown plugin {name!r}; choose from: {', '.join(names)}")
+    return (plugin_dir() / f"{name}.yml").read_text(encoding="utf-8")
+
+
 def load_plugin_file(path) -> tuple[str, dict]:
-    """``(plugin name, plugin_args)`` from a YAML file, checked."""
+    """``(plugin name, plugin_args)`` from a YAML file (or a shipped plugin's name), checked."""
     import yaml
 
-    p = Path(path)
+    p = resolve_plugin(path)
     if p.is_dir():
         raise PluginError(f"{p}: plugin file is a folder, not a YAML file")
     if not p.is_file():
