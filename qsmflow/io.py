@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -25,21 +26,55 @@ def new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+#: temporary files of this process's atomic writes in progress (removed by
+#: :func:`remove_pending_temporaries`, e.g. when a signal ends the process with ``os._exit``)
+_PENDING: set[str] = set()
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _mkstemp_pending(**kw) -> tuple[int, str]:
+    """``tempfile.mkstemp`` whose file is registered in :data:`_PENDING` before a SIGINT or
+    SIGTERM handler can run (the two are blocked in between)."""
+    block = hasattr(signal, "pthread_sigmask")
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if block else None
+    try:
+        fd, tmp = tempfile.mkstemp(**kw)
+        _PENDING.add(tmp)
+    finally:
+        if block:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return fd, tmp
+
+
+def remove_pending_temporaries() -> None:
+    """Remove the temporary files of atomic writes still in progress in this process (a signal
+    handler calls this before ``os._exit``, which skips ``write_atomic``'s own cleanup)."""
+    for tmp in list(_PENDING):
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        _PENDING.discard(tmp)
+
+
 def write_atomic(path, writer, *, suffix: str = "") -> None:
     """Write ``path`` atomically: ``writer(tmp)`` writes a temporary file in the destination
     folder (made if missing), which then replaces ``path``; on any failure the temporary file
-    is removed and ``path`` is untouched.  The one atomic-write helper: others build on it."""
+    is removed and ``path`` is untouched (and on SIGINT/SIGTERM, see
+    :func:`remove_pending_temporaries`).  The one atomic-write helper: others build on it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.fchmod(fd, new_file_mode())
-    os.close(fd)
+    fd, tmp = _mkstemp_pending(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
+        os.fchmod(fd, new_file_mode())
+        os.close(fd)
         writer(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        _PENDING.discard(tmp)
 
 
 def write_nifti_atomic(data: np.ndarray, ref_img, path, *, dtype=np.float32) -> None:

@@ -128,6 +128,7 @@ def test_interrupt_stops_workers_and_rerun_resumes(sig, code, eight, tmp_path):
     finished = {p.parent.relative_to(wf).as_posix() for p in wf.rglob("result_*.pklz")}
     for f in out.rglob("*.nii.gz"):  # whatever is under a final name is complete
         np.asarray(nib.load(f).dataobj)
+    assert not _temporaries(out)
     if sig == signal.SIGTERM:
         return  # the resumed rerun is checked once (after Ctrl-C)
 
@@ -137,6 +138,91 @@ def test_interrupt_stops_workers_and_rerun_resumes(sig, code, eight, tmp_path):
     assert finished and not (finished & executed), "finished nodes were run again"
     for s in SUBJECTS[:2]:
         np.testing.assert_array_equal(chi_map(out, s), chi_map(ref_out, s))
+
+
+def _temporaries(out: Path) -> list:
+    """Hidden files in the output folder other than .bidsignore: temporaries of atomic writes
+    (``.<name>.<random>``) left behind."""
+    return [p for p in out.rglob(".*") if p.name != ".bidsignore"] if out.exists() else []
+
+
+def test_sigterm_when_the_inversion_starts(tmp_path):
+    """SIGTERM (a cluster's time limit) as the first inversion starts: exit 143, one line, no
+    BrokenProcessPool traceback from the pool's thread, no temporary file in the output."""
+    import threading
+
+    bids = write_bids_dataset(tmp_path / "bids", subjects=SUBJECTS[:2], **KW)
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.Popen(
+        _cmd(bids, out, work),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=subprocess_env(),
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any("invert started" in ln for ln in lines):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "finished before it could be terminated"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    text = "".join(lines)
+    assert proc.returncode == 143, text
+    assert "qsmflow: terminated; stopping worker processes" in text
+    assert "Traceback" not in text and "BrokenProcessPool" not in text, text
+    assert not _temporaries(out)
+
+
+_WRITER = """
+import multiprocessing as mp, sys, time
+from pathlib import Path
+from qsmflow.cli._signals import handle_signals
+from qsmflow.io import write_atomic
+
+out = Path(sys.argv[1])
+
+def slow(tmp):
+    Path(tmp).write_text("partial")
+    time.sleep(60)
+
+with handle_signals("writer"):
+    worker = mp.get_context("fork").Process(
+        target=write_atomic, args=(out / "sub-01" / "x.json", slow)
+    )
+    worker.start()
+    write_atomic(out / ".bidsignore", slow)
+"""
+
+
+def test_signal_during_atomic_writes_leaves_no_temporary(tmp_path):
+    """SIGTERM while the main process and a forked worker are each inside an atomic write:
+    both temporaries are removed (os._exit skips write_atomic's own cleanup)."""
+    import sys
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=subprocess_env(),
+    )
+    deadline = time.monotonic() + 60
+    while len([p for p in out.rglob("*") if p.is_file()]) < 2:  # main and worker writing
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 143 and "writer: terminated" in text, text
+    assert "Traceback" not in text
+    assert not [p for p in out.rglob("*") if p.is_file()]
 
 
 def test_work_dir_a_file_does_not_hang(tmp_path):

@@ -4,12 +4,16 @@ Nipype's MultiProc runs nodes in a process pool; an interrupt of the main proces
 leave those workers computing (and Nipype catches exceptions in its loop, so the run could end
 with exit 0).  :func:`handle_signals` installs handlers that terminate the workers (and their
 children), print one line and leave with the conventional status; finished nodes stay cached
-in the work directory, so the same command resumes.
+in the work directory, so the same command resumes.  Nothing else reaches the terminal: the
+process pool's "BrokenProcessPool" callback tracebacks (its workers are being stopped) are
+dropped, and the temporary files of atomic writes in progress are removed (in the main
+process and in every forked worker) before ``os._exit``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import signal
@@ -70,6 +74,40 @@ def _alive(pid: int) -> bool:
         return False
 
 
+class _BrokenPoolFilter(logging.Filter):
+    """Drop the process pool's "exception calling callback ... BrokenProcessPool" tracebacks
+    (Nipype's callback re-raises the pool's error in the pool's own thread): while stopping on
+    a signal they are noise; otherwise one line says that a worker was killed."""
+
+    def __init__(self, prog: str):
+        super().__init__()
+        self.prog = prog
+        self.stopping = False
+        self.said = False
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if type(exc).__name__ != "BrokenProcessPool":
+            return True
+        if not self.stopping and not self.said:
+            self.said = True
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(
+                    f"{self.prog}: a worker process ended abruptly (killed, e.g. out of "
+                    "memory); its node and those waiting for it fail\n"
+                )
+        return False
+
+
+def _silence(filt: _BrokenPoolFilter) -> None:
+    """From here on nothing but our own lines: no log records, no thread tracebacks."""
+    filt.stopping = True
+    logging.disable(logging.CRITICAL)
+    import threading
+
+    threading.excepthook = lambda args: None
+
+
 @contextlib.contextmanager
 def handle_signals(prog: str, *, hint: str = "", on_stop=None):
     """Within the block, SIGINT/SIGTERM stop the workers and exit 130/143 (no traceback).
@@ -80,16 +118,24 @@ def handle_signals(prog: str, *, hint: str = "", on_stop=None):
         yield
         return
 
+    from qsmflow.io import remove_pending_temporaries
+
     main_pid = os.getpid()
+    filt = _BrokenPoolFilter(prog)
 
     def handler(signum, frame):
         code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
         if os.getpid() != main_pid:  # a forked worker inherited the handler: just stop
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            remove_pending_temporaries()
+            _silence(filt)
             stop_workers(grace_s=0.5)
             os._exit(code)
         # ignore repeats while stopping
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _silence(filt)
         name = "interrupted" if signum == signal.SIGINT else "terminated"
         try:
             sys.stderr.write(f"\n{prog}: {name}; stopping worker processes{hint}\n")
@@ -105,6 +151,9 @@ def handle_signals(prog: str, *, hint: str = "", on_stop=None):
             except Exception:  # noqa: BLE001 - stopping must go on whatever the cleanup does
                 pass
         stop_workers()
+        remove_pending_temporaries()
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
         os._exit(code)  # the pool's shutdown could wait for results that never come
 
     try:
@@ -112,8 +161,11 @@ def handle_signals(prog: str, *, hint: str = "", on_stop=None):
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
+    pool_log = logging.getLogger("concurrent.futures")
+    pool_log.addFilter(filt)
     try:
         yield
     finally:
+        pool_log.removeFilter(filt)
         for s, h in old.items():
             signal.signal(s, h)

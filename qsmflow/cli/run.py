@@ -528,8 +528,7 @@ def _execute(wf, plugin, pargs, progress, work: Path):
             n = cancel_slurm_jobs(batch)
             return f"cancelled {n} SLURM job(s)" if n else None
 
-    hint = " (re-run the same command to resume)"
-    with handle_signals("qsmflow", hint=hint, on_stop=on_stop):
+    with handle_signals("qsmflow", hint=_RESUME_HINT, on_stop=on_stop):
         try:
             wf.run(plugin=plugin, plugin_args=pargs)
         except Exception as exc:  # noqa: BLE001 - nipype raises RuntimeError for crashed nodes
@@ -640,6 +639,18 @@ def run(argv=None) -> int:
     if info is not None:
         return info
     args = build_parser().parse_args(argv)
+    from qsmflow.cli._signals import handle_signals
+
+    # from here on SIGINT/SIGTERM exit 130/143 with one line (no traceback, no temporary
+    # file left by an atomic write in progress, e.g. while writing the provenance files)
+    with handle_signals("qsmflow", hint=_RESUME_HINT):
+        return _run(args)
+
+
+_RESUME_HINT = " (re-run the same command to resume)"
+
+
+def _run(args) -> int:
     _check_paths(args)
     if args.analysis_level == "group":
         return _group(args)
