@@ -157,3 +157,69 @@ def regional_table(
             }
         )
     return rows
+
+
+#: boxes of :func:`deep_grey_white_regions`, in fractions of the brain mask's extent:
+#: (|left-right offset from the centre| / half width, posterior-to-anterior position,
+#: depth below the vertex / anterior-posterior length)
+DEEP_GREY_BOX = ((0.24, 0.64), (0.46, 0.72), (0.40, 0.48))
+WHITE_MATTER_BOX = ((0.20, 0.60), (0.30, 0.70), (0.17, 0.28))
+
+
+def deep_grey_white_regions(mask: np.ndarray, affine, *, min_depth_mm: float = 6.0):
+    """Registration-free boxes of the deep grey nuclei and of deep white matter in ``mask``.
+
+    No atlas: the boxes are fixed fractions of the brain mask's extent in RAS+ orientation
+    (:data:`DEEP_GREY_BOX`, :data:`WHITE_MATTER_BOX`): left-right about the mask's centre in
+    units of its half width, anterior-posterior from its back in units of its length, and
+    superior-inferior *below the vertex* (the mask's top, which, unlike its bottom, does not
+    depend on where the mask cuts the brain stem or the field of view) in units of the
+    anterior-posterior length.  The deep grey box holds the lentiform nuclei (putamen and
+    globus pallidus) on both sides at the level of the third ventricle; the white-matter box
+    the centrum semiovale above the lateral ventricles, on both sides of the midline.  Both
+    keep only voxels deeper than ``min_depth_mm`` below the mask's edge.  Checked by eye on
+    the Philips 3 T scan of ``../shared/data/philips_megre`` (3 mm): an adult head in a
+    standard axial position; a strongly tilted head or a partial field of view would need a
+    registered atlas instead.
+
+    Parameters
+    ----------
+    mask : (X, Y, Z) bool, brain mask in the array's own orientation
+    affine : (4, 4) voxel-to-world (RAS mm) of the array
+
+    Returns
+    -------
+    (deep_grey, white) : two (X, Y, Z) bool arrays in the array's own orientation
+    """
+    import nibabel as nib
+
+    m = np.asarray(mask, dtype=bool)
+    aff = np.asarray(affine, dtype=np.float64)
+    ornt = nib.orientations.io_orientation(aff)
+    to_ras = nib.orientations.ornt_transform(ornt, nib.orientations.axcodes2ornt("RAS"))
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+    mr = nib.orientations.apply_orientation(m, to_ras).astype(bool)
+    vs = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
+    axes = ornt[:, 0].astype(int)
+    h = np.zeros(3)
+    h[axes] = vs
+    if not mr.any():
+        e = np.zeros(m.shape, dtype=bool)
+        return e, e.copy()
+    idx = np.argwhere(mr)
+    lo, hi = idx.min(axis=0), idx.max(axis=0)
+    x, y, z = np.indices(mr.shape, dtype=np.float64)
+    u = np.abs(x - (lo[0] + hi[0]) / 2.0) / max((hi[0] - lo[0]) / 2.0, 1.0)
+    v = (y - lo[1]) / max(hi[1] - lo[1], 1)
+    ap_mm = (hi[1] - lo[1] + 1) * h[1]
+    w = (hi[2] - z) * h[2] / ap_mm
+    depth = ndimage.distance_transform_edt(np.pad(mr, 1), sampling=h)[1:-1, 1:-1, 1:-1]
+    core = mr & (depth > min_depth_mm)
+
+    def box(b):
+        (u0, u1), (v0, v1), (w0, w1) = b
+        return core & (u >= u0) & (u <= u1) & (v >= v0) & (v <= v1) & (w >= w0) & (w <= w1)
+
+    deep = nib.orientations.apply_orientation(box(DEEP_GREY_BOX), back).astype(bool)
+    white = nib.orientations.apply_orientation(box(WHITE_MATTER_BOX), back).astype(bool)
+    return deep, white
