@@ -98,23 +98,43 @@ def find_runs(
     participant_labels=None,
     session_labels=None,
     suffix: str = "MEGRE",
+    json_per_subject: bool = False,
 ) -> list[MEGRERun]:
-    """All MEGRE runs (unchecked); raises :class:`BIDSInputError` for dataset-level problems."""
-    from qsmflow.validation import bids_layout, check_json_tree
+    """All MEGRE runs (unchecked); raises :class:`BIDSInputError` for dataset-level problems.
+
+    A JSON file that does not parse is a dataset-level problem, unless ``json_per_subject``
+    and it lies in a ``sub-<label>`` folder: that subject is then not indexed and is returned
+    as one run without images whose ``problems`` name the files (:func:`check_run` returns
+    them), so a caller can skip that subject alone."""
+    from qsmflow.validation import bids_layout, json_problems
 
     root = Path(bids_dir)
     if not (root / "dataset_description.json").is_file():
         raise BIDSInputError([f"{root}: not a BIDS dataset (no dataset_description.json)"])
-    bad_json = check_json_tree(root)
-    if bad_json:
-        raise BIDSInputError(bad_json)
-    layout = bids_layout(root)
-    subjects = sorted(layout.get_subjects())
+    bad_json: dict = {}  # subject ("" for the dataset) -> problems
+    for path, probs in json_problems(root).items():
+        top = path.relative_to(root).parts[0]
+        sub = top[4:] if json_per_subject and top.startswith("sub-") and top != "sub-" else ""
+        bad_json.setdefault(sub, []).extend(probs)
+    if "" in bad_json:
+        raise BIDSInputError([m for probs in bad_json.values() for m in probs])
+    layout = bids_layout(root, ignore_subjects=sorted(bad_json))
+    subjects = sorted({*layout.get_subjects(), *bad_json})
     problems = []
     wanted = None
     if participant_labels:
         wanted = [_strip(s, "sub") for s in participant_labels]
         problems += [f"{root}: participant sub-{s} not found" for s in wanted if s not in subjects]
+    skipped = [
+        MEGRERun(
+            entities={k: (s if k == "subject" else None) for k in RUN_ENTITIES},
+            phase_files=[],
+            magnitude_files=[],
+            problems=bad_json[s],
+        )
+        for s in sorted(bad_json)
+        if not wanted or s in wanted
+    ]
     sessions = [_strip(s, "ses") for s in session_labels] if session_labels else None
     query = {"suffix": suffix, "extension": [".nii", ".nii.gz"], "datatype": "anat"}
     if wanted:
@@ -122,7 +142,7 @@ def find_runs(
     if sessions:
         query["session"] = sessions
     files = layout.get(**query) if not problems else []
-    if not problems and not files:
+    if not problems and not files and not skipped:
         what = f" for participant(s) {', '.join(wanted)}" if wanted else ""
         what += f" in session(s) {', '.join(sessions)}" if sessions else ""
         problems.append(f"{root}: no *_{suffix}.nii[.gz] images found{what}")
@@ -137,7 +157,7 @@ def find_runs(
     runs = []
     for key, members in sorted(groups.items(), key=lambda kv: [str(x) for x in kv[0]]):
         runs.append(_make_run(layout, dict(zip(RUN_ENTITIES, key)), members))
-    return runs
+    return sorted(runs + skipped, key=lambda r: r.subject)
 
 
 def _make_run(layout, entities, members) -> MEGRERun:

@@ -96,16 +96,24 @@ def check_json_file(path) -> tuple[dict | None, list[str]]:
     return data, []
 
 
-def check_json_tree(root, *, skip=("derivatives", "sourcedata", ".git")) -> list[str]:
-    """Every ``*.json`` under ``root`` (except ``skip`` folders) must parse."""
+def json_problems(root, *, skip=("derivatives", "sourcedata", ".git")) -> dict:
+    """``{path: [problems]}`` of the ``*.json`` files under ``root`` (except ``skip`` folders
+    and hidden ones) that do not parse."""
     root = Path(root)
-    problems = []
+    out = {}
     for p in sorted(root.rglob("*.json")):
         rel = p.relative_to(root).parts
         if rel and rel[0] in skip or any(part.startswith(".") for part in rel):
             continue
-        problems += check_json_file(p)[1]
-    return problems
+        bad = check_json_file(p)[1]
+        if bad:
+            out[p] = bad
+    return out
+
+
+def check_json_tree(root, *, skip=("derivatives", "sourcedata", ".git")) -> list[str]:
+    """Every ``*.json`` under ``root`` (except ``skip`` folders) must parse."""
+    return [m for probs in json_problems(root, skip=skip).values() for m in probs]
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,16 +276,20 @@ def check_output_file(path, *, inputs=()) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # BIDS layout
 # --------------------------------------------------------------------------------------------
-def bids_layout(root):
+def bids_layout(root, *, ignore_subjects=()):
     """A pybids layout whose entities come from paths *inside* ``root`` only.
 
     pybids matches its entity patterns against absolute paths, so a dataset stored under a
     folder named like an entity (``/data/sub-study/bids``, ``/data/run-2/bids``) would give every
     file that subject or run.  Each pattern is anchored after the dataset root here.
+    ``ignore_subjects``: labels whose ``sub-<label>`` folders are not indexed (pybids fails on
+    a sidecar that is not JSON).
     """
     import importlib.resources
 
     from bids import BIDSLayout
+    from bids.layout import BIDSLayoutIndexer
+    from bids.layout.validation import DEFAULT_LOCATIONS_TO_IGNORE
 
     root = Path(root).absolute()
     cfg_path = importlib.resources.files("bids.layout") / "config" / "bids.json"
@@ -286,4 +298,11 @@ def bids_layout(root):
     for ent in config["entities"]:
         if ent.get("pattern"):
             ent["pattern"] = prefix + ent["pattern"]
-    return BIDSLayout(str(root), validate=False, derivatives=False, config=[config])
+    indexer = None
+    if ignore_subjects:
+        ignore = list(DEFAULT_LOCATIONS_TO_IGNORE)
+        ignore += [re.compile(rf"^/sub-{re.escape(s)}(/|$)") for s in ignore_subjects]
+        indexer = BIDSLayoutIndexer(validate=False, ignore=ignore)
+    return BIDSLayout(
+        str(root), validate=False, derivatives=False, config=[config], indexer=indexer
+    )

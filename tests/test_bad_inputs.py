@@ -419,12 +419,12 @@ def test_slurm_plugin_without_logname(bids_base, tmp_path, capsys, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def three_one_broken(tmp_path_factory):
-    """Three subjects, sub-02's first magnitude all zero (fails the input checks)."""
+def four_two_broken(tmp_path_factory):
+    """Four subjects: sub-02's first magnitude all zero, a sidecar of sub-04 not JSON."""
     root = tmp_path_factory.mktemp("per_subject")
     bids = write_bids_dataset(
         root / "bids",
-        subjects=("01", "02", "03"),
+        subjects=("01", "02", "03", "04"),
         shape=SHAPE,
         voxel_size=(4.0, 4.0, 4.0),
         te_s=TE,
@@ -433,17 +433,18 @@ def three_one_broken(tmp_path_factory):
     p = bids / "sub-02" / "anat" / "sub-02_echo-1_part-mag_MEGRE.nii.gz"
     img = nib.load(p)
     nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), p)
+    (bids / "sub-04" / "anat" / "sub-04_echo-2_part-phase_MEGRE.json").write_text("{EchoTime")
     return bids, p
 
 
 def test_subject_failing_the_input_checks_is_skipped_the_others_run(
-    three_one_broken, tmp_path, capsys
+    four_two_broken, tmp_path, capsys
 ):
     """One subject's bad input does not stop the dataset: it is reported (file and reason),
     skipped and listed as failed in the summary; the others complete; exit 1."""
     from qsmflow.cli.run import main
 
-    bids, bad = three_one_broken
+    bids, bad = four_two_broken
     before = _hashes(bids)
     out, work = tmp_path / "out", tmp_path / "work"
     rc, text = _call(main, [bids, out, "participant", "-w", work, "--nprocs", "2"], capsys)
@@ -457,25 +458,28 @@ def test_subject_failing_the_input_checks_is_skipped_the_others_run(
             "sub-01: ok",
             "sub-03: ok",
             "sub-02: FAILED at the input check:",
-            "1 of 3 subject(s) failed",
+            "sub-04: 1 problem(s) with the input data; this subject is skipped",
+            "sub-04_echo-2_part-phase_MEGRE.json: not valid JSON",
+            "sub-04: FAILED at the input check:",
+            "2 of 4 subject(s) failed",
         ],
     )
     assert "nothing was run" not in text
     for s in ("01", "03"):
         assert (out / f"sub-{s}" / "anat" / f"sub-{s}_Chimap.nii.gz").is_file()
-    assert not (out / "sub-02" / "anat").exists()
+    assert not (out / "sub-02" / "anat").exists() and not (out / "sub-04" / "anat").exists()
     assert "all zero" in (out / "sub-02.html").read_text()  # the index shows the failure
     assert _hashes(bids) == before
 
 
-def test_stop_on_first_crash_keeps_all_or_nothing_input_checks(three_one_broken, tmp_path, capsys):
+def test_stop_on_first_crash_keeps_all_or_nothing_input_checks(four_two_broken, tmp_path, capsys):
     from qsmflow.cli.run import main
 
-    bids, bad = three_one_broken
+    bids, bad = four_two_broken
     out, work = tmp_path / "out", tmp_path / "work"
     argv = [bids, out, "participant", "-w", work, "--stop-on-first-crash"]
     rc, text = _call(main, argv, capsys)
-    _assert_clean(rc, text, 2, ["1 problem(s) with the input data; nothing was run", bad.name])
+    _assert_clean(rc, text, 2, ["2 problem(s) with the input data; nothing was run", bad.name])
     assert not out.exists() and not work.exists()
 
 

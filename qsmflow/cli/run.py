@@ -405,10 +405,11 @@ def _collect_runs(args):
     """The MEGRE runs to process and ``{subject: [input problems]}`` of the subjects skipped;
     None after printing the problems (nothing runs).
 
-    Problems of the dataset (no dataset_description.json, a sidecar that is not JSON, a
-    participant not found) stop everything.  A subject whose runs fail the input checks is
-    skipped and the others run; with ``--stop-on-first-crash``, or when every subject fails,
-    nothing runs."""
+    Problems of the dataset (no dataset_description.json, a JSON file outside the subject
+    folders that does not parse, a participant not found) stop everything.  A subject whose
+    runs fail the input checks (a sidecar of its own that is not JSON included) is skipped and
+    the others run; with ``--stop-on-first-crash``, or when every subject fails, nothing
+    runs."""
     from qsmflow.bids_input import BIDSInputError, check_run, find_runs
 
     def refuse(problems):
@@ -425,6 +426,7 @@ def _collect_runs(args):
             args.bids_dir,
             participant_labels=args.participant_label,
             session_labels=args.session_label,
+            json_per_subject=True,
         )
     except BIDSInputError as exc:
         return refuse(exc.problems)
