@@ -411,3 +411,53 @@ def test_failed_subject_gets_a_page_with_the_reason(tmp_path, capsys):
     index = (out / "index.html").read_text()
     assert "FAILED: sub-02: FAILED at mask" in index
     assert "report(s):" in capsys.readouterr().err
+
+
+def test_local_field_polynomial_share_and_warning(run_outputs, tmp_path):
+    """The report gives the local field's polynomial share as a number and warns above the
+    threshold: a leftover background gradient added to the run's local field is caught, the
+    run itself is not (issue 20)."""
+    from qsmflow.algorithms.metrics import polynomial_fit, polynomial_share
+    from qsmflow.reports.run import POLY_SHARE_WARN, run_section
+
+    _, out = run_outputs
+    anat, fmap = out / "sub-01" / "anat", out / "sub-01" / "fmap"
+    paths = {
+        "chi": anat / "sub-01_Chimap.nii.gz",
+        "mask": anat / "sub-01_desc-brain_mask.nii.gz",
+        "local_field": fmap / "sub-01_desc-local_fieldmap.nii.gz",
+        "total_field": fmap / "sub-01_desc-total_fieldmap.nii.gz",
+    }
+    img = nib.load(paths["local_field"])
+    loc = np.asarray(img.dataobj, dtype=np.float32)
+    mask = np.asarray(nib.load(paths["mask"]).dataobj) > 0
+    vs = (2.0, 2.0, 2.0)
+
+    def report(local):
+        path = tmp_path / f"local_{len(list(tmp_path.iterdir()))}.nii.gz"
+        nib.save(nib.Nifti1Image(np.where(mask, local, 0).astype(np.float32), img.affine), path)
+        return run_section(prefix="sub-01", **{**paths, "local_field": path})
+
+    # the run's own local field (0.40 on this 64 mm head; its true local field: 0.12)
+    frag, summary = run_section(prefix="sub-01", **paths)
+    share = polynomial_share(loc, mask, voxel_size=vs)
+    assert summary["local_poly_share"] == pytest.approx(share, abs=1e-6)
+    assert f"explains {100 * share:.1f} % of the local field" in frag
+    assert "fixed window -0.05..+0.05" in frag
+    assert (share > POLY_SHARE_WARN) == ("WARNING" in frag) == bool(summary["warnings"])
+    # without its smooth part: ~0 %, no warning
+    clean = loc - polynomial_fit(loc, mask, voxel_size=vs)
+    frag1, summary1 = report(clean)
+    assert summary1["local_poly_share"] < 0.01
+    assert summary1["warnings"] == [] and "WARNING" not in frag1
+    # the same plus a background gradient of 3x the field's std across the brain: warned
+    x = np.indices(loc.shape)[0].astype(np.float32)
+    grad = (x - x[mask].mean()) / np.ptp(x[mask]) * 6 * clean[mask].std()
+    frag2, summary2 = report(clean + grad)
+    assert summary2["local_poly_share"] > 0.5
+    assert len(summary2["warnings"]) == 1 and "qc-warning" in frag2 and "WARNING" in frag2
+    # the subject page's summary table carries the number
+    from qsmflow.reports.html import subject_page
+
+    page = subject_page("01", [frag2], summaries=[summary2], versions={})
+    assert f"{summary2['local_poly_share']:.1%}" in page

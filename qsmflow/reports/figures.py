@@ -17,6 +17,9 @@ import numpy as np
 #: fixed display window of susceptibility maps (ppm): the same for every subject and run, so
 #: maps can be compared by eye (deep grey matter iron ~ +0.1..+0.2 ppm, white matter ~ -0.05)
 CHI_WINDOW_PPM = (-0.15, 0.15)
+#: fixed display window of the local field (ppm): a brain's local field is mostly within it
+#: (std ~0.02 ppm), so background left over by background removal shows as a saturated side
+LOCAL_WINDOW_PPM = (-0.05, 0.05)
 PLANES = ("axial", "coronal", "sagittal")
 _DPI = 96
 

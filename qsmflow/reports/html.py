@@ -28,6 +28,7 @@ th{background:#eef} td.l,th.l{text-align:left}
 tr.ref td{background:#fff6d8}
 pre{background:#f7f7f7;border:1px solid #ddd;padding:6px;font-size:11px;overflow-x:auto}
 .methods p{font-size:13px;line-height:1.45} .methods li{font-size:12px}
+.qc-warning{background:#fde8e8;border:1px solid #c33;color:#900;padding:6px 10px;font-size:13px}
 """
 
 
@@ -45,6 +46,11 @@ def figure_block(title: str, png: bytes, caption: str = "") -> str:
         f'<img alt="{esc(title)}" src="{png_data_uri(png)}">'
         f"<figcaption>{esc(caption)}</figcaption></figure>"
     )
+
+
+def warning_block(text: str) -> str:
+    """A red box that a reader does not miss (``WARNING: text``)."""
+    return f'<p class="qc-warning"><b>WARNING:</b> {esc(text)}</p>'
 
 
 def section(title: str, body: str, *, anchor: str = "") -> str:
@@ -204,6 +210,7 @@ def subject_page(
         f"<tr><td class='l'>{esc(s['prefix'])}</td><td>{s.get('mask_voxels', '')}</td>"
         f"<td>{_num(s.get('chi_median_ppm'))}</td>"
         f"<td>{_num(s.get('relative_residual'), '{:.3f}')}</td>"
+        f"<td>{_num(s.get('local_poly_share'), '{:.1%}')}</td>"
         f"<td class='l'>{esc(s.get('reference_region', s.get('status', '')))}</td>"
         f"<td>{_num(s.get('reference_offset_ppm'))}</td></tr>"
         for s in summaries
@@ -227,7 +234,8 @@ def subject_page(
         + section(
             "Summary",
             "<table><tr><th class='l'>run</th><th>mask voxels</th>"
-            "<th>median chi (ppm)</th><th>relative residual</th><th class='l'>"
+            "<th>median chi (ppm)</th><th>relative residual</th>"
+            "<th>local field: polynomial share</th><th class='l'>"
             "reference region</th><th>reference offset (ppm)</th></tr>" + summary_rows + "</table>",
         )
         + "".join(sections)
