@@ -285,14 +285,42 @@ def test_omitted_stage_gets_the_default_preset_method():
     assert cfg.method("bfr") == "lbv-robust"
 
 
+#: algorithm modules that need torch to be imported (the network itself; imported only inside
+#: the network methods, after ``import_torch`` gave its one-line message)
+TORCH_MODULES = ("qsmflow.algorithms.dip.unet",)
+#: makes ``import torch`` fail in a subprocess, as on a machine without torch
+_BLOCK_TORCH = (
+    "import sys, importlib.abc\n"
+    "class _NoTorch(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] == 'torch':\n"
+    "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+    "sys.meta_path.insert(0, _NoTorch())\n"
+    "sys.modules.pop('torch', None)\n"
+)
+
+
 def test_algorithms_import_neither_nipype_nor_config():
-    code = (
-        "import sys, pkgutil, importlib, qsmflow.algorithms as a\n"
+    """Every algorithm module imports without nipype, the config or the registry, and without
+    torch (checked with torch blocked, so also where torch is installed), except the network
+    module itself; the registry reads every method's signature without torch."""
+    code = _BLOCK_TORCH + (
+        "import pkgutil, importlib, qsmflow.algorithms as a\n"
+        "needs_torch = []\n"
         "for m in pkgutil.walk_packages(a.__path__, 'qsmflow.algorithms.'):\n"
-        "    importlib.import_module(m.name)\n"
-        "bad = [n for n in sys.modules if n.split('.')[0] == 'nipype' "
+        "    try:\n"
+        "        importlib.import_module(m.name)\n"
+        "    except ModuleNotFoundError as exc:\n"
+        "        if (exc.name or '').split('.')[0] != 'torch':\n"
+        "            raise\n"
+        "        needs_torch.append(m.name)\n"
+        f"assert tuple(needs_torch) == {TORCH_MODULES!r}, needs_torch\n"
+        "bad = [n for n in sys.modules if n.split('.')[0] in ('nipype', 'torch') "
         "or n in ('qsmflow.config', 'qsmflow.registry', 'qsmflow.runner')]\n"
         "assert not bad, bad\n"
+        "from qsmflow import registry\n"
+        "assert all(m.defaults is not None for m in registry.METHODS)\n"
+        "assert 'torch' not in sys.modules\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
