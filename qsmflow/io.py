@@ -29,12 +29,14 @@ def new_file_mode() -> int:
 #: temporary files of this process's atomic writes in progress (removed by
 #: :func:`remove_pending_temporaries`, e.g. when a signal ends the process with ``os._exit``)
 _PENDING: set[str] = set()
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM} | (
+    {signal.SIGHUP} if hasattr(signal, "SIGHUP") else set()
+)
 
 
 def _mkstemp_pending(**kw) -> tuple[int, str]:
-    """``tempfile.mkstemp`` whose file is registered in :data:`_PENDING` before a SIGINT or
-    SIGTERM handler can run (the two are blocked in between)."""
+    """``tempfile.mkstemp`` whose file is registered in :data:`_PENDING` before a SIGINT,
+    SIGTERM or SIGHUP handler can run (they are blocked in between)."""
     block = hasattr(signal, "pthread_sigmask")
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if block else None
     try:
@@ -60,7 +62,7 @@ def remove_pending_temporaries() -> None:
 def write_atomic(path, writer, *, suffix: str = "") -> None:
     """Write ``path`` atomically: ``writer(tmp)`` writes a temporary file in the destination
     folder (made if missing), which then replaces ``path``; on any failure the temporary file
-    is removed and ``path`` is untouched (and on SIGINT/SIGTERM, see
+    is removed and ``path`` is untouched (and on SIGINT/SIGTERM/SIGHUP, see
     :func:`remove_pending_temporaries`).  The one atomic-write helper: others build on it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -200,8 +200,12 @@ with handle_signals("writer"):
 """
 
 
-def test_signal_during_atomic_writes_leaves_no_temporary(tmp_path):
-    """SIGTERM while the main process and a forked worker are each inside an atomic write:
+@pytest.mark.parametrize(
+    "sig,code,word",
+    [(signal.SIGTERM, 143, "terminated"), (signal.SIGHUP, 129, "hung up")],
+)
+def test_signal_during_atomic_writes_leaves_no_temporary(sig, code, word, tmp_path):
+    """A signal while the main process and a forked worker are each inside an atomic write:
     both temporaries are removed (os._exit skips write_atomic's own cleanup)."""
     import sys
 
@@ -218,9 +222,9 @@ def test_signal_during_atomic_writes_leaves_no_temporary(tmp_path):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
     time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     text = proc.communicate(timeout=30)[0]
-    assert proc.returncode == 143 and "writer: terminated" in text, text
+    assert proc.returncode == code and f"writer: {word}" in text, text
     assert "Traceback" not in text
     assert not [p for p in out.rglob("*") if p.is_file()]
 

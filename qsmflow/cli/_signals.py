@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM: stop every worker process and exit 130 / 143.
+"""Ctrl-C, SIGTERM and SIGHUP: stop every worker process and exit 130 / 143 / 129.
 
 Nipype's MultiProc runs nodes in a process pool; an interrupt of the main process alone would
 leave those workers computing (and Nipype catches exceptions in its loop, so the run could end
@@ -21,6 +21,18 @@ import sys
 import time
 
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+#: the signals handled, their exit status (128 + number) and the word printed
+_HANDLED = {
+    signal.SIGINT: (EXIT_SIGINT, "interrupted"),
+    signal.SIGTERM: (EXIT_SIGTERM, "terminated"),
+}
+if hasattr(signal, "SIGHUP"):  # the terminal closed, or kill -HUP
+    _HANDLED[signal.SIGHUP] = (128 + signal.SIGHUP, "hung up")
+
+
+def _ignore_handled() -> None:
+    for s in _HANDLED:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -110,7 +122,8 @@ def _silence(filt: _BrokenPoolFilter) -> None:
 
 @contextlib.contextmanager
 def handle_signals(prog: str, *, hint: str = "", on_stop=None):
-    """Within the block, SIGINT/SIGTERM stop the workers and exit 130/143 (no traceback).
+    """Within the block, SIGINT/SIGTERM/SIGHUP stop the workers and exit 130/143/129 (no
+    traceback).
 
     ``on_stop``: called first (in the main process), e.g. to cancel cluster jobs; it returns a
     line to print or None."""
@@ -124,19 +137,16 @@ def handle_signals(prog: str, *, hint: str = "", on_stop=None):
     filt = _BrokenPoolFilter(prog)
 
     def handler(signum, frame):
-        code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+        code, name = _HANDLED.get(signum, (EXIT_SIGTERM, "terminated"))
         if os.getpid() != main_pid:  # a forked worker inherited the handler: just stop
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            _ignore_handled()
             remove_pending_temporaries()
             _silence(filt)
             stop_workers(grace_s=0.5)
             os._exit(code)
         # ignore repeats while stopping
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _ignore_handled()
         _silence(filt)
-        name = "interrupted" if signum == signal.SIGINT else "terminated"
         try:
             sys.stderr.write(f"\n{prog}: {name}; stopping worker processes{hint}\n")
             sys.stderr.flush()
@@ -157,7 +167,7 @@ def handle_signals(prog: str, *, hint: str = "", on_stop=None):
         os._exit(code)  # the pool's shutdown could wait for results that never come
 
     try:
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        old = {s: signal.signal(s, handler) for s in _HANDLED}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return

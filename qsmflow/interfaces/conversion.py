@@ -26,6 +26,12 @@ class _DicomToBIDSInputSpec(BaseInterfaceInputSpec):
     session_label = traits.Str(desc="session label (default: from StudyDate)")
     heuristic = File(exists=True, desc="JSON mapping file overriding subject/session/series")
     dry_run = traits.Bool(False, usedefault=True, desc="only plan, write nothing")
+    skip_damaged = traits.Bool(
+        False,
+        usedefault=True,
+        desc="convert without damaged DICOM files (named in summary['warnings']) instead of "
+        "failing",
+    )
 
 
 class _DicomToBIDSOutputSpec(TraitedSpec):
@@ -50,7 +56,9 @@ class DicomToBIDS(SimpleInterface):
             for k in ("participant_label", "session_label", "heuristic")
             if isdefined(getattr(i, k))
         }
-        result = convert_dicom_to_bids(i.dicom_dir, i.bids_dir, dry_run=i.dry_run, **opt)
+        result = convert_dicom_to_bids(
+            i.dicom_dir, i.bids_dir, dry_run=i.dry_run, skip_damaged=i.skip_damaged, **opt
+        )
         root = result.bids_dir
         mags, phases, tes = [], [], []
         first_run = None
