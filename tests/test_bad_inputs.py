@@ -879,19 +879,31 @@ def test_convert_bad_input(name, tmp_path, capsys):
 
 
 def test_convert_skip_damaged_names_them_and_converts_the_rest(tmp_path, capsys):
-    """--skip-damaged: exit 0, the damaged file named in a warning (even with -q), the other
-    series converted; the input folder unchanged."""
+    """--skip-damaged: exit 0, the damaged file named in a warning, its series (now
+    incomplete) kept aside, the other series converted; the input folder unchanged."""
     pytest.importorskip("dcm2niix")
     from qsmflow.cli.convert import main
 
     victim = _siemens_header_cut(tmp_path)
     before = _hashes(tmp_path / "dicom")
-    argv = [tmp_path / "dicom", tmp_path / "bids", "--participant-label", "01", "-q"]
+    argv = [tmp_path / "dicom", tmp_path / "bids", "--participant-label", "01"]
     rc, text = _call(main, [*argv, "--skip-damaged"], capsys)
-    _assert_clean(rc, text, 0, ["warning: left out", str(victim)])
+    _assert_clean(
+        rc,
+        text,
+        0,
+        [
+            "warning: left out",
+            str(victim),
+            "series 3 'me_FieldMap_GRE' (35 files): kept aside: incomplete: 1 damaged file(s)",
+        ],
+    )
     assert _hashes(tmp_path / "dicom") == before
     fmap = tmp_path / "bids" / "sub-01" / "ses-20180502" / "fmap"
-    assert (fmap / "sub-01_ses-20180502_run-1_magnitude2.nii.gz").is_file()
+    assert (fmap / "sub-01_ses-20180502_magnitude2.nii.gz").is_file()
+    assert not list(fmap.glob("*phasediff*"))
+    rc, text = _call(main, [*argv, "--skip-damaged", "-q"], capsys)  # a re-run: warns again
+    assert rc == 0 and str(victim) in text and "kept aside" not in text
 
 
 # --------------------------------------------------------------------------------------------

@@ -89,6 +89,11 @@ def plan_conversion(
             scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="qsmflow-dicom-"))
         found = discover(dicom_dir, report, scratch=scratch)
     series = classify(found, report)
+    for s in series:  # only with skip_damaged (otherwise the damaged files are problems)
+        lost = report.damaged_series.get(s.uid)
+        if lost and report.skip_damaged and s.kind != "invalid":
+            s.kind = "aside"
+            s.reason = f"incomplete: {len(lost)} damaged file(s) left out"
     plan = make_plan(
         series,
         report,

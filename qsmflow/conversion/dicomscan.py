@@ -283,17 +283,19 @@ def read_dicom_file(path: Path, report: Report, *, source: Path | None = None) -
             report.note(f"ignored (not DICOM): {shown}")
         return None
     except Exception as exc:  # noqa: BLE001 - truncated / corrupt file
-        where = ""
+        where, uid = "", ""
         try:
             head = pydicom.dcmread(path, stop_before_pixels=True)
             where = f" of series {_get(head, 'SeriesNumber', '?')} "
             where += f"'{_get(head, 'SeriesDescription', '')}'"
+            uid = str(_get(head, "SeriesInstanceUID", ""))
         except Exception:  # noqa: BLE001
             pass
-        report.damaged(shown, f"unreadable or truncated DICOM file{where}: {shown} ({exc})")
+        report.damaged(shown, f"unreadable or truncated DICOM file{where}: {shown} ({exc})", uid)
         return None
     desc = str(_get(ds, "SeriesDescription", ""))
     label = f"series {_get(ds, 'SeriesNumber', '?')} '{desc}'"
+    uid = str(_get(ds, "SeriesInstanceUID", ""))
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         sop = _image_class(ds)
         if sop is None or _meta_cut_short(ds, path):  # a Part-10 file names its SOP class
@@ -308,6 +310,7 @@ def read_dicom_file(path: Path, report: Report, *, source: Path | None = None) -
                 shown,
                 f"{label}: damaged or truncated DICOM file {shown} ({sop}, but the file ends "
                 f"before its pixel data: {path.stat().st_size} bytes)",
+                uid,
             )
         else:
             report.note(f"ignored (DICOM without image data, e.g. DICOMDIR or report): {shown}")
@@ -318,6 +321,7 @@ def read_dicom_file(path: Path, report: Report, *, source: Path | None = None) -
             shown,
             f"{label}: truncated DICOM file {shown} "
             f"({len(ds.PixelData)} of {expected} pixel bytes)",
+            uid,
         )
         return None
     image_type = _tuple_str(_get(ds, "ImageType"))
@@ -358,7 +362,9 @@ def read_dicom_file(path: Path, report: Report, *, source: Path | None = None) -
     info.frames = _enhanced_frames(ds) if enhanced else [_classic_frame(ds, image_type)]
     if enhanced and len(info.frames) != n_frames:
         report.damaged(
-            shown, f"{label}: {shown} declares {n_frames} frames but describes {len(info.frames)}"
+            shown,
+            f"{label}: {shown} declares {n_frames} frames but describes {len(info.frames)}",
+            uid,
         )
         return None
     return info

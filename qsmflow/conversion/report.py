@@ -27,6 +27,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     skip_damaged: bool = False
     damaged_files: list = field(default_factory=list)
+    damaged_series: dict = field(default_factory=dict)  # SeriesInstanceUID -> damaged files
 
     def note(self, msg: str) -> None:
         self.notes.append(msg)
@@ -34,9 +35,12 @@ class Report:
     def problem(self, msg: str) -> None:
         self.problems.append(msg)
 
-    def damaged(self, path, msg: str) -> None:
-        """``msg`` (naming ``path``): a problem, or a warning when damaged files are skipped."""
+    def damaged(self, path, msg: str, series_uid: str = "") -> None:
+        """``msg`` (naming ``path``): a problem, or a warning when damaged files are skipped
+        (``series_uid``, when the header still tells it: that series is then incomplete)."""
         self.damaged_files.append(path)
+        if series_uid:
+            self.damaged_series.setdefault(series_uid, []).append(path)
         if self.skip_damaged:
             self.warnings.append(f"left out: {msg}")
         else:
