@@ -51,6 +51,12 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument(
+        "--case",
+        default="",
+        help="a case of bench_defaults_real_sim.py (e.g. qsm2016: the real brain vs COSMOS) "
+        "instead of bench_dip.py's simulated head",
+    )
     a = ap.parse_args(argv)
 
     from qsm_ci import qsm_eval
@@ -58,7 +64,14 @@ def main(argv=None) -> None:
     from qsmflow.algorithms.dip import runner
     from qsmflow.algorithms.dip.modip import fit_modip
 
-    d = dict(np.load(simulate(a.size, "axial")))
+    if a.case:
+        from bench_defaults_real_sim import load_case
+
+        c = load_case(a.case)
+        d = dict(local=c.field, mask=c.mask, chi=c.chi, voxel_size=c.voxel_size, b0=c.b0_dir)
+        a.size = a.case
+    else:
+        d = dict(np.load(simulate(a.size, "axial")))
     truth, mask = d["chi"], d["mask"].astype(bool)
     settings = parse_set(a.set)
     average = float(settings.get("average", 0.9))
@@ -79,10 +92,11 @@ def main(argv=None) -> None:
             )
             if (it + 1) % a.every == 0:
                 est = problem.paste(state["ema"])
-                nrmse, _ = qsm_eval.nrmse_challenge(est, truth, mask)
+                nrmse, _ = qsm_eval.nrmse_challenge(est * mask, truth * mask, mask)
                 res, _ = problem.residual_stats(dchi)
                 sec = time.perf_counter() - t0
-                hfen, xsim = qsm_eval.hfen(est, truth, mask), qsm_eval.xsim(est, truth, mask)
+                hfen = qsm_eval.hfen(est * mask, truth * mask, mask)
+                xsim = qsm_eval.xsim(est * mask, truth * mask, mask)
                 with open(out, "a") as fh:
                     fh.write(
                         f"{it + 1}\t{sec:.1f}\t{res:.5f}\t{nrmse:.2f}\t{hfen:.2f}\t{xsim:.4f}\n"

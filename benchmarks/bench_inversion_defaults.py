@@ -50,11 +50,11 @@ def _timed(fn):
 
 def bench_method(name: str, c, modip_set: dict | None = None, score_init: bool = True) -> dict:
     from qsmflow.algorithms import regularization as reg
-    from qsmflow.algorithms.inversion_direct import fit_tikhonov, invert_tikhonov, invert_tkd
+    from qsmflow.algorithms.inversion_direct import invert_tikhonov, invert_tkd
     from qsmflow.algorithms.inversion_medi import invert_medi
-    from qsmflow.algorithms.inversion_ndi import fit_ndi, invert_ndi
+    from qsmflow.algorithms.inversion_ndi import invert_ndi
     from qsmflow.algorithms.inversion_rts import invert_rts
-    from qsmflow.algorithms.inversion_tv import fit_tv, invert_tv
+    from qsmflow.algorithms.inversion_tv import invert_tv
 
     f, m, vs = c.field, c.mask, c.voxel_size
     geo = dict(voxel_size=vs)
@@ -62,36 +62,36 @@ def bench_method(name: str, c, modip_set: dict | None = None, score_init: bool =
     if name == "tkd":
         param, sweep = "threshold", [0.08, 0.1, 0.12, 0.15, 0.19, 0.25, 0.3, 0.4]
         default = lambda: (invert_tkd(f, m, **geo), 0.19)  # noqa: E731
-        at = lambda v: invert_tkd(f, m, threshold=v, **geo)  # noqa: E731
+        at = lambda v: invert_tkd(f, m, threshold=v, **geo).chi  # noqa: E731
     elif name == "tikhonov":
         param, sweep = "lam", list(np.logspace(-4, -1, 13))
 
         def default():
-            r = fit_tikhonov(f, m, noise=c.noise, **geo)
+            r = invert_tikhonov(f, m, noise=c.noise, **geo)
             return r.chi, r.value
 
-        at = lambda v: invert_tikhonov(f, m, lam=v, **geo)  # noqa: E731
+        at = lambda v: invert_tikhonov(f, m, lam=v, **geo).chi  # noqa: E731
     elif name == "tv":
         param, sweep = "alpha", [1e-7, 3e-7, 1e-6, 2e-6, 4e-6, 1e-5, 3e-5, 1e-4]
 
         def default():
-            r = fit_tv(f, m, noise=c.noise, **geo)
+            r = invert_tv(f, m, noise=c.noise, **geo)
             return r.chi, r.value
 
-        at = lambda v: invert_tv(f, m, alpha=v, noise=c.noise, **geo)  # noqa: E731
+        at = lambda v: invert_tv(f, m, alpha=v, noise=c.noise, **geo).chi  # noqa: E731
     elif name == "rts":
         param, sweep = "delta", [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4]
         default = lambda: (invert_rts(f, m, **geo), 0.15)  # noqa: E731
-        at = lambda v: invert_rts(f, m, delta=v, **geo)  # noqa: E731
+        at = lambda v: invert_rts(f, m, delta=v, **geo, lsmr_iter=8).chi  # noqa: E731
     elif name == "ndi":
         param, sweep = "maxit", [50, 100, 200, 300, 400, 600]
         kw = dict(magnitude=c.magnitude, te_s=c.te_s, b0_tesla=c.b0_tesla, **geo)
 
         def default():
-            r = fit_ndi(f, m, noise=c.noise, **kw)
+            r = invert_ndi(f, m, noise=c.noise, **kw)
             return r.chi, r.value
 
-        at = lambda v: invert_ndi(f, m, maxit=int(v), tol=0.0, **kw)  # noqa: E731
+        at = lambda v: invert_ndi(f, m, maxit=int(v), tol=0.0, **kw, stop="gradient").chi  # noqa: E731
     elif name == "medi":
         param, sweep = "lam", [100.0, 300.0, 1000.0, 3000.0, 10000.0]
         kw = dict(magnitude=c.magnitude, noise=c.noise, te_s=c.te_s, b0_tesla=c.b0_tesla, **geo)
@@ -151,7 +151,9 @@ def bench_modip(c, overrides: dict | None = None, score_init: bool = True) -> di
         **(overrides or {}),
     )
     sec = time.perf_counter() - t
-    init = invert_tv(c.field, c.mask, voxel_size=c.voxel_size) if score_init else None
+    init = (
+        invert_tv(c.field, c.mask, voxel_size=c.voxel_size, alpha=1e-5).chi if score_init else None
+    )
     its = r.sidecar().get("iterations")
     return {
         "method": "modip",

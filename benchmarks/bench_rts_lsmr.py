@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         norm = np.linalg.norm(c.chi[c.mask])
         for k in iters:
             for d in deltas:
-                x = invert_rts(c.field, c.mask, voxel_size=c.voxel_size, lsmr_iter=k, delta=d)
+                x = invert_rts(c.field, c.mask, voxel_size=c.voxel_size, lsmr_iter=k, delta=d).chi
                 e = 100 * np.linalg.norm((x - c.chi)[c.mask]) / norm
                 print(f"| in-vivo-like {n}^3 | {k} | {d} | {e:.1f} |", flush=True)
     vs = (170.0 / 96,) * 3
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
                 b0_dir=tuple(h.b0_dir),
                 lsmr_iter=k,
                 delta=d,
-            )
+            ).chi
             e = float(nrmse_challenge(x, h.chi_local, h.brain_mask)[0])
             print(f"| realistic 3T 96^3, true local field | {k} | {d} | {e:.1f} |", flush=True)
     return 0

@@ -348,24 +348,26 @@ METHODS = (
         "tkd",
         _A + "inversion_direct:invert_tkd",
         ["tkd"],
-        "Susceptibility was computed by thresholded k-space division [tkd].",
+        "Susceptibility was computed by thresholded k-space division [tkd], the threshold "
+        "chosen from the field's signal-to-noise ratio unless set (value in the sidecar's "
+        "InversionFit).",
     ),
     _m(
         "invert",
         "tikhonov",
-        _A + "inversion_direct:fit_tikhonov",
+        _A + "inversion_direct:invert_tikhonov",
         ["tikhonov"],
         "Susceptibility was computed by closed-form Tikhonov-regularised inversion [tikhonov], "
-        "the weight chosen from the data at the L-curve corner unless set (value in the "
-        "sidecar's InversionFit).",
+        "the weight chosen from the field's signal-to-noise ratio (Wiener's rule) unless set "
+        "(value in the sidecar's InversionFit).",
     ),
     _m(
         "invert",
         "tv",
-        _A + "inversion_tv:fit_tv",
+        _A + "inversion_tv:invert_tv",
         ["tv"],
         "Susceptibility was computed by total-variation regularised inversion solved with ADMM "
-        "[tv], the weight chosen from the data by the discrepancy principle unless set (value "
+        "[tv], the weight chosen from the field's noise level and spread unless set (value "
         "in the sidecar's InversionFit).",
     ),
     _m(
@@ -373,12 +375,14 @@ METHODS = (
         "rts",
         _A + "inversion_rts:invert_rts",
         ["rts"],
-        "Susceptibility was computed with rapid two-step (RTS) inversion [rts].",
+        "Susceptibility was computed with rapid two-step (RTS) inversion [rts], the number of "
+        "LSMR iterations chosen from the field's signal-to-noise ratio unless set (value in "
+        "the sidecar's InversionFit).",
     ),
     _m(
         "invert",
         "ndi",
-        _A + "inversion_ndi:fit_ndi",
+        _A + "inversion_ndi:invert_ndi",
         ["ndi"],
         "Susceptibility was computed by nonlinear dipole inversion [ndi], stopped by the "
         "discrepancy principle unless set (iterations in the sidecar's InversionFit).",

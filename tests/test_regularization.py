@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from qsmflow.algorithms import regularization as reg
-from qsmflow.algorithms.inversion_direct import fit_tikhonov, invert_tikhonov
-from qsmflow.algorithms.inversion_tv import fit_tv, invert_tv
+from qsmflow.algorithms.inversion_direct import invert_tikhonov
+from qsmflow.algorithms.inversion_tv import invert_tv
 from qsmflow.sims.invivo_case import make_invivo_case
 
 N = 64
@@ -99,36 +99,42 @@ def test_data_residual_is_noise_level_for_the_truth(case):
 # the automatic choice on the realistic case (model mismatch, texture, SNR 30, partial volume)
 # --------------------------------------------------------------------------------------------
 def test_tikhonov_auto_within_factor_3_of_best(case):
-    fit = fit_tikhonov(case.field, case.mask, voxel_size=case.voxel_size, noise=case.noise)
+    kw = dict(voxel_size=case.voxel_size, noise=case.noise)
+    fit = invert_tikhonov(case.field, case.mask, **kw)  # the default: the field-SNR rule
+    corner = invert_tikhonov(case.field, case.mask, rule="lcurve-corner", **kw)
     lams = np.logspace(-4, 0, 33)
     errs = [
         _nrmse(
-            invert_tikhonov(case.field, case.mask, lam=v, voxel_size=case.voxel_size),
+            invert_tikhonov(case.field, case.mask, lam=v, voxel_size=case.voxel_size).chi,
             case.chi,
             case.mask,
         )
         for v in lams
     ]
     best = lams[int(np.argmin(errs))]
-    assert fit.rule == "lcurve-corner"
-    assert best / 3 <= fit.value <= best * 3, (fit.value, best)
-    assert _nrmse(fit.chi, case.chi, case.mask) < min(errs) + 3.0
+    assert fit.rule == "snr" and corner.rule == "lcurve-corner"
+    for f in (fit, corner):  # SNR rule 3.7e-3, corner 3.2e-3, best 5.6e-3
+        assert best / 3 <= f.value <= best * 3, (f.value, best)
+        assert _nrmse(f.chi, case.chi, case.mask) < min(errs) + 3.0
+    assert fit.extra["field_snr"] == pytest.approx(16.5, abs=1.0)
     # provenance: the curve and the residual are recorded and JSON-friendly
-    side = fit.sidecar()
+    side = corner.sidecar()
     assert side["Parameter"] == "lam" and len(side["Curve"]["values"]) == 17
     assert side["Residual"]["chi2"] > 0
-    fixed = fit_tikhonov(case.field, case.mask, lam=0.1, voxel_size=case.voxel_size)
+    fixed = invert_tikhonov(case.field, case.mask, lam=0.1, voxel_size=case.voxel_size)
     assert fixed.rule == "fixed" and fixed.value == 0.1 and not fixed.curve
 
 
 def test_tv_lcurve_knee_within_factor_3_of_best_with_the_true_local_field(case):
-    fit = fit_tv(
+    fit = invert_tv(
         case.field, case.mask, voxel_size=case.voxel_size, noise=case.noise, rule="lcurve-knee"
     )
     alphas = [1e-6, 2e-6, 4e-6, 8e-6, 1.6e-5]
     errs = [
         _nrmse(
-            invert_tv(case.field, case.mask, alpha=a, voxel_size=case.voxel_size, noise=case.noise),
+            invert_tv(
+                case.field, case.mask, alpha=a, voxel_size=case.voxel_size, noise=case.noise
+            ).chi,
             case.chi,
             case.mask,
         )
@@ -174,9 +180,9 @@ def test_tv_default_within_factor_3_of_best_through_the_chain(chain_local_field)
     def err(chi):
         return float(nrmse_challenge(reference_mean(chi, mo), h.chi_local, ev)[0])
 
-    fit = fit_tv(local, mo, magnitude=h.magnitude, **geo)
+    fit = invert_tv(local, mo, magnitude=h.magnitude, **geo)
     alphas = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
-    errs = [err(invert_tv(local, mo, alpha=a, magnitude=h.magnitude, **geo)) for a in alphas]
+    errs = [err(invert_tv(local, mo, alpha=a, magnitude=h.magnitude, **geo).chi) for a in alphas]
     assert 0 < int(np.argmin(errs)) < len(alphas) - 1  # the best is bracketed
     # the valley is flat (measured 65.74 % at 1e-4, 65.81 % at 3e-4): "the best weight" is the
     # geometric centre of the weights within 0.5 points of the minimum
@@ -210,25 +216,28 @@ def test_stage_sidecar_records_the_choice_and_the_residual(tmp_path):
         assert stage_main(base + ["--method", method, "-o", str(out), *extra]) == 0
         return json.loads(out.with_name("chi.json").read_text())["InversionFit"]
 
-    tv = run("tv", "--set", "max_iter=30", "--set", "sweep_iter=20")
+    tv = run("tv", "--set", "max_iter=30", "--set", "sweep_iter=20", "--set", "rule=discrepancy")
     assert tv["Rule"] == "discrepancy" and tv["Parameter"] == "alpha"
     assert min(tv["Curve"]["values"]) <= tv["Value"] <= max(tv["Curve"]["values"])
     assert len(tv["Curve"]["residual"]) == 9 and len(tv["Curve"]["chi2"]) == 9
     assert tv["Residual"]["rms_ppm"] > 0 and "chi2" not in tv["Residual"]  # no noise map given
     fixed = run("tikhonov", "--set", "lam=0.02")
     assert fixed["Rule"] == "fixed" and fixed["Value"] == 0.02 and fixed["Curve"] == {}
-    rts = run("rts")  # a method without a choice still records its data consistency
-    assert rts["Rule"] == "fixed" and 0 < rts["Residual"]["relative"] < 1
+    rts = run("rts")  # LSMR iterations from the field's SNR, and its data consistency
+    assert rts["Rule"] == "snr" and rts["Parameter"] == "lsmr_iter" and rts["Value"] >= 2
+    assert rts["Extra"]["field_snr"] > 0 and 0 < rts["Residual"]["relative"] < 1
     assert rts["Residual"]["rms_interior_ppm"] > 0
 
 
 def test_ndi_stops_at_the_discrepancy_and_beats_the_fixed_count():
-    from qsmflow.algorithms.inversion_ndi import fit_ndi, invert_ndi
+    from qsmflow.algorithms.inversion_ndi import invert_ndi
 
     c = make_invivo_case((48,) * 3, voxel_size=(160.0 / 48,) * 3, seed=0)
     kw = dict(magnitude=c.magnitude, voxel_size=c.voxel_size, te_s=c.te_s, b0_tesla=c.b0_tesla)
-    fit = fit_ndi(c.field, c.mask, noise=c.noise, **kw)
+    fit = invert_ndi(c.field, c.mask, noise=c.noise, **kw)
     assert fit.rule == "discrepancy" and 50 < fit.value < 1000
     assert fit.curve["chi2"][-1] <= 1.0 < fit.curve["chi2"][-2]
-    published = invert_ndi(c.field, c.mask, **kw)  # 200 iterations / gradient rule
+    published = invert_ndi(
+        c.field, c.mask, **kw, stop="gradient", maxit=200
+    ).chi  # 200 iterations / gradient rule
     assert _nrmse(fit.chi, c.chi, c.mask) < _nrmse(published, c.chi, c.mask)

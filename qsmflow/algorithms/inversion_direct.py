@@ -14,17 +14,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from qsmflow.algorithms import regularization as reg
 from qsmflow.algorithms._inversion_common import (
     MaskCrop,
     check_inputs,
     gradient_symbols_for,
     make_operator,
 )
-
-#: Default TKD threshold (Wharton et al. 2010 / QSM challenge-typical value).
-TKD_THRESHOLD = 0.19
-#: Default Tikhonov weight for gradient regularisation (mm^2), see :func:`invert_tikhonov`.
-TIKHONOV_LAMBDA = 3e-3
 
 
 def tkd_correction_factor(threshold: float) -> float:
@@ -63,13 +59,13 @@ def invert_tkd(
     *,
     voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
     b0_dir: Sequence[float] = (0.0, 0.0, 1.0),
-    threshold: float = TKD_THRESHOLD,
+    threshold: float | str = "auto",
     correct: bool = False,
     pad_factor: float = 1.5,
     margin: int = 4,
     kernel: str = "continuous",
-) -> np.ndarray:
-    """Truncated k-space division (TKD).
+) -> reg.FitResult:
+    """Truncated k-space division (TKD), the threshold chosen from the data unless set.
 
     ``chi = F^-1[ F(f) / D_thr ]`` with ``D_thr = D`` where ``|D| >= thr`` and
     ``sign(D) * thr`` elsewhere (``D_thr^-1 = 0`` where ``D = 0``, i.e. at k = 0 and on the
@@ -82,10 +78,13 @@ def invert_tkd(
     mask : (X, Y, Z) bool
     voxel_size : 3 floats, mm
     b0_dir : unit 3-vector in array axes
-    threshold : float
-        Truncation level ``thr`` of ``|D|`` (default 0.19; Shmueli et al. 2009 used 2/3 of the
-        kernel range in a similar spirit, Wharton et al. 2010 and the 2016 QSM challenge
-        ~0.1-0.2).
+    threshold : float or "auto"
+        Truncation level ``thr`` of ``|D|``.  ``"auto"`` (default): ``0.7 / sqrt(SNR)`` clipped
+        to [0.1, 0.5], with the field's SNR from
+        :func:`~qsmflow.algorithms.regularization.field_snr` (rule ``"snr"``; 0.38 on the 2016
+        challenge brain, 0.17-0.22 on the simulated heads; benchmarks/RESULTS.md).  Published
+        values: Wharton et al. 2010 and the 2016 QSM challenge ~0.1-0.2; 0.4 is the best
+        fixed value on the challenge brain.
     correct : bool
         Divide by :func:`tkd_correction_factor` (``1 / 0.8317 = 1.202`` at 0.19) to undo the
         global underestimation of TKD (Schweser et al. 2013).
@@ -98,7 +97,8 @@ def invert_tkd(
 
     Returns
     -------
-    (X, Y, Z) float32, ppm, 0 outside ``mask``.
+    :class:`~qsmflow.algorithms.regularization.FitResult` (``chi``: (X, Y, Z) float32, ppm, 0
+    outside ``mask``; ``value``: the threshold used).
 
     References
     ----------
@@ -110,6 +110,13 @@ def invert_tkd(
     quantitative susceptibility maps: superfast dipole inversion. Magn Reson Med
     2013;69:1582-1594.
     """
+    fixed = reg.auto_or_positive("threshold", threshold)
+    snr = None
+    if fixed is None:
+        snr, _ = reg.field_snr(field, mask)
+        threshold, rule = reg.snr_weight("tkd", "threshold", snr), "snr"
+    else:
+        threshold, rule = fixed, "fixed"
     if not 0 < threshold <= 2.0 / 3.0:
         raise ValueError(f"TKD threshold must be in (0, 2/3], got {threshold}")
     mask, crop, op, F = _prepare(field, mask, voxel_size, b0_dir, margin, pad_factor, kernel)
@@ -120,7 +127,46 @@ def invert_tkd(
     if correct:
         inv *= np.float32(1.0 / tkd_correction_factor(threshold))
     F *= inv
+    chi = crop.paste(op.crop(op.irfftn(F)), mask=mask)
+    return reg.FitResult(
+        chi=chi,
+        method="tkd",
+        parameter="threshold",
+        value=float(threshold),
+        rule=rule,
+        extra={} if snr is None else {"field_snr": snr},
+    )
+
+
+def _tikhonov(
+    field: np.ndarray,
+    mask: np.ndarray,
+    *,
+    voxel_size: Sequence[float],
+    b0_dir: Sequence[float],
+    lam: float,
+    regularizer: str,
+    pad_factor: float,
+    margin: int,
+    kernel: str,
+) -> np.ndarray:
+    """The closed-form Tikhonov solution for one weight (see :func:`invert_tikhonov`)."""
+    mask, crop, op, F = _prepare(field, mask, voxel_size, b0_dir, margin, pad_factor, kernel)
+    D = op.kernel
+    G2 = _regularizer_symbol(op, D, regularizer)
+    denom = D * D + np.float32(lam) * G2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(denom > 0, D / denom, 0.0).astype(np.float32)
+    F *= inv
     return crop.paste(op.crop(op.irfftn(F)), mask=mask)
+
+
+def _regularizer_symbol(op, D, regularizer: str) -> np.ndarray:
+    """``|Gamma|^2``: the periodic forward-difference gradient's symbol (mm^-2) or 1."""
+    if regularizer == "gradient":
+        E = gradient_symbols_for(op)
+        return (np.abs(E[0]) ** 2 + np.abs(E[1]) ** 2 + np.abs(E[2]) ** 2).astype(np.float32)
+    return np.ones_like(D)
 
 
 def invert_tikhonov(
@@ -129,14 +175,20 @@ def invert_tikhonov(
     *,
     voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
     b0_dir: Sequence[float] = (0.0, 0.0, 1.0),
-    lam: float = TIKHONOV_LAMBDA,
+    noise: np.ndarray | None = None,
+    lam: float | str = "auto",
+    rule: str = "snr",
+    lam_min: float = 1e-4,
+    lam_max: float = 1.0,
+    n_lams: int = 17,
+    tau: float = 1.0,
     regularizer: str = "gradient",
-    auto_lambda: bool = False,
     pad_factor: float = 1.5,
     margin: int = 4,
     kernel: str = "continuous",
-) -> np.ndarray:
-    """Closed-form Tikhonov (L2-regularised) dipole inversion.
+):
+    """Closed-form Tikhonov (L2-regularised) dipole inversion, ``lam`` chosen from the data
+    unless set.
 
     Solves ``min_chi ||D chi - f||^2 + lam ||Gamma chi||^2`` exactly in k-space::
 
@@ -153,140 +205,31 @@ def invert_tikhonov(
     mask : (X, Y, Z) bool
     voxel_size : 3 floats, mm
     b0_dir : unit 3-vector in array axes
-    lam : float
-        Regularisation weight (mm^2 for the gradient).  Default 3e-3, chosen on the 1 mm head
-        phantom (qsmflow.sims) with field noise 0-2e-3 ppm, where it gives the best XSIM/HFEN
-        (1e-3 to 1e-2 are within a few % NRMSE; the papers choose lam per data set by L-curve,
-        ``auto_lambda``; QSM.jl's identity-regularised default is 1e-2).
-    regularizer : {"gradient", "identity"}
-    auto_lambda : bool
-        Choose ``lam`` at the maximum curvature of the L-curve ``(log ||D chi - f||,
-        log ||Gamma chi||)`` over 25 values in [1e-4, 1] (Bilgic et al. 2014 select it this way;
-        their closed form makes each point one k-space evaluation, norms by Parseval on the
-        padded grid).  Overrides ``lam``.
-    pad_factor, margin, kernel : see :func:`invert_tkd`.
-
-    Returns
-    -------
-    (X, Y, Z) float32, ppm, 0 outside ``mask``.
-
-    References
-    ----------
-    Bilgic B, Fan AP, Polimeni JR, Cauley SF, Bianciardi M, Adalsteinsson E, Wald LL,
-    Setsompop K. Fast quantitative susceptibility mapping with L1-regularization and automatic
-    parameter selection. Magn Reson Med 2014;72:1444-1459.
-    Bilgic B, Chatnuntawech I, Fan AP, et al. Fast image reconstruction with L2-regularization.
-    J Magn Reson Imaging 2014;40:181-191.
-    """
-    if regularizer not in ("gradient", "identity"):
-        raise ValueError(f"regularizer must be 'gradient' or 'identity', got {regularizer!r}")
-    if not auto_lambda and not lam > 0:
-        raise ValueError(f"lam must be positive, got {lam}")
-    mask, crop, op, F = _prepare(field, mask, voxel_size, b0_dir, margin, pad_factor, kernel)
-    D = op.kernel
-    if regularizer == "gradient":
-        E = gradient_symbols_for(op)
-        G2 = (np.abs(E[0]) ** 2 + np.abs(E[1]) ** 2 + np.abs(E[2]) ** 2).astype(np.float32)
-    else:
-        G2 = np.ones_like(D)
-    D2 = D * D
-    if auto_lambda:
-        lam = lcurve_lambda(F, D, G2)
-    denom = D2 + np.float32(lam) * G2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(denom > 0, D / denom, 0.0).astype(np.float32)
-    F *= inv
-    return crop.paste(op.crop(op.irfftn(F)), mask=mask)
-
-
-def lcurve_lambda(
-    F: np.ndarray, D: np.ndarray, G2: np.ndarray, *, lams: Sequence[float] | None = None
-) -> float:
-    """L-curve corner (maximum curvature) for the closed-form Tikhonov solution.
-
-    Parameters
-    ----------
-    F : rfftn of the zero-padded field
-    D : dipole kernel, same layout
-    G2 : ``|Gamma|^2`` symbol, same layout (broadcastable)
-    lams : candidate weights (default 25 log-spaced in [1e-4, 1])
-
-    Returns
-    -------
-    float, the weight at the corner of ``(log residual norm, log regulariser norm)``.
-    Norms are computed in k-space (Parseval; the rfftn half-spectrum weights are irrelevant
-    to the corner position up to a constant factor per curve, so they are ignored).
-    """
-    lams = np.logspace(-4, 0, 25) if lams is None else np.asarray(lams, dtype=np.float64)
-    P = (np.abs(F) ** 2).astype(np.float64)
-    D = D.astype(np.float64)
-    G2 = np.broadcast_to(G2, D.shape).astype(np.float64)
-    D2 = D * D
-    rho, eta = [], []
-    for lam in lams:
-        den = D2 + lam * G2
-        with np.errstate(divide="ignore", invalid="ignore"):
-            filt = np.where(den > 0, 1.0 / den, 0.0)
-        # residual D chi - f = (D^2 / den - 1) F = -lam G2 / den F ; regulariser G chi
-        rho.append(np.sum(P * (lam * G2 * filt) ** 2))
-        eta.append(np.sum(P * G2 * (D * filt) ** 2))
-    x = 0.5 * np.log(np.asarray(rho))
-    y = 0.5 * np.log(np.asarray(eta))
-    t = np.log(lams)
-    dx, dy = np.gradient(x, t), np.gradient(y, t)
-    ddx, ddy = np.gradient(dx, t), np.gradient(dy, t)
-    kappa = (dx * ddy - ddx * dy) / np.maximum((dx**2 + dy**2) ** 1.5, 1e-300)
-    inner = slice(1, len(lams) - 1)  # curvature at the ends is unreliable
-    return float(lams[inner][np.argmax(kappa[inner])])
-
-
-METHODS = {"tkd": invert_tkd, "tikhonov": invert_tikhonov}
-
-
-def fit_tikhonov(
-    field: np.ndarray,
-    mask: np.ndarray,
-    *,
-    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
-    b0_dir: Sequence[float] = (0.0, 0.0, 1.0),
-    noise: np.ndarray | None = None,
-    lam: float | str = "auto",
-    rule: str = "lcurve-corner",
-    lam_min: float = 1e-4,
-    lam_max: float = 1.0,
-    n_lams: int = 17,
-    tau: float = 1.0,
-    regularizer: str = "gradient",
-    pad_factor: float = 1.5,
-    margin: int = 4,
-    kernel: str = "continuous",
-):
-    """Tikhonov inversion with ``lam`` chosen from the data (map, chosen weight, L-curve,
-    residual).
-
-    Parameters
-    ----------
-    field, mask, voxel_size, b0_dir : see :func:`invert_tikhonov`
     noise : (X, Y, Z) array or None, ppm - field noise std (discrepancy rule; residual chi2)
     lam : float or "auto"
-        A number is used as is (rule "fixed").  ``"auto"`` evaluates the closed form for
-        ``n_lams`` weights log-spaced in ``[lam_min, lam_max]`` (one k-space filter and two
-        inverse FFTs each) and picks by ``rule``.
-    rule : {"lcurve-corner", "lcurve-knee", "discrepancy"}
-        The L-curve corner (maximum curvature) of ``(||M (D chi - f)||, ||Gamma chi||)``, the
+        A number is used as is (rule "fixed").  ``"auto"`` chooses by ``rule``.
+    rule : {"snr", "lcurve-corner", "lcurve-knee", "discrepancy"}
+        ``"snr"`` (default): Wiener's weight ``lam = (sigma / std_M(f))^2`` mm^2 from the
+        field's own SNR (:func:`~qsmflow.algorithms.regularization.field_snr`): 0.087 on the
+        2016 challenge brain (best fixed weight 0.1; the L-curve corner chose 1.8e-4 there, 189 %
+        NRMSE against 66 %), 3.6e-3 / 9.6e-3 on the simulated heads (best 3e-3 / 1e-2).  The
+        other rules evaluate the closed form for ``n_lams`` weights log-spaced in
+        ``[lam_min, lam_max]`` (one k-space filter and two inverse FFTs each): the L-curve
+        corner (maximum curvature) of ``(||M (D chi - f)||, ||Gamma chi||)``, the
         residual in the mask and chi on the crop (Bilgic et al. 2014 choose lam this way), or
         the discrepancy principle (``noise``, else the field's estimated noise; target
         ``tau``).  Measured on the realistic case (benchmarks/RESULTS.md): the corner lands
         within 2-3x below the best weight; the discrepancy principle 30-40x below it (the
-        gradient-L2 prior is at its best well into the bias-dominated range).
+        gradient-L2 prior is at its best well into the bias-dominated range); on the real brain
+        the L-curve has no corner and both are 10-500x too small.
     lam_min, lam_max, n_lams, tau : the sweep
-    regularizer, pad_factor, margin, kernel : see :func:`invert_tikhonov`
+    regularizer : {"gradient", "identity"}
+    pad_factor, margin, kernel : see :func:`invert_tkd`
 
     Returns
     -------
     :class:`~qsmflow.algorithms.regularization.FitResult`
     """
-    from qsmflow.algorithms import regularization as reg
     from qsmflow.algorithms.gradient import gradient
 
     if regularizer not in ("gradient", "identity"):
@@ -302,14 +245,14 @@ def fit_tikhonov(
     curve: dict = {}
     extra: dict = {}
     fixed = reg.auto_or_positive("lam", lam)
-    if fixed is None:
+    if fixed is None and rule == "snr":
+        snr, _ = reg.field_snr(field, mask)
+        value, used_rule = reg.snr_weight("tikhonov", "lam", snr), "snr"
+        extra = {"field_snr": snr}
+    elif fixed is None:
         mask_b, crop, op, F = _prepare(field, mask, voxel_size, b0_dir, margin, pad_factor, kernel)
         D = op.kernel
-        if regularizer == "gradient":
-            E = gradient_symbols_for(op)
-            G2 = (np.abs(E[0]) ** 2 + np.abs(E[1]) ** 2 + np.abs(E[2]) ** 2).astype(np.float32)
-        else:
-            G2 = np.ones_like(D)
+        G2 = _regularizer_symbol(op, D, regularizer)
         m_c = crop.crop(mask_b)
         f_c = op.crop(op.irfftn(F))
         sigma, src = reg.noise_level(field, mask_b, noise)
@@ -336,7 +279,7 @@ def fit_tikhonov(
         used_rule = rule
     else:
         value, used_rule = fixed, "fixed"
-    chi = invert_tikhonov(field, mask, lam=value, **common)
+    chi = _tikhonov(field, mask, lam=value, **common)
     residual = reg.data_residual(
         chi, field, mask, voxel_size=voxel_size, b0_dir=b0_dir, noise=noise, kernel=kernel
     )

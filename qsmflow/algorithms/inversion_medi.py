@@ -65,7 +65,7 @@ from qsmflow.algorithms._inversion_common import (
 from qsmflow.algorithms.gradient import gradient, gradient_adjoint
 from qsmflow.algorithms.inversion_ndi import phase_scale_rad_per_ppm
 
-__all__ = ["invert_medi", "medi_edge_mask", "METHODS"]
+__all__ = ["invert_medi", "medi_edge_mask"]
 
 
 def _combined_magnitude(magnitude, shape) -> np.ndarray:
@@ -323,6 +323,3 @@ def invert_medi(
         margin=margin,
     )
     return chi
-
-
-METHODS = {"medi": invert_medi}

@@ -53,7 +53,7 @@ import numpy as np
 from qsmflow.algorithms._inversion_common import MaskCrop, check_inputs, make_operator
 from qsmflow.algorithms.units import ppm_to_phase
 
-__all__ = ["invert_ndi", "fit_ndi", "phase_scale_rad_per_ppm", "METHODS"]
+__all__ = ["invert_ndi", "phase_scale_rad_per_ppm"]
 
 #: Field strength (T) assumed when ``b0_tesla`` is not given.
 NOMINAL_B0_T = 3.0
@@ -219,14 +219,14 @@ def invert_ndi(
     noise: np.ndarray | None = None,
     tau: float = 2.0,
     lam: float = 1e-5,
-    maxit: int = 200,
+    maxit: int = 1000,
     tol: float = 0.5,
-    stop: str = "gradient",
+    stop: str = "auto",
     discrepancy_tau: float = 1.0,
     kernel: str = "continuous",
     pad_factor: float = 1.5,
     margin: int = 4,
-) -> np.ndarray:
+):
     """Nonlinear dipole inversion (Polak et al., NMR Biomed 2020;33:e4271).
 
     Gradient descent on ``||W (exp(i D chi) - exp(i phi))||^2 + lam ||chi||^2`` from chi = 0:
@@ -255,15 +255,16 @@ def invert_ndi(
     lam : float
         Tikhonov weight (FANSI default 1e-5; dimensionless in these units).
     maxit : int
-        Maximum number of iterations (200, reference script).
+        Maximum number of iterations (1000, a cap for the discrepancy stop; the reference
+        script's 200 with ``stop="gradient"``).
     tol : float
         Stop when ``100 ||g_k - g_{k-1}|| / ||g_k||`` < tol (percent; 0.5 in the reference
         script for one orientation; 0 disables early stopping).
     noise : (X, Y, Z) array or None, ppm
         Field-noise std (complexfit's noise map) for the discrepancy stop.
-    stop : {"gradient", "discrepancy", "auto"}
+    stop : {"auto", "gradient", "discrepancy"}
         ``"gradient"``: the published rule (``tol``, ``maxit``) only.  ``"discrepancy"`` /
-        ``"auto"``: also stop at the first iterate whose noise-normalised phase residual
+        ``"auto"`` (default): also stop at the first iterate whose noise-normalised phase residual
         ``mean_M (wrap(D chi - phi) / sigma)^2`` is at most ``discrepancy_tau`` (Morozov's
         principle; early stopping is NDI's regularisation), ``sigma`` = ``noise`` or, without
         it, the field's estimated noise (:func:`~qsmflow.algorithms.regularization.
@@ -278,65 +279,15 @@ def invert_ndi(
 
     Returns
     -------
-    chi : (X, Y, Z) float32, ppm, 0 outside ``mask``.
+    :class:`~qsmflow.algorithms.regularization.FitResult` (``chi`` in ppm, 0 outside ``mask``;
+    ``parameter`` "iterations", the rule that stopped it).  On the realistic case the
+    discrepancy is reached after ~230-310 iterations (58.6 % NRMSE vs 60.3 % after the
+    published 200); on the 2016 challenge brain after 17 (67.0 %).
 
     Raises
     ------
     ValueError
         Bad shapes, empty mask, non-finite field in the mask, bad magnitude or parameters.
-    """
-    chi, _ = _ndi(
-        field,
-        mask,
-        magnitude=magnitude,
-        voxel_size=voxel_size,
-        b0_dir=b0_dir,
-        te_s=te_s,
-        b0_tesla=b0_tesla,
-        tau=tau,
-        lam=lam,
-        maxit=maxit,
-        tol=tol,
-        kernel=kernel,
-        pad_factor=pad_factor,
-        margin=margin,
-        noise=noise,
-        stop=stop,
-        discrepancy_tau=discrepancy_tau,
-    )
-    return chi
-
-
-def fit_ndi(
-    field: np.ndarray,
-    mask: np.ndarray,
-    *,
-    magnitude: np.ndarray | None = None,
-    voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
-    b0_dir: Sequence[float] = (0.0, 0.0, 1.0),
-    te_s: Sequence[float] | None = None,
-    b0_tesla: float | None = None,
-    noise: np.ndarray | None = None,
-    tau: float = 2.0,
-    lam: float = 1e-5,
-    maxit: int = 1000,
-    tol: float = 0.5,
-    stop: str = "auto",
-    discrepancy_tau: float = 1.0,
-    kernel: str = "continuous",
-    pad_factor: float = 1.5,
-    margin: int = 4,
-):
-    """NDI with its early stop chosen from the data (discrepancy principle; the stage default).
-
-    Parameters as :func:`invert_ndi`, with ``stop="auto"`` (discrepancy principle with the noise
-    map, or the field's estimated noise, besides the published gradient rule) and ``maxit``
-    1000 as a cap (on the realistic case the discrepancy is reached after ~230-310 iterations:
-    58.6 % NRMSE vs 60.3 % after the published 200).
-
-    Returns
-    -------
-    :class:`~qsmflow.algorithms.regularization.FitResult` (``parameter`` "iterations").
     """
     from qsmflow.algorithms import regularization as reg
 
@@ -375,6 +326,3 @@ def fit_ndi(
         residual=residual,
         extra={"noise_source": "noise map" if noise is not None else "estimated"},
     )
-
-
-METHODS = {"ndi": invert_ndi}

@@ -15,6 +15,12 @@ magnitude).  The rules here choose the weight from the data alone:
 * **inflection**: where a monotone curve is steepest in ``log(weight)``
   (:func:`steepest_point`), used for TKD's threshold, whose L-curve has no corner but a sharp
   rise of the map's norm as the threshold drops into the noise-dominated cone;
+* **field SNR** (:func:`field_snr`, :func:`snr_weight`): the weight from the ratio of the
+  field's spread to its non-smooth, unexplainable part, Wiener's rule for a Gaussian prior
+  (noise power over signal power).  The one rule measured to hold on the real 2016 challenge
+  brain AND on the simulated heads (benchmarks/RESULTS.md "Real brain and simulated heads"):
+  real local fields carry model mismatch (anisotropy, background-removal residue) that the
+  estimate sees and that a noise map does not;
 * **discrepancy principle** (Morozov 1966): the largest weight whose noise-normalised residual
   ``mean_M ((D chi - f) / sigma)^2`` is at most ``tau`` (:func:`discrepancy_choice`), with
   ``sigma`` the field-noise map (complexfit's) or, without one, estimated from the field by
@@ -47,6 +53,8 @@ __all__ = [
     "discrepancy_choice",
     "choose_with_fallback",
     "estimate_field_noise",
+    "field_snr",
+    "snr_weight",
     "data_residual",
     "is_auto",
     "auto_or_positive",
@@ -258,6 +266,54 @@ def estimate_field_noise(field: np.ndarray, mask: np.ndarray, *, erode: int = 2)
     v = lap[inner]
     mad = np.median(np.abs(v - np.median(v)))
     return float(1.4826 * mad / np.sqrt(42.0))
+
+
+def field_snr(field: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """The field's signal-to-noise ratio ``std_M(field) / sigma`` and ``sigma`` (ppm).
+
+    ``sigma`` is :func:`estimate_field_noise` (the voxel-scale, non-smooth part of the field:
+    thermal noise plus whatever the dipole model cannot explain at that scale).  It is taken
+    from the field even when a noise map exists: the map holds the thermal noise only, and on
+    real data the model mismatch is what decides how much regularisation a map needs (the 2016
+    challenge brain, SNR 3.4, wants 20-30x the weight of simulated heads of SNR 10-17).
+    """
+    from qsmflow.algorithms._checks import check_field_mask
+
+    field, m, _ = check_field_mask(field, mask, voxel_size=(1.0, 1.0, 1.0))
+    f = np.asarray(field, dtype=np.float64)[m]
+    sigma = estimate_field_noise(field, m)
+    spread = float(f.std())
+    if not (sigma > 0 and spread > 0):
+        raise ValueError("the field is constant inside the mask: nothing to invert")
+    return spread / sigma, sigma
+
+
+#: ``weight = scale * snr ** power`` per method and parameter, clipped to ``(low, high)``.
+#: Fitted on three data sets together - the 2016 challenge brain (SNR 3.4) and two simulated
+#: heads (qsmflow.sims.invivo_case 96^3, SNR 16.6; qsmflow.sims.realistic 3T 96^3 with noise,
+#: SNR 10.2) - so that each default is within 5 NRMSE points of its best on the real brain and
+#: loses at most 3 points against the former default on the simulated heads (RESULTS.md).
+#: Tikhonov: Wiener's ``lam = (noise / signal)^2`` (mm^2) with no fitted constant; TV: the
+#: Laplace-prior analogue ``alpha = sigma^2 / std_M(f)`` (ppm; the weight scales with the field,
+#: hence ``"field"``), also with no fitted constant.
+SNR_RULES = {
+    ("tikhonov", "lam"): (1.0, -2.0, (1e-4, 1.0), ""),
+    ("tkd", "threshold"): (0.7, -0.5, (0.1, 0.5), ""),
+    ("rts", "lsmr_iter"): (2.2, 0.5, (2, 15), ""),
+    ("tv", "alpha"): (1.0, -2.0, (1e-7, 1e-2), "field"),
+}
+
+
+def snr_weight(method: str, parameter: str, snr: float, sigma: float | None = None) -> float:
+    """The weight of :data:`SNR_RULES` for a field of signal-to-noise ratio ``snr`` (and noise
+    ``sigma`` in ppm, needed by the rules in field units)."""
+    scale, power, (low, high), unit = SNR_RULES[(method, parameter)]
+    w = scale * float(snr) ** power
+    if unit == "field":
+        if sigma is None:
+            raise ValueError(f"the {method} {parameter} rule needs the field's noise level")
+        w *= float(snr) * float(sigma)  # the field's spread, ppm
+    return float(np.clip(w, low, high))
 
 
 def _interior(mask, voxel_size, interior_mm):

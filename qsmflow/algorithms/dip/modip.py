@@ -49,8 +49,9 @@ from qsmflow.algorithms.dip.runner import (
     ensemble_seeds,
     fit_ensemble,
 )
-from qsmflow.algorithms.inversion_direct import invert_tkd
+from qsmflow.algorithms.inversion_direct import invert_tikhonov, invert_tkd
 from qsmflow.algorithms.inversion_medi import invert_medi
+from qsmflow.algorithms.inversion_rts import invert_rts
 from qsmflow.algorithms.inversion_tv import invert_tv
 
 #: ``"auto"`` settings on a GPU: the published MoDIP configuration
@@ -63,8 +64,30 @@ GPU_DEFAULTS = {"init": "none", "net_factor": 1, "dc_steps": 10, "max_time_s": N
 #: by the plateau rule); with 10 DC steps 26.3 % in 224 s, so they stay off (benchmarks/RESULTS.md).
 CPU_DEFAULTS = {"init": "tv", "net_factor": 2, "dc_steps": 0, "max_time_s": 780.0}
 
-#: classical warm starts of ``init``: ``none`` or a method returning chi (ppm)
-INITS = {"none": None, "tkd": invert_tkd, "tv": invert_tv, "medi": invert_medi}
+#: classical warm starts of ``init``: ``none`` or the method's one entry point, the same function
+#: the ``invert`` stage runs (so the warm start gets the weight the stage would choose)
+INITS = {
+    "none": None,
+    "tkd": invert_tkd,
+    "tikhonov": invert_tikhonov,
+    "rts": invert_rts,
+    "tv": invert_tv,
+    "medi": invert_medi,
+}
+
+
+def warm_start(init: str, field, mask, **inputs):
+    """The classical map ``init`` starts from, computed exactly as the ``invert`` stage would
+    compute it with its defaults: ``inputs`` (voxel_size, b0_dir, kernel, magnitude, noise)
+    are passed where the method takes them.  Returns ``(chi in ppm, provenance dict)``."""
+    import inspect
+
+    fn = INITS[init]
+    params = inspect.signature(fn).parameters
+    out = fn(field, mask, **{k: v for k, v in inputs.items() if k in params and v is not None})
+    if hasattr(out, "chi"):
+        return out.chi, {"method": init, **{k: v for k, v in out.sidecar().items() if k != "Curve"}}
+    return out, {"method": init}
 
 
 class _Level:
@@ -357,9 +380,11 @@ def fit_modip(
         coarser grid (block averages of field, mask and weight), the next 100 on a 2x coarser
         one, then the rest on the full grid, with the same network (the dipole model is
         scale-free, so the learnt field-to-chi map transfers); ``""`` = full grid only
-    init : {"auto", "none", "tkd", "tv", "medi"} - warm start: the network output is added to this
-        classical solution before the data-consistency steps, so it only learns the correction
-        ("medi" needs ``magnitude`` and uses ``noise`` as MEDI's data weight)
+    init : {"auto", "none", "tkd", "tikhonov", "rts", "tv", "medi"} - warm start, computed by
+        the same function with the same data-driven weight as the ``invert`` stage
+        (:func:`warm_start`): the network output is added to this classical solution before
+        the data-consistency steps, so it only learns the correction ("medi" needs
+        ``magnitude`` and uses ``noise`` as MEDI's data weight)
     margin, pad_factor, kernel : crop margin (voxels), FFT zero-padding factor, dipole kernel
     threads : int - torch CPU threads during the fit (0 = torch's default)
     amp : {"auto", "bf16", "off"} or bool - bf16 autocast for the network ("auto": on CUDA and
@@ -444,16 +469,17 @@ def fit_modip(
         kernel=kernel,
     )
     bf16 = resolve_amp(amp, problem.device)
-    init_t = None
+    init_t, init_fit = None, None
     if init != "none":
-        extra = dict(magnitude=magnitude, noise=noise) if init == "medi" else {}
-        chi_init = INITS[init](
+        chi_init, init_fit = warm_start(
+            init,
             field,
             mask,
             voxel_size=problem.voxel_size,
             b0_dir=problem.b0_dir,
             kernel=kernel,
-            **extra,
+            magnitude=magnitude,
+            noise=noise,
         )
         init_t = problem.tensor(chi_init / problem.scale)
     settings = dict(
@@ -477,6 +503,7 @@ def fit_modip(
         map_tol=map_tol,
         schedule=str(schedule),
         init=init,
+        init_fit=init_fit,
         margin=margin,
         pad_factor=pad_factor,
         kernel=kernel,

@@ -199,8 +199,12 @@ class Problem:
             from qsmflow.algorithms.inversion_direct import invert_tkd
 
             chi = invert_tkd(
-                self.f_full, self.mask_full, voxel_size=self.voxel_size, b0_dir=self.b0_dir
-            )
+                self.f_full,
+                self.mask_full,
+                voxel_size=self.voxel_size,
+                b0_dir=self.b0_dir,
+                threshold=0.19,
+            ).chi
             self.tkd = chi
             g = float(np.sqrt(np.mean(chi[self.mask_full].astype(np.float64) ** 2)))
             self._gain = g / self.scale if g > 0 else 1.0
