@@ -1,11 +1,14 @@
 """The end-of-run summary: one line per subject, a one-line reason and the crash file of each
-failure; the traceback only with ``--verbose`` (it stays in the crash file)."""
+failure; the traceback only with ``--verbose`` (it stays in the crash file); which nodes ran
+(result files new since the start) and which subjects failed, and the exit status."""
 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
+from qsmflow.cli._parser import EXIT_FAILED, EXIT_OK
 from qsmflow.cli.progress import subject_of
 
 
@@ -108,3 +111,85 @@ def quiet_nipype_errors() -> None:
         logger = nlog.getLogger(name)
         if not any(isinstance(f, _DropNodeErrors) for f in logger.filters):
             logger.addFilter(_DropNodeErrors())
+
+
+def result_stamps(wf_dir: Path) -> dict:
+    """``{result file: mtime_ns}`` of every node result under ``wf_dir``."""
+    if not wf_dir.is_dir():
+        return {}
+    return {str(p): p.stat().st_mtime_ns for p in wf_dir.rglob("result_*.pklz")}
+
+
+def executed_nodes(wf_dir: Path, before: dict) -> list[str]:
+    """Nodes whose result file is new or was rewritten since ``before`` (they ran)."""
+    after = result_stamps(wf_dir)
+    return sorted(
+        Path(p).parent.relative_to(wf_dir).as_posix()
+        for p, t in after.items()
+        if before.get(p) != t
+    )
+
+
+def failed_subjects(runs, out: Path, progress) -> dict:
+    """``{subject: [what failed]}`` from the progress callback and the missing outputs."""
+    from qsmflow.interfaces.derivatives import expected_files
+
+    failed = {}
+    for r in runs:
+        missing = [p for p in expected_files(out, r.bids_prefix, r.session) if not p.exists()]
+        if r.subject in progress.failed:
+            failed.setdefault(r.subject, []).extend(progress.failed[r.subject])
+        elif missing:
+            failed.setdefault(r.subject, []).append(f"{r.bids_prefix}: outputs missing")
+    return failed
+
+
+def summarise(
+    args, out, subjects, failed, error, executed, crash, t0, plugin, pargs, invalid=None
+) -> int:
+    """Print the per-subject summary and the QC report paths; returns the exit status.
+
+    ``invalid``: ``{subject: [input problems]}`` of the subjects skipped before the run."""
+    from qsmflow.reports import subject_report_path, write_failure_report, write_group_index
+
+    invalid = invalid or {}
+    crashes = {s: c for s, c in failures_by_subject(crash, t0).items() if s in failed}
+    print(
+        f"\nqsmflow summary ({len(executed)} node(s) executed, work dir {args.work_dir}):",
+        file=sys.stderr,
+    )
+    for sub in subjects:
+        if sub in invalid:
+            probs = invalid[sub]
+            more = f" (+{len(probs) - 1} more)" if len(probs) > 1 else ""
+            print(f"  sub-{sub}: FAILED at the input check: {probs[0]}{more}", file=sys.stderr)
+            continue
+        for line in subject_lines([sub], failed, crashes, verbose=bool(args.verbose)):
+            print(line, file=sys.stderr)
+    for sub in failed:  # the subject's report page says why, so the index shows the failure
+        lines = [ln.strip() for ln in subject_lines([sub], failed, crashes)]
+        write_failure_report(out, sub, errors=[" ".join(lines)])
+    for sub, probs in invalid.items():
+        write_failure_report(out, sub, errors=[f"input check: {m}" for m in probs])
+    failed = {**failed, **{s: ["input check"] for s in invalid}}
+    index = write_group_index(out)
+    pages = [str(p) for p in (subject_report_path(out, s) for s in subjects) if p.is_file()]
+    if pages:
+        print(
+            "qsmflow: QC report(s): "
+            + ", ".join(pages)
+            + (f"; all subjects: {index}" if index is not None else ""),
+            file=sys.stderr,
+        )
+    if error is not None and failed and "status_callback" not in pargs:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        print(f"qsmflow: the {plugin} plugin raised: {first}", file=sys.stderr)
+    if error is not None and not failed:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        print(f"qsmflow: the workflow raised: {first}", file=sys.stderr)
+        return EXIT_FAILED
+    if failed:
+        print(f"qsmflow: {len(failed)} of {len(subjects)} subject(s) failed", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"qsmflow: all {len(subjects)} subject(s) done; outputs in {out}", file=sys.stderr)
+    return EXIT_OK

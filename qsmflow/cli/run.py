@@ -1,242 +1,39 @@
 """``qsmflow``: the BIDS-App command (QSM for every multi-echo GRE run of a BIDS dataset).
 
-This is the only module that reads argv and the environment.  Exit codes: 0 all subjects
-succeeded; 1 one or more subjects failed (summary printed); 2 bad arguments or input problems
-(one message per problem; nothing was run).
+This is the only module that reads argv and the environment (its arguments are declared in
+:mod:`qsmflow.cli._parser`, its end-of-run summary is in :mod:`qsmflow.cli._summary`).
+Exit codes: 0 all subjects succeeded; 1 one or more subjects failed (summary printed); 2 bad
+arguments or input problems (one message per problem; nothing was run).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
 from qsmflow import registry
+from qsmflow.cli._parser import (  # the parser's names, public here as before
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    build_parser,
+    parse_mem,
+)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-_EPILOG = """\
-examples:
-  qsmflow /data/bids /data/derivatives/qsmflow participant
-  qsmflow /data/bids out participant --participant-label 01 02 --nprocs 8 --mem 32GB
-  qsmflow /data/bids out participant --preset accurate -w /scratch/work
-  qsmflow /data/bids out participant --inversion tv --bfr pdf     # change single stages
-  qsmflow /data/bids out participant --preset dip-gpu --device cuda
-  qsmflow /data/bids out participant --preset dip-cpu              # MoDIP in minutes on a CPU
-  qsmflow /data/bids out participant --use-plugin slurmgraph      # SLURM, shipped file
-  qsmflow --dump-plugin slurmgraph > my.yml     # edit partition/time, then --use-plugin my.yml
-  qsmflow /data/bids out group                    # index.html linking the subject reports
-
-Outputs (BIDS derivatives) per run, in output_dir/sub-X[/ses-Y]/:
-  anat/*_Chimap.nii.gz (ppm), anat/*_desc-brain_mask.nii.gz, fmap/*_desc-total_fieldmap.nii.gz
-  and fmap/*_desc-local_fieldmap.nii.gz (ppm of B0) with their _magnitude, each with a JSON
-  sidecar; the configuration (TOML) and a methods text with references in output_dir/sub-X/log/;
-  a visual QC report per subject, output_dir/sub-X.html, and output_dir/index.html.
-
-Re-running the same command reuses the work directory (-w): finished steps are not repeated,
-and changing only one stage re-runs that stage and what follows it.
-
-exit status: 0 success, 1 some subjects failed, 2 bad arguments or input data.
-"""
-
-
-class UsageError(Exception):
-    """Bad arguments (exit 2)."""
-
-
-def parse_mem(text: str) -> float:
-    """Memory in GB from ``8``, ``8G``, ``8GB``, ``500MB``, ``16000M``, ``1T``, ``2GiB``."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*", str(text).upper())
-    if not m:
-        raise argparse.ArgumentTypeError(
-            f"invalid memory {text!r}: use a number with an optional unit, e.g. 8, 8GB, 500MB"
-        )
-    value = float(m.group(1))
-    factor = {"": 1.0, "K": 1e-6, "M": 1e-3, "G": 1.0, "T": 1e3}[m.group(2)]
-    if m.group(3) == "IB":
-        factor *= {"": 1.0, "K": 1.024, "M": 1.024**2, "G": 1.024**3, "T": 1.024**4}[m.group(2)]
-    gb = value * factor
-    if gb <= 0:
-        raise argparse.ArgumentTypeError(f"memory must be positive, got {text!r}")
-    return gb
-
-
-def _int_at_least(minimum: int):
-    """argparse type: an integer >= ``minimum``."""
-    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return v
-
-    return parse
-
-
-def _label(prefix):
-    from qsmflow.validation import label_arg
-
-    return label_arg(prefix)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from qsmflow import __version__
-
-    p = argparse.ArgumentParser(
-        prog="qsmflow",
-        description="Quantitative susceptibility mapping of every multi-echo GRE (MEGRE) run "
-        "in a BIDS dataset, written as BIDS derivatives (a BIDS-App).",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("bids_dir", type=Path, help="the input BIDS dataset (never modified)")
-    p.add_argument(
-        "output_dir", type=Path, help="where the derivatives go (must differ from bids_dir)"
-    )
-    p.add_argument(
-        "analysis_level",
-        choices=["participant", "group"],
-        help="'participant': process each subject; 'group': write the index page "
-        "output_dir/index.html linking the subjects' reports (also written at the "
-        "end of every participant run)",
-    )
-    p.add_argument("--version", action="version", version=f"qsmflow {__version__}")
-
-    g = p.add_argument_group("selecting data")
-    g.add_argument(
-        "--participant-label",
-        "--participant_label",
-        nargs="+",
-        type=_label("sub"),
-        metavar="LABEL",
-        help="subjects to process (default: all); 'sub-' optional",
-    )
-    g.add_argument(
-        "--session-label",
-        "--session_label",
-        nargs="+",
-        type=_label("ses"),
-        metavar="LABEL",
-        help="sessions to process (default: all); 'ses-' optional",
-    )
-
-    g = p.add_argument_group("methods (a preset or a TOML file, then per-stage overrides)")
-    x = g.add_mutually_exclusive_group()
-    x.add_argument(
-        "--preset",
-        metavar="NAME",
-        help="a shipped preset: fast (default), accurate, dip-gpu, dip-cpu (see --list-presets)",
-    )
-    x.add_argument(
-        "--config-file",
-        type=Path,
-        metavar="FILE",
-        help="a TOML configuration (start from: qsmflow --dump-preset fast)",
-    )
-    g.add_argument(
-        "--list-presets", action="store_true", help="list the presets and their methods, then exit"
-    )
-    g.add_argument(
-        "--dump-preset",
-        metavar="NAME",
-        help="print a preset as TOML (an editable copy for --config-file), then exit",
-    )
-    for flag, stage in (
-        ("--unwrap", "unwrap"),
-        ("--combine", "combine"),
-        ("--mask", "mask"),
-        ("--bfr", "bfr"),
-        ("--inversion", "invert"),
-        ("--reference", "reference"),
-    ):
-        names = list(registry.methods_for(stage))
-        g.add_argument(
-            flag,
-            dest=f"method_{stage}",
-            metavar="METHOD",  # checked by config
-            help=f"{registry.stage(stage).help}: {', '.join(names)}",
-        )
-    g.add_argument(
-        "--seed",
-        type=_int_at_least(0),
-        metavar="N",
-        help="random seed of stochastic methods (default: from the preset, 0)",
-    )
-
-    g = p.add_argument_group("resources and execution")
-    g.add_argument(
-        "-w",
-        "--work-dir",
-        type=Path,
-        metavar="DIR",
-        help="work directory: intermediate results and the cache that makes "
-        "re-runs resume (default: ./work)",
-    )
-    g.add_argument(
-        "--nprocs",
-        "--n-cpus",
-        type=_int_at_least(1),
-        metavar="N",
-        help="maximum number of processes (default: all CPUs)",
-    )
-    g.add_argument(
-        "--omp-nthreads",
-        type=_int_at_least(1),
-        metavar="N",
-        default=1,
-        help="threads per node: BLAS, FFT and torch pools are limited to it inside "
-        "every node (default: 1; at most --nprocs)",
-    )
-    g.add_argument(
-        "--mem",
-        "--mem-gb",
-        type=parse_mem,
-        metavar="SIZE",
-        help="memory limit, e.g. 16GB, 500MB (plain numbers are GB; default: "
-        "Nipype's estimate of the free memory)",
-    )
-    g.add_argument(
-        "--use-plugin",
-        metavar="NAME|FILE",
-        help="Nipype execution plugin: a shipped one by name (multiproc, slurm, slurmgraph; "
-        "see --list-plugins) or a YAML file (plugin: and plugin_args:), e.g. an edited copy "
-        "from --dump-plugin slurmgraph for a SLURM cluster",
-    )
-    g.add_argument(
-        "--list-plugins",
-        action="store_true",
-        help="list the shipped plugin files (names for --use-plugin), then exit",
-    )
-    g.add_argument(
-        "--dump-plugin",
-        metavar="NAME",
-        help="print a shipped plugin file as YAML (an editable copy for --use-plugin), then exit",
-    )
-    g.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        help="device of GPU-capable methods (default: from the preset)",
-    )
-    g.add_argument(
-        "--stop-on-first-crash",
-        action="store_true",
-        help="stop at the first failure (default: finish the other subjects)",
-    )
-    g.add_argument(
-        "-v",
-        "--verbose",
-        action="count",
-        default=0,
-        help="more log output (-v: Nipype info, -vv: debug)",
-    )
-    return p
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "UsageError",
+    "build_parser",
+    "main",
+    "parse_mem",
+    "run",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,23 +139,6 @@ def _plugin(args, use_gpu: bool, callback):
     if plugin in ("MultiProc", "LegacyMultiProc", "Linear"):
         pargs["status_callback"] = callback
     return plugin, pargs
-
-
-def _result_stamps(wf_dir: Path) -> dict:
-    """``{result file: mtime_ns}`` of every node result under ``wf_dir``."""
-    if not wf_dir.is_dir():
-        return {}
-    return {str(p): p.stat().st_mtime_ns for p in wf_dir.rglob("result_*.pklz")}
-
-
-def _executed_nodes(wf_dir: Path, before: dict) -> list[str]:
-    """Nodes whose result file is new or was rewritten since ``before`` (they ran)."""
-    after = _result_stamps(wf_dir)
-    return sorted(
-        Path(p).parent.relative_to(wf_dir).as_posix()
-        for p, t in after.items()
-        if before.get(p) != t
-    )
 
 
 def _list_presets() -> int:
@@ -514,11 +294,12 @@ def _execute(wf, plugin, pargs, progress, work: Path):
     """Run the workflow (Ctrl-C/SIGTERM stop it cleanly); returns ``(error or None, names of
     the nodes that ran)`` and records them in ``work/qsmflow_last_run.json``."""
     from qsmflow.cli._signals import handle_signals
+    from qsmflow.cli._summary import executed_nodes, result_stamps
     from qsmflow.io import write_json_atomic
     from qsmflow.workflows.base import top_workflow_name
 
     t0 = time.time()
-    stamps = _result_stamps(work / top_workflow_name())
+    stamps = result_stamps(work / top_workflow_name())
     error = None
     batch = work / top_workflow_name() / "batch"
     on_stop = None
@@ -541,75 +322,9 @@ def _execute(wf, plugin, pargs, progress, work: Path):
             from qsmflow.cli._plugins import wait_for_slurm_jobs
 
             wait_for_slurm_jobs(batch)
-    executed = _executed_nodes(work / top_workflow_name(), stamps)
+    executed = executed_nodes(work / top_workflow_name(), stamps)
     write_json_atomic({"executed": executed, "start": t0}, work / "qsmflow_last_run.json")
     return error, executed, t0
-
-
-def _failed_subjects(runs, out: Path, progress) -> dict:
-    """``{subject: [what failed]}`` from the progress callback and the missing outputs."""
-    from qsmflow.interfaces.derivatives import expected_files
-
-    failed = {}
-    for r in runs:
-        missing = [p for p in expected_files(out, r.bids_prefix, r.session) if not p.exists()]
-        if r.subject in progress.failed:
-            failed.setdefault(r.subject, []).extend(progress.failed[r.subject])
-        elif missing:
-            failed.setdefault(r.subject, []).append(f"{r.bids_prefix}: outputs missing")
-    return failed
-
-
-def _summarise(
-    args, out, subjects, failed, error, executed, crash, t0, plugin, pargs, invalid=None
-) -> int:
-    """Print the per-subject summary and the QC report paths; returns the exit status.
-
-    ``invalid``: ``{subject: [input problems]}`` of the subjects skipped before the run."""
-    from qsmflow.cli._summary import failures_by_subject, subject_lines
-    from qsmflow.reports import subject_report_path, write_failure_report, write_group_index
-
-    invalid = invalid or {}
-    crashes = {s: c for s, c in failures_by_subject(crash, t0).items() if s in failed}
-    print(
-        f"\nqsmflow summary ({len(executed)} node(s) executed, work dir {args.work_dir}):",
-        file=sys.stderr,
-    )
-    for sub in subjects:
-        if sub in invalid:
-            probs = invalid[sub]
-            more = f" (+{len(probs) - 1} more)" if len(probs) > 1 else ""
-            print(f"  sub-{sub}: FAILED at the input check: {probs[0]}{more}", file=sys.stderr)
-            continue
-        for line in subject_lines([sub], failed, crashes, verbose=bool(args.verbose)):
-            print(line, file=sys.stderr)
-    for sub in failed:  # the subject's report page says why, so the index shows the failure
-        lines = [ln.strip() for ln in subject_lines([sub], failed, crashes)]
-        write_failure_report(out, sub, errors=[" ".join(lines)])
-    for sub, probs in invalid.items():
-        write_failure_report(out, sub, errors=[f"input check: {m}" for m in probs])
-    failed = {**failed, **{s: ["input check"] for s in invalid}}
-    index = write_group_index(out)
-    pages = [str(p) for p in (subject_report_path(out, s) for s in subjects) if p.is_file()]
-    if pages:
-        print(
-            "qsmflow: QC report(s): "
-            + ", ".join(pages)
-            + (f"; all subjects: {index}" if index is not None else ""),
-            file=sys.stderr,
-        )
-    if error is not None and failed and "status_callback" not in pargs:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        print(f"qsmflow: the {plugin} plugin raised: {first}", file=sys.stderr)
-    if error is not None and not failed:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        print(f"qsmflow: the workflow raised: {first}", file=sys.stderr)
-        return EXIT_FAILED
-    if failed:
-        print(f"qsmflow: {len(failed)} of {len(subjects)} subject(s) failed", file=sys.stderr)
-        return EXIT_FAILED
-    print(f"qsmflow: all {len(subjects)} subject(s) done; outputs in {out}", file=sys.stderr)
-    return EXIT_OK
 
 
 def _node_threads(args) -> int:
@@ -692,9 +407,11 @@ def _run(args) -> int:
         file=sys.stderr,
     )
     error, executed, t0 = _execute(wf, plugin, pargs, progress, args.work_dir)
-    failed = _failed_subjects(runs, out, progress)
+    from qsmflow.cli._summary import failed_subjects, summarise
+
+    failed = failed_subjects(runs, out, progress)
     subjects = sorted({*subjects, *invalid})
-    return _summarise(
+    return summarise(
         args, out, subjects, failed, error, executed, crash, t0, plugin, pargs, invalid
     )
 
