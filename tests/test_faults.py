@@ -146,9 +146,9 @@ def _temporaries(out: Path) -> list:
     return [p for p in out.rglob(".*") if p.name != ".bidsignore"] if out.exists() else []
 
 
-def test_sigterm_when_the_inversion_starts(tmp_path):
-    """SIGTERM (a cluster's time limit) as the first inversion starts: exit 143, one line, no
-    BrokenProcessPool traceback from the pool's thread, no temporary file in the output."""
+def _run_until(tmp_path, marker: str):
+    """Start qsmflow on two subjects; return ``(proc, lines, reader, out)`` once a progress
+    line contains ``marker`` (the output keeps being read into ``lines``)."""
     import threading
 
     bids = write_bids_dataset(tmp_path / "bids", subjects=SUBJECTS[:2], **KW)
@@ -165,10 +165,17 @@ def test_sigterm_when_the_inversion_starts(tmp_path):
     reader.start()
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        if any("invert started" in ln for ln in lines):
+        if any(marker in ln for ln in lines):
             break
         time.sleep(0.01)
-    assert proc.poll() is None, "finished before it could be terminated"
+    assert proc.poll() is None, f"finished before {marker!r}"
+    return proc, lines, reader, out
+
+
+def test_sigterm_when_the_inversion_starts(tmp_path):
+    """SIGTERM (a cluster's time limit) as the first inversion starts: exit 143, one line, no
+    BrokenProcessPool traceback from the pool's thread, no temporary file in the output."""
+    proc, lines, reader, out = _run_until(tmp_path, "invert started")
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     reader.join(timeout=10)
@@ -176,6 +183,27 @@ def test_sigterm_when_the_inversion_starts(tmp_path):
     assert proc.returncode == 143, text
     assert "qsmflow: terminated; stopping worker processes" in text
     assert "Traceback" not in text and "BrokenProcessPool" not in text, text
+    assert not _temporaries(out)
+
+
+def test_worker_killed_stops_the_run_instead_of_hanging(tmp_path):
+    """A worker killed from outside (the out-of-memory killer: SIGKILL) breaks Nipype's pool,
+    which then waited forever: the run stops with one line and exit 1, no traceback, no
+    process left, no temporary file."""
+    proc, lines, reader, out = _run_until(tmp_path, "invert started")
+    workers = _descendants(proc.pid)
+    assert workers
+    import os
+
+    os.kill(workers[-1], signal.SIGKILL)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    text = "".join(lines)
+    assert proc.returncode == 1, text
+    assert "qsmflow: a worker process was killed (e.g. out of memory" in text, text
+    assert "Traceback" not in text and "BrokenProcessPool" not in text, text
+    time.sleep(0.5)
+    assert not [p for p in workers if _alive(p)]
     assert not _temporaries(out)
 
 

@@ -7,7 +7,9 @@ children), print one line and leave with the conventional status; finished nodes
 in the work directory, so the same command resumes.  Nothing else reaches the terminal: the
 process pool's "BrokenProcessPool" callback tracebacks (its workers are being stopped) are
 dropped, and the temporary files of atomic writes in progress are removed (in the main
-process and in every forked worker) before ``os._exit``.
+process and in every forked worker) before ``os._exit``.  A worker killed from outside (the
+kernel's out-of-memory killer) breaks the pool, and Nipype would wait forever: the run then
+stops the same way with one line and exit 1.
 """
 
 from __future__ import annotations
@@ -86,28 +88,39 @@ def _alive(pid: int) -> bool:
         return False
 
 
+EXIT_WORKER_KILLED = 1
+
+
 class _BrokenPoolFilter(logging.Filter):
     """Drop the process pool's "exception calling callback ... BrokenProcessPool" tracebacks
-    (Nipype's callback re-raises the pool's error in the pool's own thread): while stopping on
-    a signal they are noise; otherwise one line says that a worker was killed."""
+    (Nipype's callback re-raises the pool's error in the pool's own thread).  While stopping on
+    a signal they are noise.  Otherwise a worker was killed (e.g. by the kernel, out of memory):
+    Nipype would then wait forever for its node, so the run stops here with one line, exit 1
+    (finished nodes stay cached: re-running resumes)."""
 
-    def __init__(self, prog: str):
+    def __init__(self, prog: str, hint: str = ""):
         super().__init__()
         self.prog = prog
+        self.hint = hint
         self.stopping = False
-        self.said = False
 
     def filter(self, record) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if type(exc).__name__ != "BrokenProcessPool":
             return True
-        if not self.stopping and not self.said:
-            self.said = True
+        if not self.stopping:
+            from qsmflow.io import remove_pending_temporaries
+
+            _silence(self)
             with contextlib.suppress(OSError, ValueError):
                 sys.stderr.write(
-                    f"{self.prog}: a worker process ended abruptly (killed, e.g. out of "
-                    "memory); its node and those waiting for it fail\n"
+                    f"\n{self.prog}: a worker process was killed (e.g. out of memory: lower "
+                    f"--nprocs or set --mem); the run cannot go on, stopping{self.hint}\n"
                 )
+                sys.stderr.flush()
+            stop_workers()
+            remove_pending_temporaries()
+            os._exit(EXIT_WORKER_KILLED)  # from the pool's thread: the main one waits on it
         return False
 
 
@@ -134,7 +147,7 @@ def handle_signals(prog: str, *, hint: str = "", on_stop=None):
     from qsmflow.io import remove_pending_temporaries
 
     main_pid = os.getpid()
-    filt = _BrokenPoolFilter(prog)
+    filt = _BrokenPoolFilter(prog, hint)
 
     def handler(signum, frame):
         code, name = _HANDLED.get(signum, (EXIT_SIGTERM, "terminated"))
