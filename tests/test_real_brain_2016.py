@@ -112,10 +112,11 @@ def test_snr_rule_gives_the_real_brain_more_regularisation_than_a_simulated_head
 
 
 def test_tv_default_on_a_crop_of_the_real_brain(crop):
+    """TV's SNR rule on the crop: measured 60.9 % (alpha 9.3e-4; the best of the sweep 60.7 at
+    1e-3, the former discrepancy default 80.7 at full size, FANSI's 1e-5 152 %).  TKD's and
+    RTS's defaults score 62.5 / 62.2 on this crop."""
     res = _run("tv", crop)
     s = _score(res.data, crop)
-    assert s["nrmse"] < TV_CROP_LIMIT, s
-
-
-#: measured on the crop with the default (see the test); TKD's default scores 61.4 there
-TV_CROP_LIMIT = 70.0
+    assert s["nrmse"] < 62.0, s
+    fit = res.provenance["InversionFit"]
+    assert fit["Rule"] == "snr" and 5e-4 < fit["Value"] < 2e-3

@@ -167,9 +167,10 @@ def chain_local_field():
 
 
 def test_tv_default_within_factor_3_of_best_through_the_chain(chain_local_field):
-    """The default rule (discrepancy) on a local field with background-removal errors: within
-    3x of the best weight and 3 NRMSE points of it (measured: 3.1e-4 vs best 1e-4..3e-4,
-    65.8 vs 65.7 %); the knee lands 10-3000x too low on such fields."""
+    """The default rule (the field's SNR) and the discrepancy principle on a local field with
+    background-removal errors: within 3x of the best weight and 3 NRMSE points of it (measured,
+    discrepancy: 3.1e-4 vs best 1e-4..3e-4, 65.8 vs 65.7 %); the knee lands 10-3000x too low on
+    such fields."""
     from qsm_ci.qsm_eval import nrmse_challenge
 
     from qsmflow.algorithms.reference import reference_mean
@@ -181,6 +182,7 @@ def test_tv_default_within_factor_3_of_best_through_the_chain(chain_local_field)
         return float(nrmse_challenge(reference_mean(chi, mo), h.chi_local, ev)[0])
 
     fit = invert_tv(local, mo, magnitude=h.magnitude, **geo)
+    disc = invert_tv(local, mo, magnitude=h.magnitude, rule="discrepancy", **geo)
     alphas = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
     errs = [err(invert_tv(local, mo, alpha=a, magnitude=h.magnitude, **geo).chi) for a in alphas]
     assert 0 < int(np.argmin(errs)) < len(alphas) - 1  # the best is bracketed
@@ -188,9 +190,10 @@ def test_tv_default_within_factor_3_of_best_through_the_chain(chain_local_field)
     # geometric centre of the weights within 0.5 points of the minimum
     near = [a for a, e in zip(alphas, errs) if e <= min(errs) + 0.5]
     best = float(np.exp(np.mean(np.log(near))))
-    assert fit.rule == "discrepancy"
-    assert best / 3 <= fit.value <= best * 3, (fit.value, best, errs)
-    assert err(fit.chi) < min(errs) + 3.0
+    assert fit.rule == "snr" and disc.rule == "discrepancy"
+    for f in (fit, disc):
+        assert best / 3 <= f.value <= best * 3, (f.rule, f.value, best, errs)
+        assert err(f.chi) < min(errs) + 3.0, (f.rule, err(f.chi), errs)
 
 
 # --------------------------------------------------------------------------------------------
