@@ -336,6 +336,7 @@ def fit_modip(
     tau: float = 1.0,
     window: int = 25,
     plateau_tol: float = 0.01,
+    plateau_z: float = 2.0,
     map_tol: float = 0.0,
     schedule: str = "",
     init: str = "auto",
@@ -374,8 +375,10 @@ def fit_modip(
     dc_mode : {"masked", "kspace"} - exact masked steps (4 FFTs each) or the unmasked closed form
     lap_weight : float - weight of the Laplacian-of-residual L1 term (0 = off)
     average : float in [0, 1) - EMA weight for late-iterate averaging (0 = last iterate)
-    tau, window, plateau_tol, map_tol : stopping rule (see :mod:`qsmflow.algorithms.dip.runner`;
-        ``map_tol`` 0 = the map-convergence rule off)
+    tau, window, plateau_tol, plateau_z, map_tol : stopping rule (see
+        :mod:`qsmflow.algorithms.dip.runner`; a window whose residual still falls by more than
+        ``plateau_z`` standard errors is no plateau, 0 = the relative test alone; ``map_tol``
+        0 = the map-convergence rule off)
     schedule : str - coarse-to-fine: ``"4:150,2:100"`` runs the first 150 iterations on a 4x
         coarser grid (block averages of field, mask and weight), the next 100 on a 2x coarser
         one, then the rest on the full grid, with the same network (the dipole model is
@@ -500,6 +503,7 @@ def fit_modip(
         tau=tau,
         window=window,
         plateau_tol=plateau_tol,
+        plateau_z=plateau_z,
         map_tol=map_tol,
         schedule=str(schedule),
         init=init,
@@ -546,6 +550,7 @@ def fit_modip(
         tau=tau,
         window=window,
         plateau_tol=plateau_tol,
+        plateau_z=plateau_z,
         map_tol=map_tol,
         min_iter=min_iter,
         max_time_s=None if max_time_s is None else float(max_time_s),

@@ -16,7 +16,11 @@ The data residual ``r_k = sqrt(mean_mask((D chi_k - f)^2))`` (ppm) is recorded e
   when deep image priors start to degrade (Ulyanov et al. 2018).
 * Residual plateau, always: every ``window`` iterations (after ``2 window``) compare the mean
   residual of the last window with the window before; stop when it fell by less than
-  ``plateau_tol`` (relative).
+  ``plateau_tol`` (relative).  With ``plateau_z > 0`` (MoDIP's default) a window whose fall is
+  statistically significant (more than ``plateau_z`` standard errors of the difference of the
+  two window means, i.e. the fit is still improving the data fit beyond Adam's jitter) never
+  counts as a plateau: a warm-started fit improves slowly but steadily, and a relative
+  threshold alone stopped MoDIP before its network corrected anything (issue 19).
 * Map convergence, when ``map_tol > 0``: every ``window`` iterations the relative RMS change
   of the averaged map over the last window (``map_change`` in the history) is compared with
   ``map_tol``: the map a user gets has stopped moving.  Noise-free or noise-poor fields never
@@ -250,6 +254,7 @@ class StopRule:
         map_tol: float = 0.0,
         min_iter: int = 0,
         max_time_s: float | None = None,
+        plateau_z: float = 0.0,
     ):
         if int(max_iter) < 1:
             raise ValueError(f"max_iter must be >= 1, got {max_iter}")
@@ -257,7 +262,7 @@ class StopRule:
             raise ValueError(f"window must be >= 1, got {window}")
         self.max_iter, self.tau, self.window = int(max_iter), float(tau), int(window)
         self.plateau_tol, self.min_iter = float(plateau_tol), int(min_iter)
-        self.map_tol = float(map_tol)
+        self.map_tol, self.plateau_z = float(map_tol), float(plateau_z)
         if max_time_s is not None and not max_time_s > 0:
             raise ValueError(f"max_time_s must be positive, got {max_time_s}")
         self.max_time_s = None if max_time_s is None else float(max_time_s)
@@ -280,9 +285,11 @@ class StopRule:
             return "converged"
         w = self.window
         if not early and self.plateau_tol > 0 and n >= 2 * w and n % w == 0:
-            prev = float(np.mean(self.res[-2 * w : -w]))
-            cur = float(np.mean(self.res[-w:]))
-            if prev > 0 and (prev - cur) / prev < self.plateau_tol:
+            a, b = np.asarray(self.res[-2 * w : -w]), np.asarray(self.res[-w:])
+            prev, cur = float(a.mean()), float(b.mean())
+            se = float(np.sqrt((a.var() + b.var()) / w))
+            improving = self.plateau_z > 0 and prev - cur > self.plateau_z * se
+            if prev > 0 and (prev - cur) / prev < self.plateau_tol and not improving:
                 return "plateau"
         if n >= self.max_iter:
             return "max_iter"
