@@ -386,9 +386,60 @@ def part_2016(args, bfrs):
     return rows
 
 
+def part_time(args, bfrs):
+    """Wall and CPU seconds of the default chain (the ``fast`` preset) on the realistic head."""
+    import resource
+
+    from qsmflow.config import default_config
+    from qsmflow.registry import method
+
+    def cpu():
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
+    cfg = default_config()
+    rows = []
+    for preset in args.presets:
+        head, vs = _head(preset, args.size)
+        times = {}
+        w0, c0 = time.perf_counter(), cpu()
+        t, c = w0, c0
+        mask = method("mask", cfg.method("mask")).function(
+            head.magnitude, phase=head.phase, te_s=head.te_s, voxel_size=vs, **cfg.settings("mask")
+        )
+        times["mask"] = (time.perf_counter() - t, cpu() - c)
+        t, c = time.perf_counter(), cpu()
+        field = _default_field(head.phase, head.magnitude, head.te_s, head.b0_tesla, mask, vs)
+        times["combine"] = (time.perf_counter() - t, cpu() - c)
+        t, c = time.perf_counter(), cpu()
+        local, m_out = method("bfr", cfg.method("bfr")).function(
+            field, mask, voxel_size=vs, **cfg.settings("bfr")
+        )
+        times["bfr"] = (time.perf_counter() - t, cpu() - c)
+        t, c = time.perf_counter(), cpu()
+        chi = _rts(local, m_out, vs, head.b0_dir)
+        times["invert+reference"] = (time.perf_counter() - t, cpu() - c)
+        total = (time.perf_counter() - w0, cpu() - c0)
+        ev = m_out & head.brain_mask
+        row = {
+            "part": "time",
+            "preset": preset,
+            "size": args.size,
+            "methods": {s: cfg.method(s) for s in ("mask", "combine", "bfr", "invert")},
+            "wall_cpu_s": {k: [round(a, 1), round(b, 1)] for k, (a, b) in times.items()},
+            "total_wall_s": round(total[0], 1),
+            "total_cpu_s": round(total[1], 1),
+            "load_average": [round(v, 1) for v in os.getloadavg()],
+            "chi_nrmse": round(_nrmse(chi, head.chi_local, ev), 1),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("philips", "realistic", "2016"), required=True)
+    ap.add_argument("--part", choices=("philips", "realistic", "2016", "time"), required=True)
     ap.add_argument("--bfrs", nargs="*", default=list(CANDIDATES))
     ap.add_argument("--size", type=int, default=160)
     ap.add_argument("--presets", nargs="*", default=["3t-axial", "7t-oblique"])
@@ -405,11 +456,11 @@ def main(argv=None) -> int:
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=2):
-        rows = {"philips": part_philips, "realistic": part_realistic, "2016": part_2016}[args.part](
-            args, args.bfrs
-        )
+        parts = {"philips": part_philips, "realistic": part_realistic, "2016": part_2016}
+        parts["time"] = part_time
+        rows = parts[args.part](args, args.bfrs)
     OUT.mkdir(parents=True, exist_ok=True)
-    tag = args.part + (f"_{args.size}" if args.part == "realistic" else "")
+    tag = args.part + (f"_{args.size}" if args.part in ("realistic", "time") else "")
     path = OUT / f"bfr_{tag}.json"
     path.write_text(json.dumps({"meta": _meta(), "rows": rows}, indent=1))
     print(f"# wrote {path}; {_meta()}")
