@@ -5,7 +5,8 @@ Usage::
     nice -n 10 python benchmarks/bench_bfr_real.py --part philips
     nice -n 10 python benchmarks/bench_bfr_real.py --part realistic --size 160
     nice -n 10 python benchmarks/bench_bfr_real.py --part 2016
-    python benchmarks/bench_bfr_real.py --part philips --combine-sigma-mm 3   # field-map option
+    python benchmarks/bench_bfr_real.py --part philips --combine-sigma-mm 0 2   # 0: former default
+    python benchmarks/bench_bfr_real.py --part time      # the default chain's seconds at 160^3
 
 Parts (every background removal of ``--bfrs``, each followed by the default inversion, RTS):
 
