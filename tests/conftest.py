@@ -14,6 +14,69 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+#: long integration tests (whole pipelines, network fits, real data, clusters): each took 9 s
+#: to 13 min in a full run on 2 busy cores.  Marked ``slow`` here, in one place, so that
+#: ``python -m pytest -q -m "not slow"`` is a quick run (CI runs it before torch is installed);
+#: the full suite runs them all.
+SLOW_MODULES = (
+    "test_demo.py",
+    "test_dicom_pipeline_e2e.py",
+    "test_faults.py",
+    "test_philips_real.py",
+    "test_pipeline_e2e.py",
+    "test_real_brain_2016.py",
+    "test_slurm.py",
+)
+SLOW_TESTS = {
+    "test_background.py": (
+        "test_pdf_uses_oblique_b0",
+        "test_pdf_noise_weights_discount_corrupted_voxels",
+    ),
+    "test_bad_inputs.py": ("test_subject_failing_the_input_checks_is_skipped_the_others_run",),
+    "test_cli_stage.py": ("test_dip_method_writes_std_loss_curve_and_seeds",),
+    "test_containers.py": ("test_qsmci_modip_dipole_stage", "test_qsmci_fast_end_to_end"),
+    "test_dip.py": (
+        "test_modip_cpu_default_finishes_64cubed_within_its_budget",
+        "test_modip_bf16_autocast_costs_no_accuracy",
+        "test_stopping_rule_plateau_and_discrepancy",
+        "test_modip_fits_and_is_accurate",
+        "test_modip_warm_start_from_tv_and_medi",
+        "test_modip_respects_b0_direction",
+        "test_dip_loss_and_residual_decrease",
+        "test_modip_coarse_network_with_tv_start_beats_tv",
+        "test_modip_kspace_and_coarse_to_fine_modes",
+        "test_modip_cpu_defaults_and_time_budget",
+        "test_ensemble_std",
+        "test_modip_checkpointing_gives_the_same_fit",
+        "test_inr_whole_and_patches",
+    ),
+    "test_inversion_classical.py": (
+        "test_accuracy_head_phantom",
+        "test_anisotropic_voxels",
+        "test_tv_noise_weighting_helps",
+    ),
+    "test_regularization.py": (
+        "test_tv_default_within_factor_3_of_best_through_the_chain",
+        "test_tv_lcurve_knee_within_factor_3_of_best_with_the_true_local_field",
+    ),
+    "test_report.py": (
+        "test_phase_only_run_is_valid_and_reported",
+        "test_qsmflow_derivatives_pass_the_validator",
+        "test_failed_subject_gets_a_page_with_the_reason",
+    ),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m/-k deselect
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests of :data:`SLOW_MODULES` and :data:`SLOW_TESTS` ``slow``
+    (``tests/test_markers.py`` checks that every listed name is a test)."""
+    for item in items:
+        module = item.path.name
+        name = getattr(item, "originalname", item.name)
+        if module in SLOW_MODULES or name in SLOW_TESTS.get(module, ()):
+            item.add_marker(pytest.mark.slow)
+
 
 @dataclass
 class SimulatedHead:
