@@ -477,14 +477,19 @@ NONE_TEXTS = ("none", "null")
 
 def declared_types(param: inspect.Parameter | None, default=None) -> frozenset:
     """The simple type names a setting accepts: its annotation's (``float | str | None`` ->
-    ``{"float", "str", "None"}``), else its default's type (``None`` -> empty: anything)."""
+    ``{"float", "str", "None"}``), else its default's type as :mod:`qsmflow.schema` reads it
+    (a string default also takes a number; ``None`` -> empty: anything)."""
     note = None if param is None else param.annotation
     if param is not None and note is not inspect.Parameter.empty:
         text = note if isinstance(note, str) else getattr(note, "__name__", str(note))
         names = {n.strip().split("[")[0].split(".")[-1] for n in text.split("|")}
         return frozenset("None" if n in ("None", "NoneType") else n for n in names)
+    if param is not None and param.default is not inspect.Parameter.empty:
+        default = param.default
     if default is None:
         return frozenset()
+    if isinstance(default, str):  # unannotated: "auto"-style names that also take a number
+        return frozenset({"str", "int", "float"})
     return frozenset({type(default).__name__})
 
 

@@ -252,6 +252,12 @@ def test_settings_are_read_by_the_declared_type():
     assert read("invert", "modip", "amp", "off") == "off"
     assert read("invert", "tv", "max_iter", "10") == 10
     assert read("invert", "tkd", "kernel", "1") == "1"  # a str parameter: no number
+    # without the signature (a caller that knows only the default): the default's type, a
+    # string default also taking a number; none is None only for a None default
+    assert registry.coerce_setting("0.01", "auto") == 0.01
+    assert registry.coerce_setting("none", "auto") == "none"
+    assert registry.coerce_setting("none", None) is None
+    assert registry.coerce_setting("true", False) is True
     # a wrong text is reported by the type check, not read as something else
     tv = registry.method("invert", "tv")
     bad = read("invert", "tv", "max_iter", "none")
