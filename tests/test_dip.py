@@ -351,14 +351,15 @@ def test_modip_coarse_network_with_tv_start_beats_tv(head):
 
 
 def test_modip_cpu_defaults_and_time_budget(head):
-    """device=auto without a GPU gets the CPU recipe (coarse network, TV start, a wall-clock
+    """device=auto without a GPU gets the CPU recipe (coarse network, TKD start, a wall-clock
     budget, recorded); a budget stops the fit with its own reason."""
     m = head["mask"]
     r = modip_mod.fit_modip(
         head["field"], m, voxel_size=(VS,) * 3, base=8, max_iter=3, plateau_tol=0, **FAST
     )
     s = r.sidecar()["settings"]
-    assert (s["init"], s["net_factor"], s["device_defaults"]) == ("tv", 2, "cpu")
+    assert (s["init"], s["net_factor"], s["device_defaults"]) == ("tkd", 2, "cpu")
+    assert s["init_fit"]["Rule"] == "snr"  # the tkd stage's own data-driven threshold
     assert s["max_time_s"] == modip_mod.CPU_DEFAULTS["max_time_s"] <= 15 * 60
     assert modip_mod.GPU_DEFAULTS == {
         "init": "none",
@@ -385,10 +386,9 @@ def test_modip_cpu_default_finishes_64cubed_within_its_budget():
     """The issue's acceptance: MoDIP with every default on a CPU (device=auto, no GPU) finishes
     a 64^3 realistic case inside its wall-clock budget (on a quiet 2-core machine by its own
     ground-truth-free rule; on a crowded one the budget stops it), and does not lose accuracy
-    against the TV map it starts from."""
+    against the classical map it starts from (the ``tkd`` stage's, SNR-chosen threshold)."""
     import time
 
-    from qsmflow.algorithms.inversion_tv import invert_tv
     from qsmflow.sims.invivo_case import make_invivo_case
 
     c = make_invivo_case((64,) * 3, voxel_size=(2.5,) * 3, seed=0)
@@ -399,9 +399,11 @@ def test_modip_cpu_default_finishes_64cubed_within_its_budget():
     # the budget covers the warm start and the iterations; allow one iteration's overshoot
     # plus setup and the final paste
     assert sec < modip_mod.CPU_DEFAULTS["max_time_s"] + 60
-    tv = invert_tv(c.field, c.mask, voxel_size=c.voxel_size, alpha=1e-5).chi
+    start, _ = modip_mod.warm_start(
+        modip_mod.CPU_DEFAULTS["init"], c.field, c.mask, voxel_size=c.voxel_size, noise=c.noise
+    )
     e = qsm_eval.nrmse_challenge(r.chi, c.chi, c.mask)[0]
-    assert e < qsm_eval.nrmse_challenge(tv, c.chi, c.mask)[0] + 1.0
+    assert e < qsm_eval.nrmse_challenge(start, c.chi, c.mask)[0] + 1.0
 
 
 def test_plateau_rule_does_not_stop_a_fit_that_still_improves_the_data_fit():

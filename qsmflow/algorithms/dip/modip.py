@@ -56,13 +56,16 @@ from qsmflow.algorithms.inversion_tv import invert_tv
 
 #: ``"auto"`` settings on a GPU: the published MoDIP configuration
 GPU_DEFAULTS = {"init": "none", "net_factor": 1, "dc_steps": 10, "max_time_s": None}
-#: ``"auto"`` settings on a CPU: the ``dip-cpu`` recipe (network on a 2x coarser grid, warm start
-#: from TV, whose output layer starts at zero) without unrolled data-consistency steps (they cost
-#: 20 full-grid FFTs per iteration), and a wall-clock budget (13 min, so a 1 mm brain finishes in
-#: <= 15 min on 2 cores with input/output).  Realistic case (qsmflow.sims.invivo_case), 160^3
-#: on a quiet 2-core machine: TV start 40.6 % NRMSE -> 25.3 % in 134 s (300 iterations, stopped
-#: by the plateau rule); with 10 DC steps 26.3 % in 224 s, so they stay off (benchmarks/RESULTS.md).
-CPU_DEFAULTS = {"init": "tv", "net_factor": 2, "dc_steps": 0, "max_time_s": 780.0}
+#: ``"auto"`` settings on a CPU: network on a 2x coarser grid added to a warm start (output layer
+#: zeroed, so the fit starts at the classical map) without unrolled data-consistency steps (they
+#: cost 20 full-grid FFTs per iteration), and a wall-clock budget (13 min, so a 1 mm brain
+#: finishes in <= 15 min on 2 cores with input/output).  The warm start is the ``tkd`` stage's
+#: map with its SNR-chosen threshold (2 s): on the 2016 challenge brain (96 x 112 x 80 block) the
+#: network takes it from 62.5 to 60.5 % NRMSE in 75 iterations (TV's map there: 60.9 %), while
+#: from the TV map it did not improve within 40 iterations (64^3 block, 53.0 -> 53.4 %).  Until
+#: 2026-12-07 the start was TV with a fixed weight (the map it returned: 162 % on that brain).
+#: Simulated realistic case, 160^3, TV start: 40.6 -> 25.3 % in 134 s (benchmarks/RESULTS.md).
+CPU_DEFAULTS = {"init": "tkd", "net_factor": 2, "dc_steps": 0, "max_time_s": 780.0}
 
 #: classical warm starts of ``init``: ``none`` or the method's one entry point, the same function
 #: the ``invert`` stage runs (so the warm start gets the weight the stage would choose)
