@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 #: parameters filled from the data and the acquisition, never from user settings
 STANDARD_INPUTS = (
@@ -464,6 +464,37 @@ def method(stage_name: str, name: str) -> Method:
             f"unknown {stage(stage_name).name} method {name!r}; choose from: {', '.join(methods)}"
         )
     return methods[name]
+
+
+#: settings a node fills from its own resources (never part of a cache key or a setting list)
+NODE_PARAMETERS = ("device", "threads", "seed")
+
+
+def resolved_settings(stage_name: str, name: str, settings: dict | None = None) -> dict:
+    """Every setting of a method as it will run: its defaults updated with ``settings`` (less
+    :data:`NODE_PARAMETERS` unless given).  What a pipeline node hashes and what its sidecar
+    records, so a changed default re-runs the node instead of reusing a stale result."""
+    meth = method(stage_name, name)
+    out = {k: v for k, v in meth.defaults.items() if k not in NODE_PARAMETERS}
+    out.update(meth.check_settings(dict(settings or {})))
+    return out
+
+
+@cache
+def code_version() -> str:
+    """A hash of the code that computes every stage (the algorithms, the stage runner and this
+    registry): a pipeline node hashes it, so a new release recomputes instead of resuming from
+    results the old code made."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    files = sorted((root / "algorithms").rglob("*.py")) + [root / "runner.py", root / "registry.py"]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def gpu_methods() -> tuple:

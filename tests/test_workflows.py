@@ -102,6 +102,37 @@ def test_hash_ignores_resources_but_not_seed():
     assert Inversion(method="rts", seed=1, settings={"max_iter": 5}).inputs.get_hashval()[1] != h
 
 
+def test_node_hash_covers_every_default_and_the_code_version(monkeypatch):
+    """Issue 21: a node hashed only the settings a user set, so a changed default (a release)
+    reused the cached map while its sidecar recorded the new default.  Now the node gets every
+    setting with the defaults merged, plus the code's version; both change the hash."""
+    from qsmflow.interfaces.qsm import Inversion
+
+    def invert_hash():
+        node = _nodes(init_qsm_wf())["invert"]
+        return node.inputs.settings, node.inputs.get_hashval()[1]
+
+    settings, h = invert_hash()
+    assert settings["lsmr_iter"] == "auto" and settings["delta"] == 0.15  # defaults included
+    assert not set(settings) & set(registry.NODE_PARAMETERS)  # resources stay the node's
+    assert invert_hash()[1] == h  # deterministic
+    rts = registry.method("invert", "rts")
+    changed = {**rts.defaults, "delta": 0.2}
+    original = type(rts).defaults.fget
+    monkeypatch.setattr(
+        type(rts), "defaults", property(lambda m: changed if m is rts else original(m))
+    )
+    assert invert_hash()[1] != h  # a changed default re-runs the node
+    monkeypatch.undo()
+    assert invert_hash()[1] == h
+    monkeypatch.setattr(registry, "code_version", lambda: "another-release")
+    assert invert_hash()[1] != h  # so does new code
+    assert (
+        Inversion(method="rts", code_version="a").inputs.get_hashval()[1]
+        != (Inversion(method="rts", code_version="b").inputs.get_hashval()[1])
+    )
+
+
 def test_phase_only_and_few_echoes_substitutions():
     cfg = load_preset("accurate").with_methods(combine="complexfit")
     nodes = _nodes(init_qsm_wf(config=cfg, has_magnitude=False))

@@ -108,6 +108,9 @@ class StageInputSpec(BaseInterfaceInputSpec):
         traits.Any,
         desc="method settings (keyword arguments; units as in the method's docstring)",
     )
+    code_version = traits.Str(
+        desc="hash of the code that computes the stage (hashed: a new release re-runs the node)"
+    )
     phase = File(exists=True, desc="wrapped phase (X,Y,Z[,E]) in rad")
     magnitude = File(exists=True, desc="magnitude (X,Y,Z[,E]), a.u.")
     mask = File(exists=True, desc="brain mask, or the mask where the field is valid")

@@ -64,9 +64,7 @@ def effective_config(
 
 def full_settings(stage: str, method: str, settings: dict) -> dict:
     """Every parameter of a method: its defaults updated with ``settings`` (for provenance)."""
-    out = dict(registry.method(stage, method).defaults)
-    out.update(settings)
-    return out
+    return registry.resolved_settings(stage, method, settings)
 
 
 def init_qsm_wf(
@@ -172,7 +170,12 @@ def init_qsm_wf(
         return pe.Node(
             iface(
                 method=cfg.method(stage),
-                settings=settings or cfg.settings(stage),
+                # every setting with the defaults merged, and the code's version: both are
+                # hashed, so a changed default or a new release re-runs the node
+                settings=registry.resolved_settings(
+                    stage, cfg.method(stage), settings or cfg.settings(stage)
+                ),
+                code_version=registry.code_version(),
                 n_threads=n_procs,
                 **extra,
             ),
