@@ -461,3 +461,14 @@ def test_local_field_polynomial_share_and_warning(run_outputs, tmp_path):
 
     page = subject_page("01", [frag2], summaries=[summary2], versions={})
     assert f"{summary2['local_poly_share']:.1%}" in page
+    # and the group index, the warned run's cell in red
+    from qsmflow.reports.html import group_page
+
+    index = group_page(
+        [
+            {"subject": "01", "href": "sub-01.html", "runs": [summary1]},
+            {"subject": "02", "href": "sub-02.html", "runs": [summary2]},
+        ]
+    )
+    assert f"{summary1['local_poly_share']:.1%}" in index
+    assert index.count("style='background:#fde8e8") == 1

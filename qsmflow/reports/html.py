@@ -48,6 +48,11 @@ def figure_block(title: str, png: bytes, caption: str = "") -> str:
     )
 
 
+def _warn_style(summary: dict) -> str:
+    """Red cell for a run whose report carries a warning (e.g. leftover background)."""
+    return " style='background:#fde8e8;color:#900'" if summary.get("warnings") else ""
+
+
 def warning_block(text: str) -> str:
     """A red box that a reader does not miss (``WARNING: text``)."""
     return f'<p class="qc-warning"><b>WARNING:</b> {esc(text)}</p>'
@@ -210,7 +215,7 @@ def subject_page(
         f"<tr><td class='l'>{esc(s['prefix'])}</td><td>{s.get('mask_voxels', '')}</td>"
         f"<td>{_num(s.get('chi_median_ppm'))}</td>"
         f"<td>{_num(s.get('relative_residual'), '{:.3f}')}</td>"
-        f"<td>{_num(s.get('local_poly_share'), '{:.1%}')}</td>"
+        f"<td{_warn_style(s)}>{_num(s.get('local_poly_share'), '{:.1%}')}</td>"
         f"<td class='l'>{esc(s.get('reference_region', s.get('status', '')))}</td>"
         f"<td>{_num(s.get('reference_offset_ppm'))}</td></tr>"
         for s in summaries
@@ -300,6 +305,7 @@ def group_page(entries: list[dict]) -> str:
                 + f"<td class='l'>{link}</td><td class='l'>{esc(s.get('status', 'ok'))}</td>"
                 f"<td>{_num(s.get('chi_median_ppm'))}</td>"
                 f"<td>{_num(s.get('relative_residual'), '{:.3f}')}</td>"
+                f"<td{_warn_style(s)}>{_num(s.get('local_poly_share'), '{:.1%}')}</td>"
                 f"<td>{_num(s.get('reference_offset_ppm'))}</td>"
                 f"<td class='l'>{esc(meths)}</td></tr>"
             )
@@ -313,7 +319,8 @@ def group_page(entries: list[dict]) -> str:
             "Subjects",
             "<table><tr><th class='l'>subject</th><th class='l'>run</th>"
             "<th class='l'>status</th>"
-            "<th>median chi (ppm)</th><th>relative residual</th><th>reference offset "
+            "<th>median chi (ppm)</th><th>relative residual</th>"
+            "<th>local field: polynomial share</th><th>reference offset "
             "(ppm)</th><th class='l'>methods</th></tr>" + "".join(rows) + "</table>",
         )
         + "</main></body></html>\n"
