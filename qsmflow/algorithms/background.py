@@ -22,6 +22,13 @@ field of any source distribution is outside its support), which every method bel
 Every function has the signature ``(field, mask, *, voxel_size=(1, 1, 1), ...)`` and returns
 ``(local_field, mask_out)``: the local field (float32, ppm, 0 outside ``mask_out``) and the
 (possibly eroded) bool mask on which it is valid.
+
+Without ground truth, :func:`qsmflow.algorithms.metrics.polynomial_share` checks the result:
+the share of the local field's variance a 2nd-order polynomial explains (a brain's local field
+0-20 %, background left over 40-80 %).  A large share is not always the background removal's
+fault: a smooth *non-harmonic* error in the total field (e.g. a phase offset smoothed over
+too large a kernel in field mapping) passes through every method here, which all remove only
+harmonic fields (benchmarks/RESULTS.md "Background removal on real heads").
 """
 
 from __future__ import annotations
