@@ -139,6 +139,8 @@ class Method:
     sentence : methods-section sentence; ``[key]`` marks a citation, ``{unwrap}`` the unwrapper
     gpu : the method can run on a GPU (takes ``device``)
     provides : extra outputs (of ``Stage.extras``) the method returns, e.g. ``("noise",)``
+    label : what the method is called in derivatives (BIDS ``EstimationAlgorithm`` of the
+        Chimap); the name if empty
     """
 
     stage: str
@@ -148,6 +150,7 @@ class Method:
     sentence: str
     gpu: bool = False
     provides: tuple = ()
+    label: str = ""
 
     @cached_property
     def function(self):
@@ -351,6 +354,7 @@ METHODS = (
         "Susceptibility was computed by thresholded k-space division [tkd], the threshold "
         "chosen from the field's signal-to-noise ratio unless set (value in the sidecar's "
         "InversionFit).",
+        label="TKD (thresholded k-space division)",
     ),
     _m(
         "invert",
@@ -360,6 +364,7 @@ METHODS = (
         "Susceptibility was computed by closed-form Tikhonov-regularised inversion [tikhonov], "
         "the weight chosen from the field's signal-to-noise ratio (Wiener's rule) unless set "
         "(value in the sidecar's InversionFit).",
+        label="closed-form Tikhonov-regularised inversion",
     ),
     _m(
         "invert",
@@ -369,6 +374,7 @@ METHODS = (
         "Susceptibility was computed by total-variation regularised inversion solved with ADMM "
         "[tv], the weight chosen from the field's noise level and spread unless set (value "
         "in the sidecar's InversionFit).",
+        label="total-variation regularised inversion (ADMM)",
     ),
     _m(
         "invert",
@@ -378,6 +384,7 @@ METHODS = (
         "Susceptibility was computed with rapid two-step (RTS) inversion [rts], the number of "
         "LSMR iterations chosen from the field's signal-to-noise ratio unless set (value in "
         "the sidecar's InversionFit).",
+        label="RTS (rapid two-step dipole inversion)",
     ),
     _m(
         "invert",
@@ -386,6 +393,7 @@ METHODS = (
         ["ndi"],
         "Susceptibility was computed by nonlinear dipole inversion [ndi], stopped by the "
         "discrepancy principle unless set (iterations in the sidecar's InversionFit).",
+        label="NDI (nonlinear dipole inversion)",
     ),
     _m(
         "invert",
@@ -394,6 +402,7 @@ METHODS = (
         ["medi"],
         "Susceptibility was computed with nonlinear morphology-enabled dipole inversion (MEDI) "
         "[medi].",
+        label="MEDI (morphology enabled dipole inversion, nonlinear)",
     ),
     _m(
         "invert",
@@ -404,6 +413,7 @@ METHODS = (
         "an untrained network fitted to this data set alone.",
         gpu=True,
         provides=("std",),
+        label="MoDIP (model-based deep image prior)",
     ),
     _m(
         "invert",
@@ -414,6 +424,7 @@ METHODS = (
         "to this data set alone.",
         gpu=True,
         provides=("std",),
+        label="deep image prior",
     ),
     _m(
         "invert",
@@ -424,6 +435,7 @@ METHODS = (
         "(SIREN [siren]) fitted to this data set alone.",
         gpu=True,
         provides=("std",),
+        label="INR-QSM (implicit neural representation)",
     ),
     _m(
         "reference",

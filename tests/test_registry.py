@@ -330,3 +330,16 @@ def test_algorithms_import_neither_nipype_nor_config():
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_every_inversion_has_its_derivative_label_in_its_record():
+    """The Chimap's EstimationAlgorithm comes from the method's registry record (no second
+    table in interfaces/derivatives.py)."""
+    from qsmflow.interfaces.derivatives import chimap_qmri_keys
+
+    for name, meth in registry.methods_for("invert").items():
+        assert meth.label and meth.label != name, name
+        keys = chimap_qmri_keys({"QSMflowMethods": {"invert": {"Method": name}}})
+        assert keys["EstimationAlgorithm"] == meth.label
+    gone = chimap_qmri_keys({"QSMflowMethods": {"invert": {"Method": "retired"}}})
+    assert gone["EstimationAlgorithm"] == "retired" and "EstimationReference" not in gone

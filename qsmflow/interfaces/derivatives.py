@@ -50,20 +50,8 @@ from qsmflow.reports.regions import REFERENCE_REGIONS, reference_offset
 #: of network fits (BIDS has no suffix for them)
 BIDSIGNORE = ("*.html", "sub-*/log", "*_desc-losshistory_*")
 
+
 #: EstimationAlgorithm of the Chimap sidecar, by inversion method
-INVERSION_NAMES = {
-    "tkd": "TKD (thresholded k-space division)",
-    "tikhonov": "closed-form Tikhonov-regularised inversion",
-    "tv": "total-variation regularised inversion (ADMM)",
-    "rts": "RTS (rapid two-step dipole inversion)",
-    "ndi": "NDI (nonlinear dipole inversion)",
-    "medi": "MEDI (morphology enabled dipole inversion, nonlinear)",
-    "modip": "MoDIP (model-based deep image prior)",
-    "dip": "deep image prior",
-    "inr": "INR-QSM (implicit neural representation)",
-}
-
-
 def derivative_dataset_description(output_dir) -> Path:
     """Write ``output_dir/dataset_description.json`` (DatasetType derivative, GeneratedBy)
     and ``output_dir/.bidsignore``."""
@@ -109,11 +97,12 @@ def chimap_qmri_keys(meta: dict) -> dict:
     ref = (methods.get("reference") or {}).get("Method")
     out = {}
     if inv:
-        out["EstimationAlgorithm"] = INVERSION_NAMES.get(inv, inv)
         try:
-            keys = registry.method("invert", inv).citations
-        except (KeyError, ValueError):  # a method no longer registered: no citation
-            keys = ()
+            rec = registry.method("invert", inv)
+            label, keys = rec.label or inv, rec.citations
+        except (KeyError, ValueError):  # a method no longer registered: its name, no citation
+            label, keys = inv, ()
+        out["EstimationAlgorithm"] = label
         if keys:
             out["EstimationReference"] = " ".join(REFERENCES[k] for k in keys if k in REFERENCES)
     if ref:
