@@ -101,9 +101,9 @@ def test_modip_fits_and_is_accurate(head):
 
 def test_modip_bitwise_deterministic(head):
     kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=4, plateau_tol=0, **PUBLISHED)
-    a = modip_mod.invert_modip(head["field"], head["mask"], seed=7, **kw)
-    b = modip_mod.invert_modip(head["field"], head["mask"], seed=7, **kw)
-    c = modip_mod.invert_modip(head["field"], head["mask"], seed=8, **kw)
+    a = modip_mod.fit_modip(head["field"], head["mask"], seed=7, **kw).chi
+    b = modip_mod.fit_modip(head["field"], head["mask"], seed=7, **kw).chi
+    c = modip_mod.fit_modip(head["field"], head["mask"], seed=8, **kw).chi
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
 
@@ -112,7 +112,7 @@ def test_stopping_rule_plateau_and_discrepancy(head):
     m = head["mask"]
     kw = dict(voxel_size=(VS,) * 3, base=8, max_iter=200, **PUBLISHED)
     # plateau: a loose tolerance stops at the first check (2 windows)
-    r = modip_mod.fit_modip(head["field"], m, window=5, plateau_tol=0.9, **kw)
+    r = modip_mod.fit_modip(head["field"], m, window=5, plateau_tol=0.9, plateau_z=0, **kw)
     assert r.stopped_reason == "plateau" and len(r.history) == 10
     # discrepancy principle: noisy field + its noise map -> stops once the residual ~ noise
     rng = np.random.default_rng(0)
@@ -156,8 +156,8 @@ def test_modip_respects_b0_direction(head):
     kw = dict(
         voxel_size=(VS,) * 3, base=8, max_iter=25, plateau_tol=0, dc_mode="kspace", **PUBLISHED
     )
-    good = modip_mod.invert_modip(f, m, b0_dir=OBLIQUE, **kw)
-    bad = modip_mod.invert_modip(f, m, b0_dir=(0, 0, 1), **kw)
+    good = modip_mod.fit_modip(f, m, b0_dir=OBLIQUE, **kw).chi
+    bad = modip_mod.fit_modip(f, m, b0_dir=(0, 0, 1), **kw).chi
     e_good = qsm_eval.nrmse_challenge(good, head["chi"], m)[0]
     e_bad = qsm_eval.nrmse_challenge(bad, head["chi"], m)[0]
     assert e_good < 0.7 * e_bad
@@ -230,13 +230,13 @@ def test_inr_gradient_weights_ramp():
 def test_bad_inputs(head):
     m = head["mask"]
     with pytest.raises(ValueError):
-        modip_mod.invert_modip(head["field"], np.zeros_like(m), max_iter=1, device="cpu")
+        modip_mod.fit_modip(head["field"], np.zeros_like(m), max_iter=1, device="cpu")
     with pytest.raises(ValueError):
-        modip_mod.invert_modip(head["field"], m, dc_mode="circular", max_iter=1, device="cpu")
+        modip_mod.fit_modip(head["field"], m, dc_mode="circular", max_iter=1, device="cpu")
     with pytest.raises(ValueError):
-        modip_mod.invert_modip(head["field"], m, device="tpu", max_iter=1)
+        modip_mod.fit_modip(head["field"], m, device="tpu", max_iter=1)
     with pytest.raises(ValueError):
-        dip_mod.invert_dip(head["field"][:-1], m, max_iter=1, device="cpu")
+        dip_mod.fit_dip(head["field"][:-1], m, max_iter=1, device="cpu")
 
 
 def test_modip_network_has_the_reference_size():
@@ -296,13 +296,13 @@ def test_modip_warm_start_from_tv_and_medi(head):
     )
     err = {}
     for init in ("none", "tv", "medi"):
-        chi = modip_mod.invert_modip(head["field"], m, init=init, **kw)
+        chi = modip_mod.fit_modip(head["field"], m, init=init, **kw).chi
         err[init] = qsm_eval.nrmse_challenge(chi, head["chi"], m)[0]
     assert err["tv"] < 0.8 * err["none"], err
     assert err["medi"] < 0.8 * err["none"], err
     kw.pop("magnitude")
     with pytest.raises(ValueError, match="magnitude"):
-        modip_mod.invert_modip(head["field"], m, init="medi", **kw)
+        modip_mod.fit_modip(head["field"], m, init="medi", **kw)
 
 
 @pytest.mark.parametrize("bad", ["2", "3:10", "2:10,4:10", "2:10,2:5", "x:y", "1:10"])
@@ -321,13 +321,10 @@ def test_modip_network_grid_pooling_is_isotropic():
 
 def test_modip_coarse_network_with_tv_start_beats_tv(head):
     """The CPU recipe: network on a 2x coarser grid, data consistency and loss on the full
-    grid, warm start from TV (30 iterations here: 15.4 % vs TV 17.5 %)."""
-    from qsmflow.algorithms.inversion_tv import invert_tv
-
+    grid, warm start from the ``tv`` stage's map (its own data-driven weight)."""
     m = head["mask"]
-    e_tv = qsm_eval.nrmse_challenge(
-        invert_tv(head["field"], m, voxel_size=(VS,) * 3, alpha=1e-5).chi, head["chi"], m
-    )[0]
+    start, _ = modip_mod.warm_start("tv", head["field"], m, voxel_size=(VS,) * 3)
+    e_tv = qsm_eval.nrmse_challenge(start, head["chi"], m)[0]
     r = modip_mod.fit_modip(
         head["field"],
         m,
@@ -343,8 +340,8 @@ def test_modip_coarse_network_with_tv_start_beats_tv(head):
     e = qsm_eval.nrmse_challenge(r.chi, head["chi"], m)[0]
     assert e < 0.95 * e_tv, (e, e_tv)
     # the output layer starts at zero: the first loss is the TV map's (refined), and the
-    # network lowers it from there
-    assert r.history[-1]["loss"] < 0.8 * r.history[0]["loss"]
+    # network lowers it from there (measured 0.0241 -> 0.0216 from the SNR-rule TV map)
+    assert r.history[-1]["loss"] < 0.95 * r.history[0]["loss"]
     assert r.sidecar()["settings"]["net_factor"] == 2
     with pytest.raises(ValueError, match="net_factor"):
         modip_mod.fit_modip(head["field"], m, net_factor=3, max_iter=1, **FAST)

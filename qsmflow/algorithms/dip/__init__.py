@@ -1,9 +1,9 @@
 """Training-free dipole inversions with deep image priors (PyTorch): MoDIP, DIP, INR-QSM.
 
 Importing this package does not import torch; the methods import it when called and raise an
-ImportError naming the missing package if it is absent.  Each method exists as a rich entry
-point ``fit_<name>(...) -> DIPResult`` (map, ensemble std, loss curve, seeds, device, stop
-reason) and as a stage method ``invert_<name>(...) -> chi`` for the command line.
+ImportError naming the missing package if it is absent.  Each method has one entry point,
+``fit_<name>(...) -> DIPResult`` (map, ensemble std, loss curve, seeds, device, stop reason),
+which the registry, the stage runner and the pipeline call.
 """
 
 from __future__ import annotations
@@ -27,11 +27,3 @@ def fit_dip(*args, **kwargs):
 
 def fit_inr(*args, **kwargs):
     return _load("inr").fit_inr(*args, **kwargs)
-
-
-def methods() -> dict:
-    """``{"modip": invert_modip, "dip": invert_dip, "inr": invert_inr}`` (imports torch)."""
-    out: dict = {}
-    for name in _MODULES:
-        out.update(_load(name).METHODS)
-    return out

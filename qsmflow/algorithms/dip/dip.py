@@ -32,7 +32,6 @@ from qsmflow.algorithms.dip._torch_ops import import_torch, resolve_amp, tv_l1
 from qsmflow.algorithms.dip.runner import (
     DIPResult,
     Problem,
-    chi_only,
     ensemble_seeds,
     fit_ensemble,
 )
@@ -194,13 +193,3 @@ def fit_dip(
         progress=progress,
         settings=settings,
     )
-
-
-invert_dip = chi_only(
-    fit_dip,
-    name="invert_dip",
-    summary="DIP (deep image prior) dipole inversion",
-)
-
-
-METHODS = {"dip": invert_dip}

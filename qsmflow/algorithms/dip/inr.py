@@ -46,7 +46,6 @@ from qsmflow.algorithms.dip._torch_ops import TorchDipole, forward_diff, import_
 from qsmflow.algorithms.dip.runner import (
     DIPResult,
     Problem,
-    chi_only,
     ensemble_seeds,
     fit_ensemble,
 )
@@ -380,13 +379,3 @@ def fit_inr(
         progress=progress,
         settings=settings,
     )
-
-
-invert_inr = chi_only(
-    fit_inr,
-    name="invert_inr",
-    summary="INR-QSM (implicit neural representation) dipole inversion",
-)
-
-
-METHODS = {"inr": invert_inr}

@@ -45,7 +45,6 @@ from qsmflow.algorithms.dip._torch_ops import import_torch, resolve_amp, resolve
 from qsmflow.algorithms.dip.runner import (
     DIPResult,
     Problem,
-    chi_only,
     ensemble_seeds,
     fit_ensemble,
 )
@@ -569,13 +568,3 @@ def fit_modip(
         settings=settings,
         elapsed0=time.perf_counter() - t_start,
     )
-
-
-invert_modip = chi_only(
-    fit_modip,
-    name="invert_modip",
-    summary="MoDIP (model-based deep image prior) dipole inversion",
-)
-
-
-METHODS = {"modip": invert_modip}

@@ -36,7 +36,6 @@ iteration-to-iteration jitter of Adam at no cost; ``average=0`` returns the last
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
@@ -473,28 +472,3 @@ def ensemble_seeds(seed: int, ensemble: int, seeds: Sequence[int] | None = None)
     if int(ensemble) < 1:
         raise ValueError(f"ensemble must be >= 1, got {ensemble}")
     return tuple(int(seed) + k for k in range(int(ensemble)))
-
-
-def chi_only(fit, *, name: str, summary: str):
-    """The stage method of a ``fit_*`` function: same parameters (less ``seeds``), returns chi.
-
-    The command line and the pipeline introspect a method's signature for its settings, so the
-    wrapper carries ``fit``'s signature instead of restating it.
-    """
-    sig = inspect.signature(fit)
-
-    def invert(field, mask, **kwargs):
-        return fit(field, mask, **kwargs).chi
-
-    invert.__signature__ = sig.replace(
-        parameters=[p for n, p in sig.parameters.items() if n != "seeds"],
-        return_annotation="np.ndarray",
-    )
-    invert.__name__ = invert.__qualname__ = name
-    invert.__module__ = fit.__module__
-    invert.__doc__ = (
-        f"{summary}: chi (ppm, float32, 0 outside ``mask``).\n\n"
-        f"Thin wrapper of :func:`{fit.__name__}` (see it for every parameter and the references);"
-        f" use ``{fit.__name__}`` to also get the loss curve, the seeds and the ensemble std map."
-    )
-    return invert
