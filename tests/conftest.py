@@ -32,7 +32,10 @@ SLOW_TESTS = {
         "test_pdf_uses_oblique_b0",
         "test_pdf_noise_weights_discount_corrupted_voxels",
     ),
-    "test_bad_inputs.py": ("test_subject_failing_the_input_checks_is_skipped_the_others_run",),
+    "test_bad_inputs.py": (
+        "test_subject_failing_the_input_checks_is_skipped_the_others_run",
+        "test_eight_subjects_one_broken_seven_complete",
+    ),
     "test_cli_stage.py": ("test_dip_method_writes_std_loss_curve_and_seeds",),
     "test_containers.py": ("test_qsmci_modip_dipole_stage", "test_qsmci_fast_end_to_end"),
     "test_dip.py": (

@@ -472,6 +472,31 @@ def test_subject_failing_the_input_checks_is_skipped_the_others_run(
     assert _hashes(bids) == before
 
 
+@pytest.fixture(scope="module")
+def eight_one_broken(tmp_path_factory):
+    """Eight subjects, sub-05's magnitude file truncated (the issue's case)."""
+    root = tmp_path_factory.mktemp("eight_subjects")
+    subjects = tuple(f"{i:02d}" for i in range(1, 9))
+    bids = write_bids_dataset(
+        root / "bids", subjects=subjects, shape=SHAPE, voxel_size=(4.0, 4.0, 4.0), te_s=TE
+    )
+    p = bids / "sub-05" / "anat" / "sub-05_echo-1_part-mag_MEGRE.nii.gz"
+    p.write_bytes(p.read_bytes()[:200])
+    return bids, p, subjects
+
+
+def test_eight_subjects_one_broken_seven_complete(eight_one_broken, tmp_path, capsys):
+    from qsmflow.cli.run import main
+
+    bids, bad, subjects = eight_one_broken
+    out, work = tmp_path / "out", tmp_path / "work"
+    rc, text = _call(main, [bids, out, "participant", "-w", work, "--nprocs", "2"], capsys)
+    _assert_clean(rc, text, 1, ["sub-05: FAILED at the input check:", "1 of 8 subject(s) failed"])
+    assert bad.name in text
+    done = [s for s in subjects if (out / f"sub-{s}" / "anat" / f"sub-{s}_Chimap.nii.gz").is_file()]
+    assert done == [s for s in subjects if s != "05"]  # 7 complete
+
+
 def test_stop_on_first_crash_keeps_all_or_nothing_input_checks(four_two_broken, tmp_path, capsys):
     from qsmflow.cli.run import main
 
