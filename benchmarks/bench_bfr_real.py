@@ -62,6 +62,7 @@ CANDIDATES = {
     "pdf": ("pdf", {}),
     "lbv-peel1": ("lbv", {"peel": 1}),
     "lbv-peel2": ("lbv", {"peel": 2}),
+    "lbv-robust-bc": ("lbv-robust", {"boundary_correction": True}),
 }
 BANDS = ((0.0, 3.0), (3.0, 6.0), (6.0, 10.0), (10.0, np.inf))
 

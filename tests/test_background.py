@@ -321,3 +321,20 @@ def test_polynomial_share_separates_background_from_tissue_fields():
     assert polynomial_share(f["local"] + _harmonic_poly(ISO), m, voxel_size=ISO) > 0.9
     with pytest.raises(ValueError):
         polynomial_share(noise, mask[:-1])
+
+
+@pytest.mark.parametrize("scen", ["iso", "oblique", "continuous"])
+def test_lbv_robust_boundary_correction_improves_the_local_field(scen):
+    """The boundary correction (local field on LBV's boundary predicted from a TKD map, LBV
+    solved again) lowers the local-field error on the phantom, oblique B0 included.
+    Measured NRMSE without / with: iso 56.7 / 52.7, oblique 58.1 / 57.1, continuous 62.5 / 60.2."""
+    sc = scenario(scen)
+    out = {}
+    for bc in (False, True):
+        local, m = bgm.remove_background_lbv_robust(
+            sc["total"], sc["mask"], voxel_size=sc["vs"], b0_dir=sc["b0"], boundary_correction=bc
+        )
+        out[bc] = score(local, sc, m)[0]
+    assert out[True] < out[False] - 0.5, out
+    with pytest.raises(ValueError):
+        bgm.remove_background_lbv_robust(sc["total"], sc["mask"], tkd_threshold=1.5)

@@ -716,6 +716,9 @@ def remove_background_lbv_robust(
     tol: float = 1e-4,
     max_iter: int = 2000,
     levels: int = 3,
+    b0_dir: Sequence[float] = (0.0, 0.0, 1.0),
+    boundary_correction: bool = True,
+    tkd_threshold: float = 0.2,
 ) -> tuple[np.ndarray, np.ndarray]:
     """LBV that survives a bad mask boundary: consistency peel, LBV, outlier pass, LBV.
 
@@ -733,6 +736,19 @@ def remove_background_lbv_robust(
        from the interior's median by more than ``outlier_max`` robust standard deviations
        are implausible as tissue fields (a boundary value was wrong nearby); they are
        excluded (with their face neighbours) and LBV is run again.
+    4. ``boundary_correction``: LBV takes the local field as zero on its boundary layer,
+       which it is not (the tissue's own field reaches it), and that error spreads into the
+       brain as a harmonic function, largest near the edge.  The local field on the boundary
+       is predicted from a susceptibility map of the first local field (TKD with threshold
+       ``tkd_threshold``, Shmueli et al., MRM 2009; ``b0_dir`` sets the kernel), and LBV is
+       solved once more with the total field minus that prediction as boundary values.  On
+       the realistic head's exact total field (160^3, 3 T) this takes the local field from
+       22.5 to 17.7 % NRMSE (within 3 mm of the edge 80.7 -> 65.8 %) and RTS chi from 36.5 to
+       35.0 %.  On by default: through the default chain it lowered chi NRMSE by 1.3-1.6
+       points on the realistic head (3 T / 7 T, true mask and +-1 voxel), the real Philips
+       scan's polynomial share 17.7 -> 15.4 % and relative residual 0.530 -> 0.487, and left
+       the 2016 brain unchanged (67.5 %); benchmarks/RESULTS.md "Background removal on real
+       heads".
 
     Parameters
     ----------
@@ -746,6 +762,9 @@ def remove_background_lbv_robust(
     two_pass : bool, keyword-only
     outlier_max : float, keyword-only
     tol, max_iter, levels : keyword-only, passed to :func:`remove_background_lbv`.
+    b0_dir : unit 3-vector in array axes, keyword-only (only for ``boundary_correction``)
+    boundary_correction : bool, keyword-only
+    tkd_threshold : float, keyword-only
 
     Returns
     -------
@@ -778,7 +797,26 @@ def remove_background_lbv_robust(
                 roi2 = ndi.binary_fill_holes(roi2) & roi
                 if roi2.any():
                     local, mask_out = remove_background_lbv(f, roi2, **kw)
+    if boundary_correction:
+        local = _lbv_boundary_correction(f, local, mask_out, h, b0_dir, tkd_threshold, kw)
     return local, mask_out
+
+
+def _lbv_boundary_correction(f, local, interior, h, b0_dir, threshold, kw):
+    """LBV again, with boundary values less the local field a TKD map of ``local`` predicts."""
+    if not 0 < threshold < 1:
+        raise ValueError("tkd_threshold must be in (0, 1)")
+    op = DipoleOperator(f.shape, voxel_size=h, b0_dir=b0_dir, pad_factor=1.5, dtype=np.float32)
+    loc = np.where(interior, local - local[interior].mean(), 0).astype(np.float32)
+    K = op.kernel
+    inv = np.where(np.abs(K) > threshold, 1.0 / np.where(K == 0, 1.0, K), np.sign(K) / threshold)
+    inv[K == 0] = 0.0
+    chi = np.where(interior, op.crop(op.irfftn(op.rfftn(loc) * inv.astype(np.float32))), 0)
+    pred = op.forward(chi.astype(np.float32)).astype(np.float64)
+    pred += float(np.mean(local[interior] - pred[interior]))
+    g = f.astype(np.float64) - pred
+    bg = _lbv_solve(g, interior, h, float(kw["tol"]), int(kw["max_iter"]), int(kw["levels"]))
+    return np.where(interior, f - bg, 0).astype(np.float32)
 
 
 METHODS = {
