@@ -20,7 +20,7 @@ from qsmflow.reports.regions import REFERENCE_REGIONS, reference_offset, regiona
 
 #: polynomial share of the local field above which the report warns (issue 20): a correct
 #: brain local field has 0-20 % (realistic simulated heads 10-11 %, the real 3 T scan of
-#: ../shared/data/philips_megre 18 % with the defaults), leftover background 40-80 %
+#: ../shared/data/philips_megre 15 % with the defaults), leftover background 40-80 %
 POLY_SHARE_WARN = 0.30
 
 
