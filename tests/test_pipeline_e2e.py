@@ -128,6 +128,34 @@ def test_pipeline_outputs_accuracy_and_cache(dataset, capsys):
     assert "sub-01: ok" in err and "sub-02: ok" in err
 
 
+def test_changed_default_reruns_the_node_and_the_sidecar_is_true(dataset, monkeypatch):
+    """Issue 21: a release that changes a method's default must not resume from the old map
+    while the sidecar describes the new default (the node used to hash only the settings a user
+    set).  Same command, same work directory, a changed TKD default: the inversion re-runs, the
+    Chimap changes and its sidecar records the value used."""
+    from qsmflow import registry
+
+    root, bids = dataset
+    out, work = root / "out", root / "work"
+    args = [str(bids), str(out), "participant", "-w", str(work), "--nprocs", "2"]
+    args += ["--inversion", "tkd"]
+    assert main(args) == 0
+    assert main(args) == 0 and _executed(work) == []  # resumable: nothing to do
+    chimap = out / "sub-01/anat/sub-01_Chimap.nii.gz"
+    before = chimap.read_bytes()
+    tkd = registry.method("invert", "tkd")
+    changed = {**tkd.defaults, "correct": True}  # a new default, as a release might bring
+    original = type(tkd).defaults.fget
+    monkeypatch.setattr(
+        type(tkd), "defaults", property(lambda m: changed if m is tkd else original(m))
+    )
+    assert main(args) == 0
+    assert "sub_01_wf/qsm_run_wf/invert" in _executed(work)
+    assert chimap.read_bytes() != before
+    side = json.loads((out / "sub-01/anat/sub-01_Chimap.json").read_text())
+    assert side["QSMflowMethods"]["invert"]["Parameters"]["correct"] is True
+
+
 def _no_head(path):
     """A magnitude that passes the input checks (not all zero) but holds no head: the mask
     node fails at run time."""
