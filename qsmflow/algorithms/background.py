@@ -804,15 +804,14 @@ def remove_background_lbv_robust(
 
 def _lbv_boundary_correction(f, local, interior, h, b0_dir, threshold, kw):
     """LBV again, with boundary values less the local field a TKD map of ``local`` predicts."""
-    if not 0 < threshold < 1:
-        raise ValueError("tkd_threshold must be in (0, 1)")
-    op = DipoleOperator(f.shape, voxel_size=h, b0_dir=b0_dir, pad_factor=1.5, dtype=np.float32)
+    from qsmflow.algorithms.inversion_direct import invert_tkd
+
+    if not 0 < threshold <= 2.0 / 3.0:
+        raise ValueError(f"tkd_threshold must be in (0, 2/3], got {threshold}")
     loc = np.where(interior, local - local[interior].mean(), 0).astype(np.float32)
-    K = op.kernel
-    inv = np.where(np.abs(K) > threshold, 1.0 / np.where(K == 0, 1.0, K), np.sign(K) / threshold)
-    inv[K == 0] = 0.0
-    chi = np.where(interior, op.crop(op.irfftn(op.rfftn(loc) * inv.astype(np.float32))), 0)
-    pred = op.forward(chi.astype(np.float32)).astype(np.float64)
+    chi = invert_tkd(loc, interior, voxel_size=h, b0_dir=b0_dir, threshold=threshold).chi
+    op = DipoleOperator(f.shape, voxel_size=h, b0_dir=b0_dir, pad_factor=1.5, dtype=np.float32)
+    pred = op.forward(chi).astype(np.float64)
     pred += float(np.mean(local[interior] - pred[interior]))
     g = f.astype(np.float64) - pred
     bg = _lbv_solve(g, interior, h, float(kw["tol"]), int(kw["max_iter"]), int(kw["levels"]))

@@ -12,9 +12,6 @@ magnitude).  The rules here choose the weight from the data alone:
 * **L-curve knee**: the point farthest from the chord joining the ends of the (normalised)
   log-log curve (the "kneedle" rule, Satopaa et al. ICDCS-W 2011), a robust variant when the
   curvature is noisy (:func:`lcurve_knee`);
-* **inflection**: where a monotone curve is steepest in ``log(weight)``
-  (:func:`steepest_point`), used for TKD's threshold, whose L-curve has no corner but a sharp
-  rise of the map's norm as the threshold drops into the noise-dominated cone;
 * **field SNR** (:func:`field_snr`, :func:`snr_weight`): the weight from the ratio of the
   field's spread to its non-smooth, unexplainable part, Wiener's rule for a Gaussian prior
   (noise power over signal power).  The one rule measured to hold on the real 2016 challenge
@@ -49,7 +46,6 @@ __all__ = [
     "FitResult",
     "lcurve_corner",
     "lcurve_knee",
-    "steepest_point",
     "discrepancy_choice",
     "choose_with_fallback",
     "estimate_field_noise",
@@ -89,7 +85,7 @@ class FitResult:
     method : str
     parameter : str - name of the chosen weight (``"alpha"``, ``"lam"``, ``"threshold"``, ...)
     value : float - the weight used
-    rule : str - ``"fixed"``, ``"lcurve-corner"``, ``"lcurve-knee"``, ``"inflection"``,
+    rule : str - ``"fixed"``, ``"snr"``, ``"lcurve-corner"``, ``"lcurve-knee"``,
         ``"discrepancy"``
     curve : dict - the sweep: ``values`` and, per value, ``residual`` (data-term norm),
         ``regularizer`` (prior norm) and ``chi2`` (noise-normalised residual) where computed
@@ -193,15 +189,6 @@ def lcurve_knee(
     dist = (d[0] * (yn - p0[1]) - d[1] * (xn - p0[0])) / nrm  # >0 above the chord
     # the corner of an L-curve lies towards the origin, i.e. below the chord
     return int(np.argmin(dist))
-
-
-def steepest_point(values: Sequence[float], curve: Sequence[float]) -> int:
-    """Index where ``log(curve)`` changes fastest with ``log(value)`` (the inflection point of a
-    sigmoid-like curve), end points excluded."""
-    t, (y,) = _check_curve(values, curve)
-    slope = np.abs(np.gradient(y, t))
-    inner = np.arange(1, t.size - 1)
-    return int(inner[np.argmax(slope[inner])])
 
 
 def discrepancy_choice(
