@@ -12,9 +12,9 @@ from pathlib import Path
 
 from nipype.pipeline import engine as pe
 
-from qsmflow import __version__
+from qsmflow import __version__, registry
 from qsmflow.config import STAGE_ORDER, QSMConfig, default_config
-from qsmflow.workflows.qsm import effective_config, full_settings, init_qsm_wf
+from qsmflow.workflows.qsm import effective_config, init_qsm_wf
 
 
 def top_workflow_name() -> str:
@@ -49,7 +49,8 @@ def run_metadata(run, config: QSMConfig, *, seed: int | None = None) -> tuple[di
         sets = cfg.settings(stage)
         if stage == "combine":
             sets.setdefault("unwrap", cfg.method("unwrap"))
-        methods[stage] = {"Method": meth, "Parameters": full_settings(stage, meth, sets)}
+        params = registry.resolved_settings(stage, meth, sets)
+        methods[stage] = {"Method": meth, "Parameters": params}
     meta = {
         "QSMflowMethods": methods,
         "RandomSeed": int(cfg.seed if seed is None else seed),

@@ -62,11 +62,6 @@ def effective_config(
     return cfg, notes
 
 
-def full_settings(stage: str, method: str, settings: dict) -> dict:
-    """Every parameter of a method: its defaults updated with ``settings`` (for provenance)."""
-    return registry.resolved_settings(stage, method, settings)
-
-
 def init_qsm_wf(
     *,
     config: QSMConfig | None = None,
