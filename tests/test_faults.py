@@ -92,12 +92,8 @@ def _alive(pid):
     return alive(pid)
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupt_stops_workers_and_rerun_resumes(sig, code, eight, tmp_path):
-    """Stop mid-run: exit 130/143 at once, no worker left computing, no truncated output; the
-    rerun completes, reusing the finished nodes, and gives the maps of an uninterrupted run
-    (same data, same seed: bitwise)."""
-    _, ref_out, _, _ = eight
+def _start_two_subjects(tmp_path):
+    """qsmflow started as a subprocess on two subjects: ``(proc, bids, out, work)``."""
     bids = write_bids_dataset(tmp_path / "bids", subjects=SUBJECTS[:2], **KW)
     out, work = tmp_path / "out", tmp_path / "work"
     proc = subprocess.Popen(
@@ -107,6 +103,16 @@ def test_interrupt_stops_workers_and_rerun_resumes(sig, code, eight, tmp_path):
         text=True,
         env=subprocess_env(),
     )
+    return proc, bids, out, work
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_stops_workers_and_rerun_resumes(sig, code, eight, tmp_path):
+    """Stop mid-run: exit 130/143 at once, no worker left computing, no truncated output; the
+    rerun completes, reusing the finished nodes, and gives the maps of an uninterrupted run
+    (same data, same seed: bitwise)."""
+    _, ref_out, _, _ = eight
+    proc, bids, out, work = _start_two_subjects(tmp_path)
     deadline = time.monotonic() + 300
     wf = work / "qsmflow_0_1_wf"
     while time.monotonic() < deadline and proc.poll() is None:
@@ -151,15 +157,7 @@ def _run_until(tmp_path, marker: str):
     line contains ``marker`` (the output keeps being read into ``lines``)."""
     import threading
 
-    bids = write_bids_dataset(tmp_path / "bids", subjects=SUBJECTS[:2], **KW)
-    out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.Popen(
-        _cmd(bids, out, work),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=subprocess_env(),
-    )
+    proc, _, out, _ = _start_two_subjects(tmp_path)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
