@@ -66,4 +66,9 @@ REFERENCES = {
     "siren": "Sitzmann V, Martel JNP, Bergman AW, Lindell DB, Wetzstein G. Implicit neural "
     "representations with periodic activation functions. Adv Neural Inf Process Syst. "
     "2020;33:7462-7473.",
+    "arlo": "Pei M, Nguyen TD, Thimmappa ND, et al. Algorithm for fast monoexponential fitting "
+    "based on auto-regression on linear operations (ARLO) of data. Magn Reson Med. "
+    "2015;73:843-850.",
+    "rician": "Gudbjartsson H, Patz S. The Rician distribution of noisy MRI data. Magn Reson Med. "
+    "1995;34:910-914.",
 }
