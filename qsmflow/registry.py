@@ -123,6 +123,15 @@ STAGES = {
             "chimap_ref.nii.gz",
             "chi",
         ),
+        Stage(
+            "r2star",
+            "R2* (1/s) and T2* (s) maps from the multi-echo magnitude",
+            ("magnitude",),
+            ("mask",),
+            "r2starmap.nii.gz",
+            "r2star",
+            extras=("t2star",),
+        ),
     )
 }
 #: qsm-ci's stage names for the same operations
@@ -450,6 +459,39 @@ METHODS = (
         _A + "reference:reference_csf",
         ["csf"],
         "Susceptibility was referenced to cerebrospinal fluid [csf].",
+    ),
+    _m(
+        "r2star",
+        "arlo",
+        _A + "relaxometry:r2star_arlo",
+        ["arlo"],
+        "R2* and T2* = 1/R2* were computed from the multi-echo magnitude by auto-regression on "
+        "linear operations (ARLO) [arlo], leaving out echoes below three times the background "
+        "noise level.",
+        provides=("t2star",),
+        label="ARLO (auto-regression on linear operations, mono-exponential)",
+    ),
+    _m(
+        "r2star",
+        "loglinear",
+        _A + "relaxometry:r2star_loglinear",
+        ["wls"],
+        "R2* and T2* = 1/R2* were computed by a magnitude-squared weighted log-linear fit of "
+        "the multi-echo magnitude [wls], leaving out echoes below three times the background "
+        "noise level.",
+        provides=("t2star",),
+        label="weighted log-linear least-squares fit (mono-exponential)",
+    ),
+    _m(
+        "r2star",
+        "nlls",
+        _A + "relaxometry:r2star_nlls",
+        ["rician"],
+        "R2* and T2* = 1/R2* were computed by a nonlinear least-squares fit of the Rician mean "
+        "of a mono-exponential decay to the multi-echo magnitude [rician], with the noise "
+        "level measured in the background.",
+        provides=("t2star",),
+        label="nonlinear least-squares fit of the Rician mean of a mono-exponential decay",
     ),
 )
 

@@ -232,7 +232,8 @@ Mask = _stage_interface("mask", "Mask")
 BackgroundRemoval = _stage_interface("bfr", "BackgroundRemoval")
 Inversion = _stage_interface("invert", "Inversion")
 Reference = _stage_interface("reference", "Reference")
+R2Star = _stage_interface("r2star", "R2Star")
 #: stage name -> interface class
 STAGE_INTERFACES = {
-    c._stage: c for c in (Unwrap, FieldMap, Mask, BackgroundRemoval, Inversion, Reference)
+    c._stage: c for c in (Unwrap, FieldMap, Mask, BackgroundRemoval, Inversion, Reference, R2Star)
 }
