@@ -51,6 +51,8 @@ from scipy import ndimage
 
 #: T2* (s) reported where R2* is below 1 / T2STAR_MAX_S (or 0)
 T2STAR_MAX_S = 1.0
+#: the Rician fit keeps a voxel's log ratio when its second echo is below this many sigma
+_NLLS_FLOOR = 3.0
 #: at most this many voxels are fitted at once (bounds the temporary (N, E) arrays)
 _CHUNK = 1 << 20
 
@@ -398,6 +400,11 @@ def _nlls_block(y, te, sigma, max_iter, tol=1e-6):
         cost = np.where(better, cost_new, cost)
         lam = np.where(better, lam / 3.0, lam * 4.0)
         active &= ~converged & (lam < 1e8)
+    if sigma is not None:
+        # only the first echo above the noise floor: R2* is not identifiable (any fast decay
+        # fits); the first two echoes' log ratio, as ARLO and the log-linear fit give
+        weak = y[:, 1] < _NLLS_FLOOR * sigma
+        r2[weak] = _log_ratio(y[weak], te)
     return r2
 
 
@@ -418,7 +425,10 @@ def r2star_nlls(
     (two parameters, ``log S0`` and R2*; started from the log-linear fit of all echoes).
     Echoes in the noise floor then count for what they are (a magnitude near
     ``sigma sqrt(pi/2)`` says "decayed") instead of flattening the curve; with
-    ``rician=False`` or no noise level the model is the plain exponential.
+    ``rician=False`` or no noise level the model is the plain exponential.  A voxel whose
+    second echo is below 3 sigma has one informative echo, from which R2* cannot be
+    identified (any fast decay fits): it gets the log ratio of its first two echoes, as with
+    the other methods.
 
     Parameters
     ----------
