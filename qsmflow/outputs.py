@@ -17,6 +17,8 @@ DERIVATIVES = {
     "brain_mask": ("anat", "desc-brain_mask"),
     "chi_std": ("anat", "desc-std_Chimap"),
     "loss": ("anat", "desc-losshistory_Chimap"),
+    "r2star": ("anat", "R2starmap"),
+    "t2star": ("anat", "T2starmap"),
     "total_field": ("fmap", "desc-total_fieldmap"),
     "local_field": ("fmap", "desc-local_fieldmap"),
     "total_magnitude": ("fmap", "desc-total_magnitude"),

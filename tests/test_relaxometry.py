@@ -259,3 +259,49 @@ def test_philips_two_echo_r2star_ranges(name):
     # measured: WM 25.9, deep grey 25.9, CSF 4-6 /s
     assert 15 < wm < 40 and 15 < dgm < 40, (wm, dgm)
     assert c < 10 and c < wm - 10, (c, wm)
+
+
+# ------------------------------------------------------------------------ BIDS derivatives
+def test_r2star_t2star_derivatives_pass_the_bids_validator(tmp_path, head_files):
+    import shutil
+    import subprocess
+
+    from qsmflow.interfaces.derivatives import (
+        derivative_dataset_description,
+        relaxometry_sidecars,
+    )
+    from qsmflow.io import write_json_atomic, write_nifti_atomic
+    from qsmflow.outputs import derivative_path
+    from qsmflow.runner import run_stage
+
+    exe = shutil.which("bids-validator-deno")
+    if exe is None:
+        pytest.skip("bids-validator-deno not installed (pip install '.[test]')")
+    head = head_files["head"]
+    files = {"magnitude": head_files["magnitude"], "mask": head_files["mask"]}
+    _, written = run_stage("r2star", "arlo", files, tmp_path / "r2s.nii.gz", te_s=head.te_s)
+    out = tmp_path / "deriv"
+    derivative_dataset_description(out)
+    meta = {"EchoTime": list(head.te_s), "MagneticFieldStrength": head.b0_tesla}
+    sides = relaxometry_sidecars(written["sidecar"], meta)
+    ref = nib.load(head_files["magnitude"])
+    for key, src in (("r2star", written["main"]), ("t2star", written["t2star"])):
+        dst = derivative_path(out, "sub-01", key)
+        write_nifti_atomic(np.asarray(nib.load(src).dataobj), ref, dst)
+        write_json_atomic(
+            {**sides[key], "Sources": [], "SoftwareVersions": "x"},
+            dst.with_name(dst.name.replace(".nii.gz", ".json")),
+        )
+    assert sorted(p.name for p in (out / "sub-01" / "anat").iterdir()) == [
+        "sub-01_R2starmap.json",
+        "sub-01_R2starmap.nii.gz",
+        "sub-01_T2starmap.json",
+        "sub-01_T2starmap.nii.gz",
+    ]
+    proc = subprocess.run([exe, str(out), "--format", "json"], capture_output=True, text=True)
+    issues = json.loads(proc.stdout)["issues"]["issues"]
+    assert [i for i in issues if i["severity"] == "error"] == []
+    assert sides["r2star"]["Units"] == "1/s" and sides["t2star"]["Units"] == "s"
+    assert sides["r2star"]["EstimationAlgorithm"].startswith("ARLO")
+    assert "Pei M" in sides["r2star"]["EstimationReference"]
+    assert sides["t2star"]["R2starFit"]["Parameters"]["noise_floor"] == 3.0

@@ -6,6 +6,8 @@ Files, under ``output_dir/sub-X[/ses-Y]/`` with the run's entities as prefix::
     anat/<prefix>_desc-brain_mask.nii.gz (+ .json)     mask where chi is valid
     anat/<prefix>_desc-std_Chimap.nii.gz (+ .json)     (DIP ensembles) chi standard deviation
     anat/<prefix>_desc-losshistory_Chimap.tsv          (DIP methods) loss curve
+    anat/<prefix>_R2starmap.nii.gz, _T2starmap.nii.gz (+ .json)  R2* (1/s), T2* (s), from
+                                                       the multi-echo magnitude
     fmap/<prefix>_desc-total_fieldmap.nii.gz (+ .json)   total field (ppm of B0)
     fmap/<prefix>_desc-local_fieldmap.nii.gz (+ .json)   local (tissue) field (ppm of B0)
     fmap/<prefix>_desc-{total,local}_magnitude.nii.gz (+ .json)  the fieldmaps' magnitude
@@ -127,6 +129,11 @@ class _DSInputSpec(BaseInterfaceInputSpec):
         "fieldmaps' _magnitude companion (ones when absent)",
     )
     chi_std = File(exists=True, desc="chi standard deviation (ppm), if any")
+    r2star = File(exists=True, desc="R2* map (1/s), when the r2star stage ran")
+    t2star = File(exists=True, desc="T2* map (s), when the r2star stage ran")
+    r2star_sidecar = File(
+        exists=True, desc="the r2star stage's provenance JSON (method, settings, references)"
+    )
     loss_history = File(exists=True, desc="loss curve (TSV), if any")
     phase_scaling = traits.Str(desc="how the phase was converted to radians")
     inversion_sidecar = File(
@@ -237,6 +244,11 @@ class DerivativesWriter(SimpleInterface):
                     "SkullStripped": True,
                 },
             )
+        if isdefined(inp.r2star) and inp.r2star:
+            for key, meta_ in relaxometry_sidecars(inp.r2star_sidecar, meta).items():
+                src = inp.r2star if key == "r2star" else inp.t2star
+                if isdefined(src) and src:
+                    nii(src, key, meta_)
         if isdefined(inp.loss_history) and inp.loss_history:
             ext = "".join(Path(inp.loss_history).suffixes) or ".tsv"
             dst = derivative_path(inp.output_dir, inp.prefix, "loss", session=session, ext=ext)
@@ -259,6 +271,45 @@ class DerivativesWriter(SimpleInterface):
             np.ones(np.asarray(mk).shape[:3], dtype=np.float32),
             "phase-only input: no magnitude was measured; unit magnitude",
         )
+
+
+def relaxometry_sidecars(stage_sidecar, meta: dict) -> dict:
+    """``{"r2star": {...}, "t2star": {...}}``: the BIDS qMRI sidecars of the R2* and T2* maps
+    (``Units``, ``EstimationAlgorithm``, ``EstimationReference``, the fit's method and
+    settings, echo times) from the ``r2star`` stage's provenance JSON."""
+    from qsmflow import registry
+    from qsmflow.references import REFERENCES
+
+    prov = {}
+    if stage_sidecar and isdefined(stage_sidecar):
+        prov = json.loads(Path(stage_sidecar).read_text())
+    name = prov.get("method", "")
+    try:
+        rec = registry.method("r2star", name)
+        label, keys = rec.label or name, rec.citations
+    except ValueError:  # not (or no longer) registered: its name, no citation
+        label, keys = name, ()
+    common = {
+        "SkullStripped": True,
+        "EstimationAlgorithm": label,
+        "R2starFit": {"Method": name, "Parameters": prov.get("settings", {})},
+        **{k: meta[k] for k in ("EchoTime", "MagneticFieldStrength") if k in meta},
+    }
+    if keys:
+        common["EstimationReference"] = " ".join(REFERENCES[k] for k in keys if k in REFERENCES)
+    return {
+        "r2star": {
+            "Units": "1/s",
+            "Description": "R2* = 1/T2*, mono-exponential fit of the multi-echo magnitude; "
+            "clipped to 0..r2star_max; 0 outside the brain mask (not estimated)",
+            **common,
+        },
+        "t2star": {
+            "Units": "s",
+            "Description": "T2* = 1/R2*, at most 1 s; 0 outside the brain mask (not estimated)",
+            **common,
+        },
+    }
 
 
 def _reference_offset(chi_unreferenced, chi, mask) -> float:
