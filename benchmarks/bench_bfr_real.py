@@ -4,6 +4,8 @@ Usage::
 
     nice -n 10 python benchmarks/bench_bfr_real.py --part philips
     nice -n 10 python benchmarks/bench_bfr_real.py --part realistic --size 160
+    nice -n 10 python benchmarks/bench_bfr_real.py --part realistic --size 128 --head hard \
+        --anatomy cosmos --inversions rts tv     # the harder head, real anatomy (FOV 204 mm)
     nice -n 10 python benchmarks/bench_bfr_real.py --part 2016
     python benchmarks/bench_bfr_real.py --part philips --combine-sigma-mm 0 2   # 0: former default
     python benchmarks/bench_bfr_real.py --part time      # the default chain's seconds at 160^3
@@ -24,7 +26,12 @@ Parts (every background removal of ``--bfrs``, each followed by the default inve
     masks make); the ``fast`` preset's field mapping inside that mask, then bfr and RTS.
     Metrics: local-field NRMSE (%) by depth below the true brain's edge (< 3, 3-6, 6-10,
     > 10 mm; demeaned over the evaluation region, the bfr's output mask within the true brain)
-    and chi NRMSE (qsm-ci's demeaned NRMSE).
+    and chi NRMSE (qsm-ci's demeaned NRMSE) and slope (``qsm_ci.qsm_eval.linear_fit`` of chi
+    on the truth over the evaluation region).  ``--head hard`` builds the harder head
+    (``make_realistic_head(hard=True)``: varying CSF, dura, surface veins, irregular air close
+    to the cortex, shim field), ``--anatomy cosmos`` takes its brain from the 2016 challenge's
+    COSMOS map (skipped when ``../shared/data/qsm2016`` is absent; field of view 204 mm unless
+    ``--fov-mm``), ``--inversions`` the inversions after each bfr (default: the preset's).
 ``2016``
     The 2016 challenge brain's local field (``../shared/data/qsm2016``) plus a simulated
     background: the field of skull (-2 ppm), scalp, outside air and sinus / ear-canal air
@@ -90,14 +97,17 @@ def _bfr(label, field, mask, vs, b0_dir, noise=None):
     return m.function(field, mask, **kw)
 
 
-def _rts(local, mask, vs, b0_dir):
+def _rts(local, mask, vs, b0_dir, name=None):
+    """The default inversion (or the registry's ``name`` with its defaults), mean reference."""
     from qsmflow.algorithms import reference
     from qsmflow.config import default_config
     from qsmflow.registry import method
 
     cfg = default_config()
-    inv = method("invert", cfg.method("invert"))
-    chi = inv.function(local, mask, voxel_size=vs, b0_dir=tuple(b0_dir), **cfg.settings("invert"))
+    name = name or cfg.method("invert")
+    inv = method("invert", name)
+    settings = cfg.settings("invert") if name == cfg.method("invert") else {}
+    chi = inv.function(local, mask, voxel_size=vs, b0_dir=tuple(b0_dir), **settings)
     chi = getattr(chi, "chi", chi)
     if isinstance(chi, tuple):
         chi = chi[0]
@@ -228,28 +238,39 @@ def part_philips(args, bfrs):
 # --------------------------------------------------------------------------------------------
 # the realistic simulated head
 # --------------------------------------------------------------------------------------------
-def _head(preset, n):
+def _head(preset, n, head="standard", anatomy="phantom", fov_mm=None):
     import pickle
 
     from qsmflow.sims.realistic import make_realistic_head
 
-    vs = (170.0 / n,) * 3
-    cache = OUT / f"realistic_{preset}_{n}.pkl"  # same cache as bench_chain_realistic.py
+    fov = fov_mm or (204.0 if anatomy == "cosmos" else 170.0)
+    vs = (fov / n,) * 3
+    tag = "" if (head, anatomy, fov) == ("standard", "phantom", 170.0) else f"_{head}_{anatomy}"
+    tag += "" if fov_mm is None else f"_fov{fov:g}"
+    cache = OUT / f"realistic_{preset}_{n}{tag}.pkl"  # same cache as bench_chain_realistic.py
     if cache.exists():
         return pickle.loads(cache.read_bytes()), vs
-    head = make_realistic_head(preset, shape=(n, n, n), voxel_size=vs)
+    kw = {"hard": head == "hard", "anatomy": anatomy}
+    if anatomy == "cosmos":
+        kw["anatomy_dir"] = SHARED / "qsm2016"
+    head = make_realistic_head(preset, shape=(n, n, n), voxel_size=vs, **kw)
     OUT.mkdir(parents=True, exist_ok=True)
     cache.write_bytes(pickle.dumps(head))
     return head, vs
 
 
 def part_realistic(args, bfrs):
+    from qsm_ci.qsm_eval import linear_fit
+
     from qsmflow.algorithms.background import _distance_to_outside
 
     rows = []
+    if args.anatomy == "cosmos" and not (SHARED / "qsm2016" / "chi_cosmos.nii.gz").is_file():
+        print(f"# skipped: anatomy cosmos needs {SHARED / 'qsm2016'}", flush=True)
+        return rows
     for preset in args.presets:
         t = time.perf_counter()
-        head, vs = _head(preset, args.size)
+        head, vs = _head(preset, args.size, args.head, args.anatomy, args.fov_mm)
         print(f"# {preset} {args.size}^3 in {time.perf_counter() - t:.0f} s", flush=True)
         truth = head.brain_mask
         depth = _distance_to_outside(truth, vs)
@@ -270,24 +291,54 @@ def part_realistic(args, bfrs):
                 local, m_out = _bfr(label, field, mask, vs, head.b0_dir)
                 t_bfr = time.perf_counter() - t
                 ev = m_out & truth
-                t = time.perf_counter()
-                chi = _rts(local, m_out, vs, head.b0_dir)
-                t_inv = time.perf_counter() - t
-                row = {
-                    "part": "realistic",
-                    "preset": preset,
-                    "size": args.size,
-                    "mask": mname,
-                    "bfr": label,
-                    "coverage": round(float(ev.sum() / truth.sum()), 3),
-                    "local_nrmse": round(_nrmse(local, head.local_field, ev), 1),
-                    "local_bands": band_nrmse(local, head.local_field, ev, depth),
-                    "chi_nrmse": round(_nrmse(chi, head.chi_local, ev), 1),
-                    "seconds": [round(t_field, 1), round(t_bfr, 1), round(t_inv, 1)],
-                }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                for inv in args.inversions or [None]:
+                    t = time.perf_counter()
+                    chi = _rts(local, m_out, vs, head.b0_dir, inv)
+                    t_inv = time.perf_counter() - t
+                    row = {
+                        "part": "realistic",
+                        "head": args.head,
+                        "anatomy": args.anatomy,
+                        "preset": preset,
+                        "size": args.size,
+                        "voxel_mm": round(vs[0], 3),
+                        "mask": mname,
+                        "bfr": label,
+                        "invert": inv or "default",
+                        "coverage": round(float(ev.sum() / truth.sum()), 3),
+                        "local_nrmse": round(_nrmse(local, head.local_field, ev), 1),
+                        "local_bands": band_nrmse(local, head.local_field, ev, depth),
+                        "chi_nrmse": round(_nrmse(chi, head.chi_local, ev), 1),
+                        "chi_slope": round(linear_fit(head.chi_local[ev], chi[ev])[0], 3),
+                        "seconds": [round(t_field, 1), round(t_bfr, 1), round(t_inv, 1)],
+                    }
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    if rows:
+        print(table_realistic(rows))
     return rows
+
+
+def table_realistic(rows) -> str:
+    """Markdown table of the realistic part; 'vs true' = chi NRMSE minus the true mask's."""
+    ref = {
+        (r["preset"], r["bfr"], r["invert"]): r["chi_nrmse"] for r in rows if r["mask"] == "true"
+    }
+    lines = [
+        "| head | preset | mask | bfr | invert | coverage | local NRMSE | <3 mm | 3-6 mm | "
+        "6-10 mm | >10 mm | chi NRMSE | vs true mask | chi slope |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        b = [("-" if v is None else f"{v:.1f}") for v in r["local_bands"].values()]
+        t = ref.get((r["preset"], r["bfr"], r["invert"]))
+        cost = "" if (r["mask"] == "true" or t is None) else f"{r['chi_nrmse'] - t:+.1f}"
+        lines.append(
+            f"| {r['head']}/{r['anatomy']} | {r['preset']} | {r['mask']} | {r['bfr']} | "
+            f"{r['invert']} | {r['coverage']:.3f} | {r['local_nrmse']:.1f} | {' | '.join(b)} | "
+            f"{r['chi_nrmse']:.1f} | {cost} | {r['chi_slope']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,6 +505,12 @@ def main(argv=None) -> int:
         help="philips: field mapping's MCPC-3D-S smoothing (mm) to try (default: the preset's)",
     )
     ap.add_argument("--sigma-one", type=float, default=None, help="realistic: the same, one value")
+    ap.add_argument("--head", choices=("standard", "hard"), default="standard", help="realistic")
+    ap.add_argument("--anatomy", choices=("phantom", "cosmos"), default="phantom", help="realistic")
+    ap.add_argument("--fov-mm", type=float, default=None, help="realistic: field of view (mm)")
+    ap.add_argument(
+        "--inversions", nargs="*", default=None, help="realistic: inversions (default: preset's)"
+    )
     args = ap.parse_args(argv)
     from threadpoolctl import threadpool_limits
 
@@ -463,6 +520,10 @@ def main(argv=None) -> int:
         rows = parts[args.part](args, args.bfrs)
     OUT.mkdir(parents=True, exist_ok=True)
     tag = args.part + (f"_{args.size}" if args.part in ("realistic", "time") else "")
+    if args.part == "realistic" and (args.head, args.anatomy) != ("standard", "phantom"):
+        tag += f"_{args.head}_{args.anatomy}"
+    if args.part == "realistic" and args.inversions:
+        tag += "_" + "-".join(args.inversions)
     path = OUT / f"bfr_{tag}.json"
     path.write_text(json.dumps({"meta": _meta(), "rows": rows}, indent=1))
     print(f"# wrote {path}; {_meta()}")

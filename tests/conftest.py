@@ -58,6 +58,7 @@ SLOW_TESTS = {
         "test_anisotropic_voxels",
         "test_tv_noise_weighting_helps",
     ),
+    "test_realistic_head_hard.py": ("test_default_chain_on_the_hard_head_with_mask_errors",),
     "test_regularization.py": (
         "test_tv_default_within_factor_3_of_best_through_the_chain",
         "test_tv_lcurve_knee_within_factor_3_of_best_with_the_true_local_field",

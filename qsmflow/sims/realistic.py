@@ -37,6 +37,16 @@ To fit a whole head with its physical-size shells into a 160^3 grid of 1.06 mm (
 of view) the brain is scaled to ``brain_scale`` (0.8) of the atlas' adult size; the shells,
 the air cavities and their distances to the brain are not scaled.
 
+``hard=True`` makes the head harder in the ways real heads are (issue 20; parts in
+:mod:`qsmflow.sims.head_features`): a CSF layer of varying thickness (1.2-5 mm), a 1 mm dura
+(chi -0.03 ppm, dark) between it and the skull, the superior sagittal sinus in the dura
+(straddling the brain mask's edge) and cortical veins over the convexity (+0.35..0.45 ppm),
+irregular lobulated air cavities (frontal sinus, ethmoid cells under the orbitofrontal cortex,
+sphenoid, mastoid / middle-ear cells and ear canals) with only 1 mm of bone between them and
+the dura, and a residual shim field (solid harmonics of order 1 and 2, the preset's
+``shim_hz``).  ``anatomy="cosmos"`` takes the brain from the 2016 QSM challenge's COSMOS map
+(a real anatomy at its real size; read from ``anatomy_dir`` at run time, never shipped).
+
 Presets (:data:`PRESETS`): ``"3t-axial"`` (3 T, 6 echoes 4-29 ms, B0 along the array's z
 axis) and ``"7t-oblique"`` (7 T, 5 echoes 3-19 ms, tissue R2* scaled to 7 T, slab tilted by
 18 degrees about x and 10 degrees about y, i.e. an oblique B0 in the array's axes).
@@ -44,6 +54,7 @@ axis) and ``"7t-oblique"`` (7 T, 5 echoes 3-19 ms, tissue R2* scaled to 7 T, sla
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -52,11 +63,15 @@ from scipy import ndimage as ndi
 
 from qsmflow.algorithms.dipole import DipoleOperator, b0_dir_from_affine
 from qsmflow.algorithms.units import ppm_to_phase, wrap_to_pi
+from qsmflow.sims import head_features as hf
 from qsmflow.sims.field import CHI_AIR_PPM
 from qsmflow.sims.phantom import TISSUES, make_head_phantom
 from qsmflow.sims.signal import _phase_offset, oblique_affine
 
-__all__ = ["RealisticHead", "make_realistic_head", "PRESETS", "LABELS"]
+__all__ = ["RealisticHead", "make_realistic_head", "PRESETS", "LABELS", "ANATOMIES"]
+
+#: brain anatomies: the analytic phantom, the 2016 challenge brain's COSMOS map
+ANATOMIES = ("phantom", "cosmos")
 
 #: extra labels of the realistic head (the phantom's labels 1-16 are kept)
 LABELS = {
@@ -65,6 +80,7 @@ LABELS = {
     14: "air (sinus / ear)",
     15: "scalp / neck",
     17: "diploe (marrow)",
+    18: "dura (hard head)",
 }
 #: (chi ppm rel. water, proton density, R2* at 3 T [1/s]) of the extracranial tissues
 _EXTRA = {
@@ -74,6 +90,9 @@ _EXTRA = {
     14: (CHI_AIR_PPM, 0.0, 0.0),
 }
 _PARENCHYMA = (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 16)
+#: the hard head's dura thickness and its bone between the air cavities and the dura (mm)
+_DURA_MM = 1.0
+_HARD_BONE_MM = 1.0
 
 #: acquisition presets
 PRESETS: dict[str, dict] = {
@@ -82,12 +101,15 @@ PRESETS: dict[str, dict] = {
         "te_s": (0.004, 0.009, 0.014, 0.019, 0.024, 0.029),
         "snr": 60.0,
         "angles_deg": (0.0, 0.0, 0.0),
+        # residual shim of the hard head: RMS Hz at 80 mm of each order-1 / order-2 term
+        "shim_hz": (30.0, 20.0),
     },
     "7t-oblique": {
         "b0_tesla": 7.0,
         "te_s": (0.003, 0.007, 0.011, 0.015, 0.019),
         "snr": 90.0,
         "angles_deg": (18.0, 10.0, 0.0),
+        "shim_hz": (70.0, 45.0),
     },
 }
 
@@ -225,7 +247,7 @@ def make_realistic_head(
     *,
     shape: Sequence[int] = (160, 160, 160),
     voxel_size: Sequence[float] = (1.06, 1.06, 1.06),
-    brain_scale: float = 0.8,
+    brain_scale: float | None = None,
     csf_mm: float = 3.0,
     skull_mm: float = 7.0,
     scalp_mm: float = 6.0,
@@ -237,6 +259,10 @@ def make_realistic_head(
     texture_ppm: float = 0.01,
     phase_offset: bool = True,
     seed: int = 0,
+    hard: bool = False,
+    anatomy: str = "phantom",
+    anatomy_dir: str | os.PathLike | None = None,
+    shim_hz: Sequence[float] | None = None,
 ) -> RealisticHead:
     """Simulate a realistic multi-echo GRE head (see the module docstring for the anatomy).
 
@@ -251,7 +277,9 @@ def make_realistic_head(
         it).
     voxel_size : 3 floats (mm), keyword-only
     brain_scale : float, keyword-only
-        Physical mm per atlas mm of the brain anatomy (1: adult size).
+        Physical mm per atlas mm of the brain anatomy (1: adult size); default 0.8 for the
+        phantom, 1 for ``"cosmos"`` (128 x 154 x 130 mm: use a field of view of about 190 mm or
+        more, e.g. 128^3 x 1.6 mm, or the scalp is cropped).
     csf_mm, skull_mm, scalp_mm : float (mm), keyword-only
         Thickness of the CSF shell, the skull and the scalp.
     sinus_bone_mm : float (mm), keyword-only
@@ -272,6 +300,19 @@ def make_realistic_head(
         Add a smooth transceive phase offset (a few rad across the field of view).
     seed : int, keyword-only
         Seed of texture, phase offset and noise.
+    hard : bool, keyword-only
+        The harder head (module docstring): varying CSF, dura, surface veins, irregular air
+        cavities close to the cortex, shim field.  Off: the head is the same as before.
+    anatomy : {"phantom", "cosmos"}, keyword-only
+        Brain anatomy: the analytic phantom, or the 2016 challenge brain's COSMOS map (its
+        veins, labelled 11, keep their own chi; no extra texture is added to it).
+    anatomy_dir : path, keyword-only
+        For ``"cosmos"``: the folder with ``chi_cosmos.nii.gz`` and ``msk.nii.gz``
+        (FileNotFoundError when absent).
+    shim_hz : 2 floats, keyword-only
+        Residual shim amplitudes (Hz at 80 mm, order 1 and order 2 terms; default: the preset's
+        when ``hard``, none otherwise); ``extras["shim_field"]`` holds the field (ppm), which is
+        part of ``total_field`` and ``background_field``.
 
     Returns
     -------
@@ -294,8 +335,17 @@ def make_realistic_head(
         raise ValueError("te_s must be positive seconds")
     b0 = float(acq["b0_tesla"])
     rng = np.random.default_rng(seed + 1000)
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"unknown anatomy {anatomy!r}; choose from {', '.join(ANATOMIES)}")
+    rng_hard = np.random.default_rng(seed + 2000)
 
-    lab, maps = _base_brain(shape, h, brain_scale, seed)
+    if anatomy == "cosmos":
+        if anatomy_dir is None:
+            raise FileNotFoundError("anatomy 'cosmos' needs anatomy_dir (the qsm2016 folder)")
+        scale = 1.0 if brain_scale is None else float(brain_scale)
+        lab, maps = hf.cosmos_brain(shape, h, scale, anatomy_dir)
+    else:
+        lab, maps = _base_brain(shape, h, 0.8 if brain_scale is None else brain_scale, seed)
     # parenchyma + ventricles (the ventricles are enclosed, fill them back)
     paren = np.isin(lab, _PARENCHYMA)
     paren = ndi.binary_fill_holes(paren | ((lab == 10) & ndi.binary_dilation(paren, iterations=2)))
@@ -304,23 +354,28 @@ def make_realistic_head(
     X, Y, Z = _physical_grid(shape, h)
 
     labels = np.zeros(shape, dtype=np.int16)
-    intracranial = d <= csf_mm
+    # the hard head: CSF of varying thickness and a dura between it and the skull
+    csf = hf.csf_thickness(shape, h, csf_mm, rng_hard) if hard else csf_mm
+    inner = csf + (_DURA_MM if hard else 0.0)  # the inner skull table
+    intracranial = d <= csf
     labels[paren] = lab[paren]
     labels[paren & ~np.isin(lab, _PARENCHYMA + (10,))] = 8  # stray voxels: white matter
     labels[intracranial & ~paren] = 10
-    t_in = csf_mm + 0.25 * skull_mm
-    t_out = csf_mm + 0.75 * skull_mm
-    skull = (d > csf_mm) & (d <= csf_mm + skull_mm)
+    labels[(d > csf) & (d <= inner)] = 18
+    t_in = inner + 0.25 * skull_mm
+    t_out = inner + 0.75 * skull_mm
+    skull = (d > inner) & (d <= inner + skull_mm)
     labels[skull] = 13
     labels[(d > t_in) & (d <= t_out)] = 17
-    head_r = csf_mm + skull_mm + scalp_mm
-    labels[(d > csf_mm + skull_mm) & (d <= head_r)] = 15
+    head_r = inner + skull_mm + scalp_mm
+    labels[(d > inner + skull_mm) & (d <= head_r)] = 15
 
     # neck: an elliptic cylinder under the brain, down to the bottom of the field of view
     pz = np.nonzero(paren.any(axis=(0, 1)))[0]
     z_low = float(Z.ravel()[pz[0]]) if pz.size else 0.0
     cx = float((X * paren).sum() / max(paren.sum(), 1))
     cy = float((Y * paren).sum() / max(paren.sum(), 1))
+    cz = float((Z * paren).sum() / max(paren.sum(), 1))
     neck = (((X - cx) / 48.0) ** 2 + ((Y - cy + 10.0) / 55.0) ** 2 <= 1.0) & (Z < z_low + 25.0)
     labels[neck & (labels == 0)] = 15
 
@@ -356,12 +411,28 @@ def make_realistic_head(
         # external ear canal: a 7 mm wide tube from the middle ear to the outside air
         air |= ((Y - y_ear) ** 2 + (Z - z_ear) ** 2 <= 3.5**2) & (s * (X - x_me) > 0.0)
     air &= d > min_air
+    if hard:  # irregular cavities against the lower frontal and temporal brain instead
+        air, sinus = hf.hard_cavities(
+            intracranial,
+            h,
+            (X, Y, Z),
+            (cx, cy, cz),
+            bone_mm=_HARD_BONE_MM,
+            dura_mm=_DURA_MM,
+            rng=rng_hard,
+        )
     # the sinuses sit in bone (2 mm walls) under the scalp; the ear canals open to the outside
     wall = ndi.binary_dilation(sinus, structure=_ball(2.0, h)) & ~intracranial
     cover = ndi.binary_dilation(wall, structure=_ball(scalp_mm, h))
     labels[cover & (labels == 0)] = 15
-    labels[wall & ~sinus & (labels != 17)] = 13
+    labels[wall & ~sinus & (labels != 17) & (labels != 18)] = 13
     labels[air & (labels != 0)] = 14
+    if hard:  # the superior sagittal sinus (in the dura) and cortical veins (in the CSF)
+        veins, vein_chi = hf.surface_veins(
+            paren, intracranial, h, (X, Y, Z), (cx, cy, cz), dura_mm=_DURA_MM, rng=rng_hard
+        )
+        veins &= labels != 14
+        labels[veins] = 11
 
     brain_mask = intracranial.copy()
 
@@ -385,7 +456,11 @@ def make_realistic_head(
     # fine texture (2 mm correlation) in the parenchyma and the scalp
     tex = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), [2.0 / v for v in h])
     tex /= max(float(tex.std()), 1e-12)
-    chi[paren] += np.float32(texture_ppm) * tex[paren]
+    if anatomy == "phantom":  # the COSMOS map has its own texture
+        chi[paren] += np.float32(texture_ppm) * tex[paren]
+    if hard:
+        chi[labels == 18], m0[labels == 18], r2s[labels == 18] = hf.DURA
+        chi[veins], m0[veins], r2s[veins] = vein_chi[veins], hf.VEIN_M0, hf.VEIN_R2S
     m0[paren] *= 1.0 + 0.04 * tex[paren]
     m0[labels == 15] *= 1.0 + 0.15 * tex[labels == 15]
     # partial volume of chi within each compartment
@@ -404,6 +479,11 @@ def make_realistic_head(
     total = op.forward(chi - np.float32(CHI_AIR_PPM)).astype(np.float32)
     local = op.forward(chi_local).astype(np.float32)
     background = (total - local).astype(np.float32)
+    if shim_hz is None:
+        shim_hz = acq.get("shim_hz", (0.0, 0.0)) if hard else (0.0, 0.0)
+    shim = hf.shim_field(shape, h, (cx, cy, cz), shim_hz, b0, rng_hard)
+    total += shim
+    background += shim
 
     # --- signal -------------------------------------------------------------------------------
     r2s = r2s * np.float32(b0 / 3.0)
@@ -451,7 +531,13 @@ def make_realistic_head(
         voxel_size=h,
         noise_sigma=float(sigma),
         preset=preset,
-        extras={"parenchyma": paren, "phase_offset": phi0},
+        extras={
+            "parenchyma": paren,
+            "phase_offset": phi0,
+            "shim_field": shim,
+            "surface_veins": veins if hard else np.zeros(shape, bool),
+            "vein_chi": vein_chi if hard else np.zeros(shape, np.float32),
+        },
     )
 
 
