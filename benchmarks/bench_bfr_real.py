@@ -145,7 +145,6 @@ def _default_field(phase, mag, te_s, b0_tesla, mask, vs, sigma_mm=None):
 
     cfg = default_config()
     settings = dict(cfg.settings("combine"))
-    settings.setdefault("unwrap", cfg.method("unwrap"))
     if sigma_mm is not None:
         settings["sigma_mm"] = float(sigma_mm)
     out = method("combine", cfg.method("combine")).function(

@@ -244,7 +244,6 @@ def time_default_chain(head, vs) -> int:
         times["mask"] = (time.perf_counter() - t, cpu() - c)
         t, c = time.perf_counter(), cpu()
         settings = dict(cfg.settings("combine"))
-        settings.setdefault("unwrap", cfg.method("unwrap"))
         field = method("combine", names["combine"]).function(
             head.phase,
             head.magnitude,

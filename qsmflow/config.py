@@ -4,11 +4,10 @@ A configuration file (or a shipped preset, ``qsmflow/data/presets/<name>.toml``)
 
     description = "fast CPU default"
 
-    [unwrap]
-    method = "romeo"  # spatial unwrapping used by the field mapping
-
     [combine]  # field mapping / echo combination
     method = "wls"
+    [combine.wls]
+    unwrap = "romeo"  # the spatial unwrapper is a setting of the field mapping
 
     [mask]
     method = "bet"
@@ -49,7 +48,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 from qsmflow import registry
 
 #: pipeline stages, in order, as named in config files and on the command line
-STAGE_ORDER = ("unwrap", "combine", "mask", "bfr", "invert", "reference")
+STAGE_ORDER = ("combine", "mask", "bfr", "invert", "reference")
 DEFAULT_PRESET = "fast"
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -91,6 +90,18 @@ class QSMConfig:
             if stage not in new.stages:
                 raise ConfigError(f"unknown stage {stage!r}")
             new.stages[stage].method = str(meth)
+        return new
+
+    def with_settings(self, stage: str, **settings) -> QSMConfig:
+        """Copy with settings of ``stage``'s current method replaced; ConfigError when the
+        method has no such setting."""
+        new = copy.deepcopy(self)
+        meth = new.method(stage)
+        try:
+            registry.method(stage, meth).check_settings(settings)
+        except ValueError as exc:
+            raise ConfigError(f"[{stage}.{meth}] {exc}") from None
+        new.stages[stage].settings.setdefault(meth, {}).update(settings)
         return new
 
     def as_dict(self) -> dict:
@@ -152,6 +163,11 @@ def load_config_file(path) -> QSMConfig:
 
 def config_from_dict(data: dict, *, where: str = "config") -> QSMConfig:
     data = dict(data)
+    if "unwrap" in data:
+        raise ConfigError(
+            f"{where}: [unwrap] is a setting of the field mapping now: write "
+            '`unwrap = "romeo"` (or "laplacian") in the [combine.<method>] table'
+        )
     unknown = set(data) - set(STAGE_ORDER) - {"execution", "description", "source"}
     if unknown:
         raise ConfigError(
@@ -218,17 +234,12 @@ def default_methods() -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-def stage_method_names(stage: str) -> list[str]:
-    """Valid method names of a pipeline stage (``unwrap``: the field mapping's unwrappers)."""
-    return list(registry.methods_for(stage))
-
-
 def validate_config(cfg: QSMConfig) -> list[str]:
     """One message per problem (unknown method, unknown setting, bad execution values)."""
     problems = []
     for s in STAGE_ORDER:
         st = cfg.stages[s]
-        valid = stage_method_names(s)
+        valid = list(registry.methods_for(s))
         if st.method not in valid:
             problems.append(f"[{s}] unknown method {st.method!r}; choose from: {', '.join(valid)}")
             continue
@@ -237,10 +248,6 @@ def validate_config(cfg: QSMConfig) -> list[str]:
                 problems.append(
                     f"[{s}.{meth}] is not a {s} method; choose from: {', '.join(valid)}"
                 )
-                continue
-            if s == "unwrap":
-                if sets:
-                    problems.append(f"[unwrap.{meth}] takes no settings")
                 continue
             try:
                 registry.method(s, meth).check_settings(sets)

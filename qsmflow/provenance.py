@@ -1,8 +1,9 @@
-"""Methods text (with references for the steps actually run) and the run's configuration log.
+"""What a run says about itself: the methods text (with references for the steps that ran),
+the software versions and the run's log files.
 
-:func:`methods_text` writes a paragraph a paper's methods section can start from;
-:func:`write_subject_log` puts it and the exact configuration (TOML) in
-``output_dir/sub-X/log/``.
+:func:`methods_text` writes a paragraph a paper's methods section can start from, from the
+run's :class:`qsmflow.plan.RunPlan`; :func:`write_run_log` puts it and the exact configuration
+(TOML) in ``output_dir/sub-X/log/``, one pair per run.
 """
 
 from __future__ import annotations
@@ -12,31 +13,26 @@ from pathlib import Path
 
 from qsmflow.io import write_text_atomic
 from qsmflow.references import REFERENCES
-from qsmflow.registry import gpu_methods, method
 
 
-def methods_text(resolved: dict, *, version: str, seed: int = 0) -> str:
-    """Markdown methods paragraph and numbered references for ``resolved`` (stage -> method,
-    settings, as :meth:`qsmflow.config.QSMConfig.resolved`)."""
-    unwrap = resolved.get("unwrap", {}).get("method", "romeo")
+def methods_text(plan, *, version: str) -> str:
+    """Markdown methods paragraph and numbered references of a :class:`qsmflow.plan.RunPlan`:
+    every stage's method with every setting it ran with, the seed of a network fit and the
+    substitutions the data forced."""
     keys, parts = [], []
     parts.append(
         f"Quantitative susceptibility maps were computed with qsmflow {version} "
         "(built on Nipype [nipype]) from BIDS [bids] multi-echo gradient-echo "
         "magnitude and phase images."
     )
-    for stage in ("combine", "mask", "bfr", "invert", "reference"):
-        meth = resolved[stage]["method"]
-        tmpl = method(stage, meth).sentence
-        sets = resolved[stage].get("settings") or {}
-        if stage == "combine" and "unwrap" in sets:
-            unwrap = sets["unwrap"]
-        s = tmpl.format(unwrap=unwrap)
+    for sp in plan.stages.values():
+        sets = sp.settings
+        s = sp.record.sentence.format(unwrap=sets.get("unwrap", ""))
         if sets:
             s += " Settings: " + ", ".join(f"{k}={v}" for k, v in sorted(sets.items())) + "."
         parts.append(s)
-    if resolved["invert"]["method"] in gpu_methods():  # the stochastic (network) methods
-        parts.append(f"The random seed was {seed}.")
+    if plan.stochastic:
+        parts.append(f"The random seed was {plan.seed}.")
     text = " ".join(parts)
     for token in _tokens(text):
         for k in token.split("; "):
@@ -46,7 +42,9 @@ def methods_text(resolved: dict, *, version: str, seed: int = 0) -> str:
         nums = ", ".join(str(keys.index(k) + 1) for k in token.split("; "))
         text = text.replace(f"[{token}]", f"[{nums}]")
     refs = "\n".join(f"{i + 1}. {REFERENCES[k]}" for i, k in enumerate(keys))
-    return f"# Methods\n\n{text}\n\n## References\n\n{refs}\n"
+    notes = "".join(f"- {n}\n" for n in plan.notes)
+    notes = f"\n## Notes\n\n{notes}" if notes else ""
+    return f"# Methods\n\n{text}\n\n## References\n\n{refs}\n{notes}"
 
 
 def _tokens(text):
@@ -89,10 +87,19 @@ def software_versions_text(versions: dict | None = None) -> str:
     return ", ".join(f"{k} {v}" for k, v in versions.items())
 
 
-def write_subject_log(output_dir, subject: str, *, config_toml: str, methods: str) -> dict:
-    """Write ``sub-X/log/qsmflow_config.toml`` and ``sub-X/log/methods.md`` atomically."""
+def run_log_paths(output_dir, subject: str, prefix: str) -> dict:
+    """``{"config": ..., "methods": ...}``: ``sub-X/log/<prefix>_qsmflow_config.toml`` and
+    ``sub-X/log/<prefix>_methods.md`` of one run."""
     log = Path(output_dir) / f"sub-{subject}" / "log"
-    cfg, meth = log / "qsmflow_config.toml", log / "methods.md"
-    write_text_atomic(config_toml, cfg)
-    write_text_atomic(methods, meth)
-    return {"config": str(cfg), "methods": str(meth)}
+    return {
+        "config": log / f"{prefix}_qsmflow_config.toml",
+        "methods": log / f"{prefix}_methods.md",
+    }
+
+
+def write_run_log(output_dir, subject: str, prefix: str, plan, *, version: str) -> dict:
+    """Write one run's exact configuration (TOML) and methods text atomically."""
+    paths = run_log_paths(output_dir, subject, prefix)
+    write_text_atomic(plan.config_toml(), paths["config"])
+    write_text_atomic(methods_text(plan, version=version), paths["methods"])
+    return {k: str(v) for k, v in paths.items()}

@@ -215,6 +215,12 @@ class Method:
             note = params[key].annotation if key in params else None
             if value is None and key in params and not allows_none(params[key]):
                 problems.append(f"{where} {key} = None: expected {note} (not None)")
+            elif key in STAGES and isinstance(value, str):
+                # a setting named after a stage picks one of its methods (the field
+                # mapping's `unwrap`); "none" where the method documents it
+                if value not in (*methods_for(key), "none"):
+                    choices = ", ".join(methods_for(key))
+                    problems.append(f"{where} {key} = {value!r}: expected one of {choices}")
             elif isinstance(note, str) and "|" in note:
                 if not _matches_union(value, note):
                     problems.append(f"{where} {key} = {value!r}: expected {note}")

@@ -17,6 +17,7 @@ import pytest
 import scipy.ndimage as ndi
 from qsm_ci.qsm_eval import correlation, nrmse_challenge
 
+from qsmflow import registry
 from qsmflow.algorithms import background as bgm
 from qsmflow.sims.field import simulate_fields
 from qsmflow.sims.phantom import make_head_phantom
@@ -52,7 +53,9 @@ def _kwargs(method, sc, **extra):
 @functools.cache
 def result(method, scen, which="total", extra=()):
     sc = scenario(scen)
-    return bgm.METHODS[method](sc[which], sc["mask"], **_kwargs(method, sc, **dict(extra)))
+    return registry.method("bfr", method).function(
+        sc[which], sc["mask"], **_kwargs(method, sc, **dict(extra))
+    )
 
 
 def score(local, sc, mask_out):
@@ -119,7 +122,9 @@ def test_insensitive_to_added_harmonic_field(method):
     sc = scenario("iso")
     harm = _harmonic_poly(sc["vs"])
     local, mask_out = result(method, "iso")
-    local2, mask_out2 = bgm.METHODS[method](sc["total"] + harm, sc["mask"], **_kwargs(method, sc))
+    local2, mask_out2 = registry.method("bfr", method).function(
+        sc["total"] + harm, sc["mask"], **_kwargs(method, sc)
+    )
     assert np.array_equal(mask_out, mask_out2)
     d = (local2 - local)[mask_out]
     change = np.sqrt(np.mean((d - d.mean()) ** 2)) / harm[sc["mask"]].std()
@@ -154,7 +159,7 @@ def test_analytic_harmonic_fields_are_removed_exactly():
     dip = 500 * (3 * (z + 50) ** 2 / r**2 - 1) / r**3
     bg = (0.01 * x + 1e-4 * (x**2 - y**2) + dip).astype(np.float32)
     for method in ("vsharp", "lbv", "resharp"):
-        local, mask_out = bgm.METHODS[method](bg, mask, voxel_size=vs)
+        local, mask_out = registry.method("bfr", method).function(bg, mask, voxel_size=vs)
         e = local[mask_out]
         assert np.sqrt(np.mean((e - e.mean()) ** 2)) < 1e-3 * bg[mask].std(), method
 
@@ -252,8 +257,8 @@ def test_pdf_noise_weights_discount_corrupted_voxels():
 
 # -- API ------------------------------------------------------------------------------------------
 def test_methods_table_and_signatures():
-    assert set(bgm.METHODS) >= set(METHOD_NAMES)
-    for fn in bgm.METHODS.values():
+    assert set(registry.methods_for("bfr")) >= set(METHOD_NAMES)
+    for fn in (m.function for m in registry.methods_for("bfr").values()):
         params = list(inspect.signature(fn).parameters.values())
         assert [p.name for p in params[:2]] == ["field", "mask"]
         for p in params[2:]:
@@ -264,7 +269,7 @@ def test_methods_table_and_signatures():
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_bad_input_and_no_mutation(method):
-    fn = bgm.METHODS[method]
+    fn = registry.method("bfr", method).function
     n = 24
     ax = np.arange(n) - n / 2
     x, y, z = np.meshgrid(ax, ax, ax, indexing="ij")

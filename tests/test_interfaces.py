@@ -17,7 +17,7 @@ from qsmflow.interfaces.qsm import (
     Reference,
     Unwrap,
 )
-from qsmflow.interfaces.reports import methods_text
+from qsmflow.provenance import methods_text
 from qsmflow.sims.bids import truth_paths, write_bids_dataset
 
 qsm_eval = pytest.importorskip("qsm_ci.qsm_eval")
@@ -216,17 +216,42 @@ def test_inversion_modip_writes_std_and_loss_curve(data, tmp_path):
 
 
 def test_methods_text_cites_only_steps_run():
-    res = {
-        s: {"method": m, "settings": {}}
-        for s, m in (
-            ("unwrap", "laplacian"),
-            ("combine", "wls"),
-            ("mask", "bet"),
-            ("bfr", "pdf"),
-            ("invert", "tkd"),
-            ("reference", "mean"),
-        )
-    }
-    txt = methods_text(res, version="0.1.0")
+    from qsmflow.config import default_config
+    from qsmflow.plan import plan_run
+
+    cfg = default_config().with_methods(mask="bet", bfr="pdf", invert="tkd")
+    plan = plan_run(cfg.with_settings("combine", unwrap="laplacian"))
+    txt = methods_text(plan, version="0.1.0")
     assert "Shmueli" in txt and "Schofield" in txt and "projection onto dipole" in txt
     assert "Kames" not in txt and "ROMEO" not in txt.split("## References")[1]
+    # every setting the run used is in the text, the defaults included
+    assert "unwrap=laplacian" in txt and f"threshold={plan.settings('invert')['threshold']}" in txt
+
+
+@pytest.mark.parametrize("stage", ["unwrap", "combine", "mask", "bfr", "invert", "reference"])
+def test_each_stage_interface_declares_its_own_images(stage):
+    """One class per stage: it advertises exactly the stage's images (the registry's
+    ``requires`` mandatory, ``accepts`` optional) and outputs, so a missing input is an error
+    when the node is built, not when it runs."""
+    from qsmflow import registry
+    from qsmflow.interfaces.qsm import STAGE_INTERFACES
+
+    st = registry.stage(stage)
+    iface = STAGE_INTERFACES[stage]
+    spec = iface.input_spec()
+    images = {n for n in spec.copyable_trait_names() if n in registry.IMAGE_INPUTS}
+    assert images == set(st.requires + st.accepts)
+    for name in images:
+        assert bool(spec.traits()[name].mandatory) == (name in st.requires), name
+    outputs = set(iface.output_spec().copyable_trait_names())
+    assert outputs == {st.produces, *st.extras, "loss", "sidecar"}
+    assert iface.__module__ == "qsmflow.interfaces.qsm" and iface.__name__ in dir(
+        sys.modules["qsmflow.interfaces.qsm"]
+    )
+
+
+def test_inversion_without_its_field_is_refused_before_running(tmp_path):
+    """A mandatory image left out is Nipype's error, naming the input."""
+    iface = Inversion(method="tkd", mask=__file__)
+    with pytest.raises(ValueError, match="field"):
+        iface.run(cwd=str(tmp_path))

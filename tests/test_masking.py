@@ -8,7 +8,6 @@ from scipy import ndimage as ndi
 
 from qsmflow.algorithms import masking
 from qsmflow.algorithms.masking import (
-    METHODS,
     mask_bet,
     mask_phase_quality,
     mask_threshold,
@@ -39,7 +38,9 @@ def head():
 
 
 def test_methods_keys():
-    assert set(METHODS) == {"threshold", "phase-quality", "bet", "reliable"}
+    from qsmflow import registry
+
+    assert set(registry.methods_for("mask")) == {"threshold", "phase-quality", "bet", "reliable"}
 
 
 def test_threshold_gets_brain_when_skull_is_dark(head):

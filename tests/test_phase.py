@@ -5,7 +5,6 @@ import pytest
 from qsm_ci.qsm_eval import nrmse_challenge
 
 from qsmflow.algorithms.phase import (
-    METHODS,
     estimate_field_complexfit,
     estimate_field_wls,
     remove_phase_offset_mcpc3ds,
@@ -36,7 +35,10 @@ def sim():
 
 
 def test_methods_keys():
-    assert METHODS == {"wls": estimate_field_wls, "complexfit": estimate_field_complexfit}
+    from qsmflow import registry
+
+    fns = {n: m.function for n, m in registry.methods_for("combine").items()}
+    assert fns == {"wls": estimate_field_wls, "complexfit": estimate_field_complexfit}
 
 
 def test_scale_phase_to_radians():

@@ -68,7 +68,7 @@ def test_pipeline_outputs_accuracy_and_cache(dataset, capsys):
             for ext in ("json", "nii.gz")
         ]
         expected += [f"sub-{s}.html"]
-        expected += [f"sub-{s}/log/methods.md", f"sub-{s}/log/qsmflow_config.toml"]
+        expected += [f"sub-{s}/log/sub-{s}_methods.md", f"sub-{s}/log/sub-{s}_qsmflow_config.toml"]
     assert files == sorted(expected)
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "qsmflow"
@@ -82,7 +82,7 @@ def test_pipeline_outputs_accuracy_and_cache(dataset, capsys):
     assert 0 < side["InversionFit"]["Residual"]["relative"] < 1
     assert side["RandomSeed"] == 0 and "integer phase" in side["PhaseScaling"]
     assert side["SoftwareVersions"].startswith("qsmflow ")  # BIDS: a string
-    assert "Kames" in (out / "sub-01/log/methods.md").read_text()
+    assert "Kames" in (out / "sub-01/log/sub-01_methods.md").read_text()
 
     # accuracy against the simulated truth (fast preset on a tiny 2 mm head, 2 echoes)
     for s in SUBJECTS:
@@ -120,7 +120,7 @@ def test_pipeline_outputs_accuracy_and_cache(dataset, capsys):
     assert ran == want
     side = json.loads((out / "sub-01/anat/sub-01_Chimap.json").read_text())
     assert side["QSMflowMethods"]["invert"]["Method"] == "tkd"
-    assert 'method = "tkd"' in (out / "sub-01/log/qsmflow_config.toml").read_text()
+    assert 'method = "tkd"' in (out / "sub-01/log/sub-01_qsmflow_config.toml").read_text()
     # no temporary files left behind, bids_dir untouched
     assert not [p for p in out.rglob(".*") if p.is_file() and p.name != ".bidsignore"]
     assert _hash_tree(bids) == before

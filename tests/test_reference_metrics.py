@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from qsmflow.algorithms import metrics, reference
+from qsmflow.algorithms import reference
 from qsmflow.algorithms.metrics import data_consistency_residual, score_against_truth
 from qsmflow.algorithms.reference import reference_csf, reference_mean
 from qsmflow.sims.field import simulate_fields
@@ -17,8 +17,10 @@ def sim():
 
 
 def test_methods_keys():
-    assert set(reference.METHODS) == {"mean", "csf"}
-    assert "data-consistency" in metrics.METHODS
+    from qsmflow import registry
+
+    fns = {n: m.function for n, m in registry.methods_for("reference").items()}
+    assert fns == {"mean": reference.reference_mean, "csf": reference.reference_csf}
 
 
 def test_reference_mean(sim):

@@ -184,34 +184,42 @@ def test_modip_medi_start_runs_in_the_pipeline(tmp_path):
 
 
 def test_every_citation_is_in_the_bibliography_and_in_methods_text():
-    from qsmflow.interfaces.reports import methods_text
+    from qsmflow.config import default_config
+    from qsmflow.plan import plan_run
+    from qsmflow.provenance import methods_text
 
     for m in registry.METHODS:
         assert set(m.citations) <= set(REFERENCES), m.name
         for key in m.citations:
             assert f"[{key}" in m.sentence or f"; {key}]" in m.sentence, (m.name, key)
-    base = {
-        "unwrap": "romeo",
-        "combine": "wls",
-        "mask": "bet",
-        "bfr": "lbv",
-        "invert": "rts",
-        "reference": "mean",
-    }
+    base = default_config().with_methods(mask="bet", bfr="lbv", invert="rts")
     for m in registry.METHODS:
         if m.stage in ("unwrap", "r2star"):  # r2star: its own methods text (issue 23)
             continue
-        resolved = {
-            s: {"method": (m.name if s == m.stage else v), "settings": {}} for s, v in base.items()
-        }
-        refs = methods_text(resolved, version="x").split("## References")[1]
+        refs = methods_text(plan_run(base.with_methods(**{m.stage: m.name})), version="x")
         for key in m.citations:
-            assert REFERENCES[key] in refs, (m.name, key)
-    for name in ("romeo", "laplacian"):
-        resolved = {s: {"method": v, "settings": {}} for s, v in base.items()}
-        resolved["combine"]["settings"] = {"unwrap": name}
-        refs = methods_text(resolved, version="x").split("## References")[1]
+            assert REFERENCES[key] in refs.split("## References")[1], (m.name, key)
+    for name in registry.methods_for("unwrap"):
+        plan = plan_run(base.with_settings("combine", unwrap=name))
+        refs = methods_text(plan, version="x").split("## References")[1]
         assert all(REFERENCES[k] in refs for k in registry.method("unwrap", name).citations)
+
+
+def test_the_unwrappers_are_listed_once():
+    """The spatial unwrappers: the registry's `unwrap` stage lists exactly the algorithms'
+    list (what the field mapping's `unwrap` setting accepts), and a setting named after a
+    stage is checked against that stage's methods before anything runs."""
+    from qsmflow.algorithms.unwrap import SPATIAL_UNWRAPPERS
+    from qsmflow.config import ConfigError, config_from_dict
+
+    assert tuple(registry.methods_for("unwrap")) == SPATIAL_UNWRAPPERS
+    wls = registry.method("combine", "wls")
+    assert wls.check_types({"unwrap": "laplacian"}, where="x") == []
+    assert "expected one of romeo, laplacian" in wls.check_types({"unwrap": "nope"}, where="x")[0]
+    with pytest.raises(ConfigError, match="unwrap = 'nope'"):
+        config_from_dict({"combine": {"method": "wls", "wls": {"unwrap": "nope"}}})
+    with pytest.raises(ConfigError, match=r"\[unwrap\] is a setting of the field mapping"):
+        config_from_dict({"unwrap": {"method": "romeo"}})
 
 
 def test_registry_defaults_come_from_the_signature():
@@ -287,7 +295,7 @@ def test_omitted_stage_gets_the_default_preset_method():
     from qsmflow.config import config_from_dict, default_config
 
     cfg = config_from_dict({"invert": {"method": "tkd"}})
-    for s in ("unwrap", "combine", "mask", "bfr", "reference"):
+    for s in ("combine", "mask", "bfr", "reference"):
         assert cfg.method(s) == default_config().method(s)
     assert cfg.method("bfr") == "lbv-robust"
 

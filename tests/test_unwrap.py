@@ -8,7 +8,6 @@ from scipy import ndimage
 
 from qsmflow.algorithms.units import ppm_to_phase, wrap_to_pi
 from qsmflow.algorithms.unwrap import (
-    METHODS,
     temporal_unwrap,
     unwrap_echoes,
     unwrap_laplacian,
@@ -55,7 +54,10 @@ def sim():
 
 
 def test_methods_keys():
-    assert METHODS == {"laplacian": unwrap_laplacian, "romeo": unwrap_romeo}
+    from qsmflow import registry
+
+    fns = {n: m.function for n, m in registry.methods_for("unwrap").items()}
+    assert fns == {"laplacian": unwrap_laplacian, "romeo": unwrap_romeo}
 
 
 def test_romeo_congruent_and_correct_on_phantom(sim):
@@ -159,7 +161,7 @@ def test_unwrap_echoes_temporal_on_phantom(sim):
         offsets.append(k0)
     # echoes are mutually consistent: the global 2 pi multiple of echo e is e+1 times echo 1's
     assert offsets == [offsets[0] * (e + 1) for e in range(len(TE))]
-    # via the METHODS entry (4D + te_s -> template + temporal)
+    # via the registry's entry (4D + te_s -> template + temporal)
     assert np.array_equal(unwrap_romeo(pha, magnitude=mag, mask=bm, te_s=TE), u)
     # laplacian template: later echoes still congruent with their input
     ul = unwrap_echoes(pha, te_s=TE, method="laplacian", mask=bm)

@@ -816,12 +816,3 @@ def _lbv_boundary_correction(f, local, interior, h, b0_dir, threshold, kw):
     g = f.astype(np.float64) - pred
     bg = _lbv_solve(g, interior, h, float(kw["tol"]), int(kw["max_iter"]), int(kw["levels"]))
     return np.where(interior, f - bg, 0).astype(np.float32)
-
-
-METHODS = {
-    "vsharp": remove_background_vsharp,
-    "pdf": remove_background_pdf,
-    "lbv": remove_background_lbv,
-    "resharp": remove_background_resharp,
-    "lbv-robust": remove_background_lbv_robust,
-}

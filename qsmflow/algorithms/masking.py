@@ -1,6 +1,6 @@
 """Brain / head masks from GRE magnitude or from phase alone.
 
-Three methods, selected on the command line by the keys of :data:`METHODS`:
+Four methods (the registry lists them as the `mask` stage; `reliable` is below):
 
 ``"threshold"`` (:func:`mask_threshold`)
     Global intensity threshold of the magnitude (Otsu, IEEE Trans SMC 1979, or a percentile),
@@ -40,7 +40,6 @@ __all__ = [
     "phase_quality_map",
     "largest_component",
     "fill_mask_holes",
-    "METHODS",
 ]
 
 
@@ -677,11 +676,3 @@ def resolve_mask(
     if not mask.any():
         raise ValueError("mask is empty")
     return mask
-
-
-METHODS = {
-    "threshold": mask_threshold,
-    "phase-quality": mask_phase_quality,
-    "bet": mask_bet,
-    "reliable": mask_reliable,
-}

@@ -14,7 +14,6 @@ __all__ = [
     "score_against_truth",
     "polynomial_fit",
     "polynomial_share",
-    "METHODS",
 ]
 
 
@@ -286,6 +285,3 @@ def polynomial_share(
         return 0.0
     r = y - fit[m].astype(np.float64)
     return float(min(max(1.0 - float(r @ r) / tot, 0.0), 1.0))
-
-
-METHODS = {"data-consistency": data_consistency_residual}

@@ -21,12 +21,16 @@ import numpy as np
 from scipy import ndimage
 
 from qsmflow.algorithms.units import hz_to_ppm, wrap_to_pi
-from qsmflow.algorithms.unwrap import _romeo_3d, unwrap_echoes, unwrap_laplacian
+from qsmflow.algorithms.unwrap import (
+    SPATIAL_UNWRAPPERS,
+    _romeo_3d,
+    unwrap_echoes,
+    unwrap_laplacian,
+)
 
 TWO_PI = 2.0 * np.pi
 #: Default MCPC-3D-S smoothing width (voxels) of the reference implementation (MriResearchTools).
 MCPC3DS_SIGMA_VOXELS = (10.0, 10.0, 5.0)
-UNWRAP_METHODS = ("romeo", "laplacian")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,8 +313,8 @@ def estimate_field_wls(
         Total field (ppm of B0).
     """
     b0 = _check_b0(b0_tesla)
-    if unwrap not in UNWRAP_METHODS:
-        raise ValueError(f"unwrap must be one of {UNWRAP_METHODS}, got {unwrap!r}")
+    if unwrap not in SPATIAL_UNWRAPPERS:
+        raise ValueError(f"unwrap must be one of {SPATIAL_UNWRAPPERS}, got {unwrap!r}")
     phase4, mag4 = _as_4d(phase, magnitude)
     n_e = phase4.shape[3]
     te = _check_te(te_s, n_e)
@@ -433,8 +437,8 @@ def estimate_field_complexfit(
         1st percentile), so that ``1 / noise`` is a valid weight.
     """
     b0 = _check_b0(b0_tesla)
-    if unwrap not in UNWRAP_METHODS + ("none",):
-        raise ValueError(f"unwrap must be one of {UNWRAP_METHODS + ('none',)}, got {unwrap!r}")
+    if unwrap not in SPATIAL_UNWRAPPERS + ("none",):
+        raise ValueError(f"unwrap must be one of {SPATIAL_UNWRAPPERS + ('none',)}, got {unwrap!r}")
     if magnitude is None:
         raise ValueError("the complex fit needs the magnitude")
     phase4, mag4 = _as_4d(phase, magnitude)
@@ -515,6 +519,3 @@ def estimate_field_complexfit(
     noise = np.where(valid & ~good, floor, noise)
     noise = np.where(region & ~valid, worst, noise).astype(np.float32)
     return np.where(valid, field, 0).astype(np.float32), noise
-
-
-METHODS = {"wls": estimate_field_wls, "complexfit": estimate_field_complexfit}

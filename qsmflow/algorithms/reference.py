@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["reference_mean", "reference_csf", "METHODS"]
+__all__ = ["reference_mean", "reference_csf"]
 
 
 def _check(chi, mask):
@@ -99,6 +99,3 @@ def reference_csf(
     if int(csf.sum()) < int(min_voxels):
         raise ValueError(f"CSF mask has {int(csf.sum())} voxels inside the brain (< {min_voxels})")
     return _shift(chi, mask, float(np.mean(chi[csf], dtype=np.float64)))
-
-
-METHODS = {"mean": reference_mean, "csf": reference_csf}

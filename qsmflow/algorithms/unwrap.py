@@ -600,4 +600,6 @@ def unwrap_echoes(
     return out
 
 
-METHODS = {"laplacian": unwrap_laplacian, "romeo": unwrap_romeo}
+#: the spatial unwrappers a field mapping can use (``unwrap=`` of the ``combine`` methods); the
+#: registry's ``unwrap`` stage lists the same functions for ``qsmflow-stage unwrap``
+SPATIAL_UNWRAPPERS = ("romeo", "laplacian")

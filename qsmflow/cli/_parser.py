@@ -8,6 +8,10 @@ import re
 from pathlib import Path
 
 from qsmflow import registry
+from qsmflow.config import STAGE_ORDER
+
+#: the command-line flag that picks a stage's method
+STAGE_FLAGS = {s: f"--{s}" for s in STAGE_ORDER} | {"invert": "--inversion"}
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -141,21 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="print a preset as TOML (an editable copy for --config-file), then exit",
     )
-    for flag, stage in (
-        ("--unwrap", "unwrap"),
-        ("--combine", "combine"),
-        ("--mask", "mask"),
-        ("--bfr", "bfr"),
-        ("--inversion", "invert"),
-        ("--reference", "reference"),
-    ):
+    for stage in STAGE_ORDER:
         names = list(registry.methods_for(stage))
         g.add_argument(
-            flag,
+            STAGE_FLAGS[stage],
             dest=f"method_{stage}",
             metavar="METHOD",  # checked by config
             help=f"{registry.stage(stage).help}: {', '.join(names)}",
         )
+    g.add_argument(
+        "--unwrap",
+        metavar="METHOD",
+        choices=list(registry.methods_for("unwrap")),
+        help="spatial unwrapper of the field mapping (its `unwrap` setting): "
+        + ", ".join(registry.methods_for("unwrap")),
+    )
     g.add_argument(
         "--seed",
         type=_int_at_least(0),

@@ -72,7 +72,13 @@ def _check_paths(args) -> None:
 
 
 def _load_config(args):
-    from qsmflow.config import ConfigError, default_config, load_config_file, load_preset
+    from qsmflow.config import (
+        STAGE_ORDER,
+        ConfigError,
+        default_config,
+        load_config_file,
+        load_preset,
+    )
 
     try:
         if args.config_file:
@@ -81,12 +87,9 @@ def _load_config(args):
             cfg = load_preset(args.preset)
         else:
             cfg = default_config()
-        cfg = cfg.with_methods(
-            **{
-                s: getattr(args, f"method_{s}")
-                for s in ("unwrap", "combine", "mask", "bfr", "invert", "reference")
-            }
-        )
+        cfg = cfg.with_methods(**{s: getattr(args, f"method_{s}") for s in STAGE_ORDER})
+        if args.unwrap:
+            cfg = cfg.with_settings("combine", unwrap=args.unwrap)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     if args.seed is not None:
@@ -261,21 +264,16 @@ def _configure_nipype(args) -> Path:
 
 
 def _write_provenance(out: Path, runs, cfg) -> None:
-    """Dataset description and every subject's log (config TOML, methods text), written
-    atomically before the run."""
-    from qsmflow.config import to_toml
+    """Dataset description and every run's log (its exact configuration as TOML and its
+    methods text, from the run's plan), written atomically before the run."""
+    from qsmflow import __version__
     from qsmflow.interfaces.derivatives import derivative_dataset_description
-    from qsmflow.interfaces.reports import write_subject_log
-    from qsmflow.workflows.base import subject_methods_text
-    from qsmflow.workflows.qsm import effective_config
+    from qsmflow.provenance import write_run_log
+    from qsmflow.workflows.base import plan_for
 
     derivative_dataset_description(out)
-    for sub in sorted({r.subject for r in runs}):
-        first = next(r for r in runs if r.subject == sub)
-        eff, _ = effective_config(cfg, has_magnitude=first.has_magnitude, n_echoes=first.n_echoes)
-        write_subject_log(
-            out, sub, config_toml=to_toml(eff), methods=subject_methods_text(first, cfg)
-        )
+    for run in runs:
+        write_run_log(out, run.subject, run.bids_prefix, plan_for(run, cfg), version=__version__)
 
 
 def _progress(wf, subjects):

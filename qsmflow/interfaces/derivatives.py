@@ -160,7 +160,7 @@ class DerivativesWriter(SimpleInterface):
     output_spec = _DSOutputSpec
 
     def _run_interface(self, runtime):
-        from qsmflow.interfaces.reports import software_versions_text
+        from qsmflow.provenance import software_versions_text
 
         inp = self.inputs
         session = inp.session if isdefined(inp.session) and inp.session else None

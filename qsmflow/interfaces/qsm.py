@@ -99,8 +99,25 @@ class PreparePhase(SimpleInterface):
 
 
 # --------------------------------------------------------------------------------------------
+_IMAGE_DESC = {
+    "phase": "wrapped phase (X,Y,Z[,E]) in rad",
+    "magnitude": "magnitude (X,Y,Z[,E]), a.u.",
+    "mask": "brain mask, or the mask where the field is valid",
+    "field": "total (bfr) or local (invert) field map (ppm)",
+    "chi": "susceptibility map (ppm)",
+    "noise": "field noise standard deviation (ppm)",
+    "csf_mask": "CSF mask for the 'csf' reference",
+}
+
+
+def _image(name: str, *, mandatory: bool = False):
+    """The trait of one image input (``registry.Stage.requires`` are mandatory)."""
+    return File(exists=True, mandatory=mandatory, desc=_IMAGE_DESC[name])
+
+
 class StageInputSpec(BaseInterfaceInputSpec):
-    """Inputs of every stage interface; the runner checks which ones a stage needs."""
+    """What every stage interface takes besides its images (which each stage's own spec
+    declares: ``registry.Stage.requires`` mandatory, ``accepts`` optional)."""
 
     method = traits.Str(mandatory=True, desc="method name (qsmflow-stage STAGE --list-methods)")
     settings = traits.Dict(
@@ -111,13 +128,6 @@ class StageInputSpec(BaseInterfaceInputSpec):
     code_version = traits.Str(
         desc="hash of the code that computes the stage (hashed: a new release re-runs the node)"
     )
-    phase = File(exists=True, desc="wrapped phase (X,Y,Z[,E]) in rad")
-    magnitude = File(exists=True, desc="magnitude (X,Y,Z[,E]), a.u.")
-    mask = File(exists=True, desc="brain mask, or the mask where the field is valid")
-    field = File(exists=True, desc="total (bfr) or local (invert) field map (ppm)")
-    chi = File(exists=True, desc="susceptibility map (ppm)")
-    noise = File(exists=True, desc="field noise standard deviation (ppm)")
-    csf_mask = File(exists=True, desc="CSF mask for the 'csf' reference")
     te_s = traits.List(traits.Float, desc="echo times (s)")
     b0_tesla = traits.Float(desc="field strength (T)")
     b0_dir = traits.List(
@@ -149,6 +159,13 @@ class StageInputSpec(BaseInterfaceInputSpec):
         nohash=True,
         desc="torch device of methods that take one ('auto': cuda if available and use_gpu)",
     )
+
+
+class StageOutputSpec(TraitedSpec):
+    """What every stage interface writes besides its main output and extras."""
+
+    loss = File(desc="loss curve, TSV (network fits)")
+    sidecar = File(exists=True, desc="provenance JSON (method, settings, seconds, fit details)")
 
 
 def resolve_device(device: str, use_gpu: bool) -> str:
@@ -197,42 +214,138 @@ class StageInterface(SimpleInterface):
         return runtime
 
 
-def _output_spec(stage: str):
-    """The output spec of a stage: its main output, its extras, the loss curve, the sidecar."""
-    st = registry.stage(stage)
-    traits_ = {st.produces: File(exists=True, desc=f"main output ({st.output})")}
-    for extra in st.extras:
-        traits_[extra] = File(desc=f"extra output {extra!r} (when the method returns it)")
-    traits_["loss"] = File(desc="loss curve, TSV (network fits)")
-    traits_["sidecar"] = File(exists=True, desc="provenance JSON (method, settings, ...)")
-    name = f"_{stage.capitalize()}OutputSpec"
-    spec = type(name, (TraitedSpec,), {**traits_, "__module__": __name__})
-    globals()[name] = spec  # importable by name: Nipype pickles node results
-    return spec
+# --- one interface per stage: its images (registry.Stage.requires / accepts) and outputs ----
+class _UnwrapInputSpec(StageInputSpec):
+    phase = _image("phase", mandatory=True)
+    magnitude = _image("magnitude")
+    mask = _image("mask")
 
 
-def _stage_interface(stage: str, class_name: str):
-    st = registry.stage(stage)
-    doc = f"{st.help} (``{stage}`` stage: {', '.join(registry.methods_for(stage))})."
-    return type(
-        class_name,
-        (StageInterface,),
-        {
-            "__doc__": doc,
-            "_stage": stage,
-            "output_spec": _output_spec(stage),
-            "__module__": __name__,
-        },
-    )
+class _UnwrapOutputSpec(StageOutputSpec):
+    unwrapped = File(exists=True, desc="unwrapped phase (rad)")
 
 
-Unwrap = _stage_interface("unwrap", "Unwrap")
-FieldMap = _stage_interface("combine", "FieldMap")
-Mask = _stage_interface("mask", "Mask")
-BackgroundRemoval = _stage_interface("bfr", "BackgroundRemoval")
-Inversion = _stage_interface("invert", "Inversion")
-Reference = _stage_interface("reference", "Reference")
-R2Star = _stage_interface("r2star", "R2Star")
+class Unwrap(StageInterface):
+    """Spatial (+ temporal) phase unwrapping: wrapped phase -> rad (``unwrap`` stage)."""
+
+    _stage = "unwrap"
+    input_spec = _UnwrapInputSpec
+    output_spec = _UnwrapOutputSpec
+
+
+class _FieldMapInputSpec(StageInputSpec):
+    phase = _image("phase", mandatory=True)
+    magnitude = _image("magnitude")
+    mask = _image("mask")
+
+
+class _FieldMapOutputSpec(StageOutputSpec):
+    field = File(exists=True, desc="total field (ppm of B0)")
+    noise = File(desc="field noise standard deviation (ppm), when the method estimates one")
+
+
+class FieldMap(StageInterface):
+    """Field mapping: multi-echo phase (+ magnitude) -> total field in ppm (``combine``)."""
+
+    _stage = "combine"
+    input_spec = _FieldMapInputSpec
+    output_spec = _FieldMapOutputSpec
+
+
+class _MaskInputSpec(StageInputSpec):
+    magnitude = _image("magnitude")
+    phase = _image("phase")
+
+
+class _MaskOutputSpec(StageOutputSpec):
+    mask = File(exists=True, desc="brain mask (uint8)")
+
+
+class Mask(StageInterface):
+    """Brain mask from the magnitude or the phase quality (``mask`` stage; the method says
+    which image it needs)."""
+
+    _stage = "mask"
+    input_spec = _MaskInputSpec
+    output_spec = _MaskOutputSpec
+
+
+class _BackgroundRemovalInputSpec(StageInputSpec):
+    field = _image("field", mandatory=True)
+    mask = _image("mask", mandatory=True)
+    noise = _image("noise")
+
+
+class _BackgroundRemovalOutputSpec(StageOutputSpec):
+    local_field = File(exists=True, desc="local (tissue) field (ppm of B0)")
+    mask = File(desc="mask where the local field is valid (eroded brain mask)")
+
+
+class BackgroundRemoval(StageInterface):
+    """Background field removal: total field -> local field in ppm (``bfr`` stage)."""
+
+    _stage = "bfr"
+    input_spec = _BackgroundRemovalInputSpec
+    output_spec = _BackgroundRemovalOutputSpec
+
+
+class _InversionInputSpec(StageInputSpec):
+    field = _image("field", mandatory=True)
+    mask = _image("mask", mandatory=True)
+    magnitude = _image("magnitude")
+    noise = _image("noise")
+
+
+class _InversionOutputSpec(StageOutputSpec):
+    chi = File(exists=True, desc="susceptibility (ppm)")
+    std = File(desc="ensemble standard deviation of chi (ppm), network ensembles")
+
+
+class Inversion(StageInterface):
+    """Dipole inversion: local field (ppm) -> susceptibility (ppm) (``invert`` stage)."""
+
+    _stage = "invert"
+    input_spec = _InversionInputSpec
+    output_spec = _InversionOutputSpec
+
+
+class _ReferenceInputSpec(StageInputSpec):
+    chi = _image("chi", mandatory=True)
+    mask = _image("mask", mandatory=True)
+    csf_mask = _image("csf_mask")
+    magnitude = _image("magnitude")
+
+
+class _ReferenceOutputSpec(StageOutputSpec):
+    chi = File(exists=True, desc="referenced susceptibility (ppm)")
+
+
+class Reference(StageInterface):
+    """Susceptibility referencing: chi minus its mean over a reference region (``reference``)."""
+
+    _stage = "reference"
+    input_spec = _ReferenceInputSpec
+    output_spec = _ReferenceOutputSpec
+
+
+class _R2StarInputSpec(StageInputSpec):
+    magnitude = _image("magnitude", mandatory=True)
+    mask = _image("mask")
+
+
+class _R2StarOutputSpec(StageOutputSpec):
+    r2star = File(exists=True, desc="R2* map (1/s)")
+    t2star = File(desc="T2* map (s)")
+
+
+class R2Star(StageInterface):
+    """R2* (1/s) and T2* (s) from the multi-echo magnitude (``r2star`` stage)."""
+
+    _stage = "r2star"
+    input_spec = _R2StarInputSpec
+    output_spec = _R2StarOutputSpec
+
+
 #: stage name -> interface class
 STAGE_INTERFACES = {
     c._stage: c for c in (Unwrap, FieldMap, Mask, BackgroundRemoval, Inversion, Reference, R2Star)

@@ -45,7 +45,7 @@ def write_subject_report(
     from qsmflow.reports.html import subject_page
 
     if versions is None:
-        from qsmflow.interfaces.reports import software_versions
+        from qsmflow.provenance import software_versions
 
         versions = software_versions()
     path = subject_report_path(output_dir, subject)

@@ -307,6 +307,3 @@ def read_bids_megre(root, subject: str = "1", *, suffix: str = "MEGRE") -> dict:
         "affine": affine,
         "files": files,
     }
-
-
-METHODS = {"bids_dataset": write_bids_dataset}

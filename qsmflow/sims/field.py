@@ -83,6 +83,3 @@ def simulate_fields(
         "background": background.astype(np.float32),
         "chi_local": chi_local,
     }
-
-
-METHODS = {"fields": simulate_fields}

@@ -165,6 +165,3 @@ def make_invivo_case(
         b0_tesla=float(b0_tesla),
         voxel_size=vsz,
     )
-
-
-METHODS = {"invivo_case": make_invivo_case}

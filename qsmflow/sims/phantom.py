@@ -345,6 +345,3 @@ def make_head_phantom(
         voxel_size=h,
         affine=affine,
     )
-
-
-METHODS = {"head_phantom": make_head_phantom}

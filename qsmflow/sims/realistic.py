@@ -539,6 +539,3 @@ def make_realistic_head(
             "vein_chi": vein_chi if hard else np.zeros(shape, np.float32),
         },
     )
-
-
-METHODS = {"realistic_head": make_realistic_head}

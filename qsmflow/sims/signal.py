@@ -143,6 +143,3 @@ def oblique_affine(
         c = (np.asarray(shape, dtype=np.float64).reshape(3) - 1) / 2.0
         A[:3, 3] = -A[:3, :3] @ c
     return A
-
-
-METHODS = {"megre": simulate_megre}

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from nipype.pipeline import engine as pe
 
-from qsmflow import __version__, registry
-from qsmflow.config import STAGE_ORDER, QSMConfig, default_config
-from qsmflow.workflows.qsm import effective_config, init_qsm_wf
+from qsmflow import __version__
+from qsmflow.config import QSMConfig, default_config
+from qsmflow.plan import RunPlan, plan_run
+from qsmflow.workflows.qsm import init_qsm_wf
 
 
 def top_workflow_name() -> str:
@@ -37,33 +38,26 @@ def _source(path, bids_dir) -> str:
     return str(path)
 
 
-def run_metadata(run, config: QSMConfig, *, seed: int | None = None) -> tuple[dict, list]:
+def plan_for(run, config: QSMConfig) -> RunPlan:
+    """The :class:`~qsmflow.plan.RunPlan` of one MEGRE run under ``config``."""
+    return plan_run(config, has_magnitude=run.has_magnitude, n_echoes=run.n_echoes)
+
+
+def run_metadata(run, plan: RunPlan) -> dict:
     """Sidecar provenance of one run: every method and parameter, seed, acquisition."""
-    cfg, notes = effective_config(config, has_magnitude=run.has_magnitude, n_echoes=run.n_echoes)
-    methods = {}
-    for stage in STAGE_ORDER:
-        meth = cfg.method(stage)
-        if stage == "unwrap":
-            methods[stage] = {"Method": meth}
-            continue
-        sets = cfg.settings(stage)
-        if stage == "combine":
-            sets.setdefault("unwrap", cfg.method("unwrap"))
-        params = registry.resolved_settings(stage, meth, sets)
-        methods[stage] = {"Method": meth, "Parameters": params}
     meta = {
-        "QSMflowMethods": methods,
-        "RandomSeed": int(cfg.seed if seed is None else seed),
+        "QSMflowMethods": plan.sidecar_methods(),
+        "RandomSeed": plan.seed,
         "EchoTime": list(run.te_s),
         "MagneticFieldStrength": run.b0_tesla,
         "B0Direction": list(run.b0_dir) if run.b0_dir else None,
         "VoxelSize": list(run.voxel_size) if run.voxel_size else None,
         "PhaseOnly": not run.has_magnitude,
-        "ConfigurationSource": cfg.source,
+        "ConfigurationSource": plan.source,
     }
-    if notes:
-        meta["MethodSubstitutions"] = notes
-    return {k: v for k, v in meta.items() if v is not None}, notes
+    if plan.notes:
+        meta["MethodSubstitutions"] = list(plan.notes)
+    return {k: v for k, v in meta.items() if v is not None}
 
 
 def init_single_subject_wf(
@@ -118,7 +112,7 @@ def init_single_subject_wf(
             SubjectReport(
                 output_dir=os.path.abspath(output_dir),
                 subject=subject,
-                methods=subject_methods_text(runs[0], config),
+                methods=subject_methods_text(runs, config),
             ),
             name="report_subject",
             n_procs=1,
@@ -133,10 +127,9 @@ def init_single_subject_wf(
         if run.subject != subject:
             raise ValueError(f"run {run.bids_prefix} does not belong to subject {subject}")
         mem_gb = max(1, _prod(run.shape)) * max(run.n_echoes, 1) * 4 / 1e9
+        plan = plan_for(run, config)
         qsm_wf = init_qsm_wf(
-            config=config,
-            has_magnitude=run.has_magnitude,
-            n_echoes=run.n_echoes,
+            plan=plan,
             use_gpu=use_gpu,
             omp_nthreads=omp_nthreads,
             mem_gb=mem_gb,
@@ -146,7 +139,7 @@ def init_single_subject_wf(
         qsm_wf.inputs.inputnode.magnitude_files = [str(p) for p in run.magnitude_files]
         qsm_wf.inputs.inputnode.te_s = [float(t) for t in run.te_s]
         qsm_wf.inputs.inputnode.b0_tesla = float(run.b0_tesla)
-        meta, _ = run_metadata(run, config)
+        meta = run_metadata(run, plan)
         sources = [_source(p, bids_dir) for p in [*run.phase_files, *run.magnitude_files]]
         ds = pe.Node(
             DerivativesWriter(
@@ -217,16 +210,18 @@ def init_single_subject_wf(
     return wf
 
 
-def subject_methods_text(run, config: QSMConfig) -> str:
-    """The methods text (Markdown, with references) of ``run`` under ``config``, with a note
-    for every method substitution (as written to ``sub-X/log/methods.md``)."""
-    from qsmflow.interfaces.reports import methods_text
+def subject_methods_text(runs, config: QSMConfig) -> str:
+    """The methods text (Markdown, with references) of a subject's runs under ``config``
+    (as written to ``sub-X/log/<run>_methods.md``): one text when every run has the same
+    plan, otherwise one section per run."""
+    from qsmflow.provenance import methods_text
 
-    eff, notes = effective_config(config, has_magnitude=run.has_magnitude, n_echoes=run.n_echoes)
-    text = methods_text(eff.resolved(), version=__version__, seed=eff.seed)
-    if notes:
-        text += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    return text
+    texts = {r.bids_prefix: methods_text(plan_for(r, config), version=__version__) for r in runs}
+    if len(set(texts.values())) <= 1:
+        return next(iter(texts.values()), "")
+    return "\n".join(
+        t.replace("# Methods", f"# Methods: {prefix}", 1) for prefix, t in texts.items()
+    )
 
 
 def _prod(shape) -> int:

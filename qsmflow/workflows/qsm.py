@@ -13,13 +13,11 @@ environment, so it can be connected into any Nipype workflow (see
 
 from __future__ import annotations
 
-import copy
-
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from qsmflow import registry
 from qsmflow.config import QSMConfig, default_config
+from qsmflow.plan import RunPlan, plan_run
 
 INPUT_FIELDS = ("phase_files", "magnitude_files", "te_s", "b0_tesla")
 OUTPUT_FIELDS = (
@@ -37,33 +35,11 @@ OUTPUT_FIELDS = (
     "chi_unreferenced",
     "inversion_sidecar",
 )
-#: the method a stage falls back to when its method needs a magnitude and the data have none
-PHASE_ONLY_FALLBACK = {"mask": "phase-quality", "combine": "wls"}
-
-
-def effective_config(
-    config: QSMConfig, *, has_magnitude: bool = True, n_echoes: int | None = None
-) -> tuple[QSMConfig, list[str]]:
-    """The configuration that will actually run for data with/without magnitude and with
-    ``n_echoes`` echoes, and a note for every substitution made."""
-    cfg = copy.deepcopy(config)
-    notes = []
-    if not has_magnitude:
-        for stage, fallback in PHASE_ONLY_FALLBACK.items():
-            meth = cfg.method(stage)
-            if "magnitude" in registry.method(stage, meth).required_inputs:
-                notes.append(f"no magnitude: {stage} method {meth!r} replaced by {fallback!r}")
-                cfg.stages[stage].method = fallback
-    if n_echoes is not None and n_echoes < 3 and cfg.method("combine") == "complexfit":
-        notes.append(
-            f"{n_echoes} echo(es): field mapping 'complexfit' (needs >= 3) replaced by 'wls'"
-        )
-        cfg.stages["combine"].method = "wls"
-    return cfg, notes
 
 
 def init_qsm_wf(
     *,
+    plan: RunPlan | None = None,
     config: QSMConfig | None = None,
     unwrap: str | None = None,
     combine: str | None = None,
@@ -84,10 +60,16 @@ def init_qsm_wf(
 
     Parameters
     ----------
+    plan : RunPlan, optional
+        The resolved run (:func:`qsmflow.plan.plan_run`): every method and setting. When
+        given, ``config``, the method choices, ``has_magnitude``, ``n_echoes`` and ``seed``
+        are not used (they are how the plan is made otherwise).
     config : QSMConfig, optional
         Methods and settings (default: the ``fast`` preset).
-    unwrap, combine, mask, bfr, inversion, reference : str, optional
+    combine, mask, bfr, inversion, reference : str, optional
         Override the method of one stage (settings of that method come from ``config``).
+    unwrap : str, optional
+        The field mapping's spatial unwrapper (its ``unwrap`` setting).
     has_magnitude : bool
         False for phase-only data: magnitude-based masks become ``phase-quality``.
     n_echoes : int, optional
@@ -138,17 +120,17 @@ def init_qsm_wf(
         Reference,
     )
 
-    cfg = (config if config is not None else default_config()).with_methods(
-        unwrap=unwrap,
-        combine=combine,
-        mask=mask,
-        bfr=bfr,
-        invert=inversion,
-        reference=reference,
-    )
-    cfg, _ = effective_config(cfg, has_magnitude=has_magnitude, n_echoes=n_echoes)
-    seed = cfg.seed if seed is None else int(seed)
-    device = device or cfg.device
+    if plan is None:
+        cfg = config if config is not None else default_config()
+        cfg = cfg.with_methods(
+            combine=combine, mask=mask, bfr=bfr, invert=inversion, reference=reference
+        )
+        if unwrap:
+            cfg = cfg.with_settings("combine", unwrap=unwrap)
+        plan = plan_run(
+            cfg, has_magnitude=has_magnitude, n_echoes=n_echoes, seed=seed, device=device
+        )
+    device = device or plan.device
     nthr = max(int(omp_nthreads), 1)
     mem = max(float(mem_gb), 0.01)
 
@@ -158,19 +140,17 @@ def init_qsm_wf(
 
     prepare = pe.Node(PreparePhase(), name="prepare", mem_gb=3 * mem, n_procs=1)
     # a GPU node only when the method can use one and the device is not pinned to the CPU
-    gpu = bool(use_gpu) and registry.method("invert", cfg.method("invert")).gpu and device != "cpu"
+    gpu = bool(use_gpu) and plan.stages["invert"].record.gpu and device != "cpu"
 
-    def stage_node(iface, stage, node_name, mem_factor, settings=None, **extra):
+    def stage_node(iface, stage, node_name, mem_factor, **extra):
         n_procs = 1 if extra.get("use_gpu") else nthr
         return pe.Node(
             iface(
-                method=cfg.method(stage),
+                method=plan.method(stage),
                 # every setting with the defaults merged, and the code's version: both are
                 # hashed, so a changed default or a new release re-runs the node
-                settings=registry.resolved_settings(
-                    stage, cfg.method(stage), settings or cfg.settings(stage)
-                ),
-                code_version=registry.code_version(),
+                settings=plan.settings(stage),
+                code_version=plan.code_version,
                 n_threads=n_procs,
                 **extra,
             ),
@@ -180,11 +160,11 @@ def init_qsm_wf(
         )
 
     mask_node = stage_node(Mask, "mask", "mask", 4)
-    combine_settings = cfg.settings("combine")
-    combine_settings.setdefault("unwrap", cfg.method("unwrap"))
-    fieldmap = stage_node(FieldMap, "combine", "fieldmap", 8, combine_settings)
+    fieldmap = stage_node(FieldMap, "combine", "fieldmap", 8)
     bfr_node = stage_node(BackgroundRemoval, "bfr", "bfr", 12)
-    invert = stage_node(Inversion, "invert", "invert", 16, seed=seed, use_gpu=gpu, device=device)
+    invert = stage_node(
+        Inversion, "invert", "invert", 16, seed=plan.seed, use_gpu=gpu, device=device
+    )
     ref_node = stage_node(Reference, "reference", "reference", 2)
 
     # what every node may get; each node gets what its method's signature takes (registry)
@@ -196,7 +176,7 @@ def init_qsm_wf(
     }
     if has_magnitude:
         common["magnitude"] = (prepare, "magnitude")
-    if "noise" in registry.method("combine", cfg.method("combine")).provides:
+    if "noise" in plan.stages["combine"].record.provides:
         common["noise"] = (fieldmap, "noise")
     chain = {
         "mask": (mask_node, {}),
@@ -206,7 +186,7 @@ def init_qsm_wf(
         "reference": (ref_node, {"chi": (invert, "chi"), "mask": (bfr_node, "mask")}),
     }
     for stage, (node, upstream) in chain.items():
-        meth = registry.method(stage, cfg.method(stage))
+        meth = plan.stages[stage].record
         sources = {**{k: v for k, v in common.items() if v[0] is not node}, **upstream}
         missing = meth.required_inputs - set(sources) - {"voxel_size"}
         if missing:
