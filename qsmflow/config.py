@@ -74,6 +74,8 @@ class QSMConfig:
     device: str = "cpu"
     description: str = ""
     source: str = ""  # preset name or file the config came from
+    #: the ``[atlas]`` table (issue 23; keys and defaults: ``qsmflow.atlas.ATLAS_DEFAULTS``)
+    atlas: dict = field(default_factory=dict)
 
     def method(self, stage: str) -> str:
         return self.stages[stage].method
@@ -114,6 +116,8 @@ class QSMConfig:
                 if sets:
                     table[meth] = dict(sets)
             out[s] = table
+        if self.atlas:
+            out["atlas"] = dict(self.atlas)
         out["execution"] = {"seed": int(self.seed), "device": self.device}
         return out
 
@@ -168,11 +172,11 @@ def config_from_dict(data: dict, *, where: str = "config") -> QSMConfig:
             f"{where}: [unwrap] is a setting of the field mapping now: write "
             '`unwrap = "romeo"` (or "laplacian") in the [combine.<method>] table'
         )
-    unknown = set(data) - set(STAGE_ORDER) - {"execution", "description", "source"}
+    unknown = set(data) - set(STAGE_ORDER) - {"execution", "description", "source", "atlas"}
     if unknown:
         raise ConfigError(
             f"{where}: unknown table(s) {', '.join(sorted(unknown))}; valid: "
-            f"{', '.join(STAGE_ORDER)}, execution"
+            f"{', '.join(STAGE_ORDER)}, atlas, execution"
         )
     stages = {}
     for s in STAGE_ORDER:
@@ -199,7 +203,14 @@ def config_from_dict(data: dict, *, where: str = "config") -> QSMConfig:
     execution, problems = parse_execution(ex, where=where, devices=DEVICES)
     if problems:
         raise ConfigError("; ".join(problems))
+    from qsmflow.atlas import check_atlas_settings
+
+    atlas = data.get("atlas", {})
+    problems = check_atlas_settings(atlas, where=where)
+    if problems:
+        raise ConfigError("; ".join(problems))
     cfg = QSMConfig(
+        atlas=dict(atlas),
         stages=stages,
         seed=execution.seed,
         device=execution.device,

@@ -40,3 +40,11 @@ def derivative_path(
     """Path of one derivative (``output`` a key of :data:`DERIVATIVES`)."""
     folder, suffix = DERIVATIVES[output]
     return run_dir(output_dir, prefix, session) / folder / f"{prefix}_{suffix}{ext}"
+
+
+def atlas_table_path(
+    output_dir, prefix: str, atlas: str, *, session: str | None = None, ext: str = ".tsv"
+) -> Path:
+    """Path of a run's per-structure table of ``atlas`` (``anat/<prefix>_desc-<atlas>_chistats``,
+    ``.tsv`` and its ``.json`` sidecar; :mod:`qsmflow.atlas`)."""
+    return run_dir(output_dir, prefix, session) / "anat" / f"{prefix}_desc-{atlas}_chistats{ext}"

@@ -26,6 +26,7 @@ examples:
   qsmflow /data/bids out participant --use-plugin slurmgraph      # SLURM, shipped file
   qsmflow --dump-plugin slurmgraph > my.yml     # edit partition/time, then --use-plugin my.yml
   qsmflow /data/bids out group                    # index.html linking the subject reports
+                                                  # and group_<atlas>_chistats.tsv
 
 Outputs (BIDS derivatives) per run, in output_dir/sub-X[/ses-Y]/:
   anat/*_Chimap.nii.gz (ppm), anat/*_desc-brain_mask.nii.gz, fmap/*_desc-total_fieldmap.nii.gz
@@ -100,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "analysis_level",
         choices=["participant", "group"],
-        help="'participant': process each subject; 'group': write the index page "
+        help="'participant': process each subject; 'group': the per-structure tables of "
+        "all runs in one file, output_dir/group_<atlas>_chistats.tsv, and the index page "
         "output_dir/index.html linking the subjects' reports (also written at the "
         "end of every participant run)",
     )
@@ -165,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_at_least(0),
         metavar="N",
         help="random seed of stochastic methods (default: from the preset, 0)",
+    )
+    a = g.add_mutually_exclusive_group()
+    a.add_argument(
+        "--atlas",
+        choices=["neuromorphometrics", "harvardoxford", "aal", "desikankilliany"],
+        help="chi and R2* per structure of this atlas (registration to the MNI template; "
+        "default: [atlas] of the configuration, neuromorphometrics, run when the optional "
+        'packages are installed: pip install "qsmflow[atlas]")',
+    )
+    a.add_argument(
+        "--no-atlas",
+        action="store_true",
+        help="skip the atlas registration and tables (config: [atlas] enabled = false)",
     )
 
     g = p.add_argument_group("resources and execution")

@@ -96,6 +96,14 @@ def _load_config(args):
         cfg.seed = int(args.seed)
     if args.device:
         cfg.device = args.device
+    if args.no_atlas or args.atlas:  # issue 23: atlas statistics
+        cfg.atlas = {**cfg.atlas, "enabled": not args.no_atlas}
+    if args.atlas:
+        from qsmflow.atlas import availability
+
+        cfg.atlas["atlas"] = args.atlas
+        if availability():
+            raise UsageError(f"--atlas {args.atlas}: {availability()}")
     from qsmflow.config import validate_config
 
     problems = validate_config(cfg)
@@ -404,6 +412,11 @@ def _run(args) -> int:
         + (f"; skipped: {', '.join('sub-' + s for s in sorted(invalid))}" if invalid else ""),
         file=sys.stderr,
     )
+    from qsmflow.workflows.atlas import atlas_plan
+
+    atlas_note = atlas_plan(cfg.atlas)[1]
+    if atlas_note and cfg.atlas.get("enabled", True):  # not installed: say so, run the rest
+        print(f"qsmflow: note: {atlas_note}", file=sys.stderr)
     error, executed, t0 = _execute(wf, plugin, pargs, progress, args.work_dir)
     from qsmflow.cli._summary import failed_subjects, summarise
 
@@ -415,19 +428,26 @@ def _run(args) -> int:
 
 
 def _group(args) -> int:
-    """``group`` level: the index page linking every ``sub-*.html`` in output_dir."""
+    """``group`` level: the index page linking every ``sub-*.html`` in output_dir and the
+    per-structure tables of all runs, ``group_<atlas>_chistats.tsv`` (issue 23)."""
+    from qsmflow.atlas import write_group_tables
     from qsmflow.reports import write_group_index
 
     if not args.output_dir.is_dir():
         raise UsageError(
             f"{args.output_dir}: output_dir not found (run the participant level first)"
         )
+    tables = write_group_tables(args.output_dir)
     index = write_group_index(args.output_dir)
-    if index is None:
+    if index is None and not tables:
         raise UsageError(
-            f"{args.output_dir}: no subject reports (sub-*.html); run the participant level first"
+            f"{args.output_dir}: no subject reports (sub-*.html) and no atlas tables "
+            "(sub-*/anat/*_chistats.tsv); run the participant level first"
         )
-    print(f"qsmflow: {index}", file=sys.stderr)
+    for line in tables or ["no atlas tables (sub-*/anat/*_chistats.tsv): no group table"]:
+        print(f"qsmflow: {line}", file=sys.stderr)
+    if index is not None:
+        print(f"qsmflow: {index}", file=sys.stderr)
     return EXIT_OK
 
 

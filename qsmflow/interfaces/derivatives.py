@@ -48,9 +48,9 @@ from qsmflow.io import (
 from qsmflow.outputs import REQUIRED, derivative_path
 from qsmflow.reports.regions import REFERENCE_REGIONS, reference_offset
 
-#: not BIDS, kept out of validation: the QC reports, the per-subject logs and the loss curves
-#: of network fits (BIDS has no suffix for them)
-BIDSIGNORE = ("*.html", "sub-*/log", "*_desc-losshistory_*")
+#: not BIDS, kept out of validation: the QC reports, the per-subject logs, the loss curves
+#: of network fits and the per-structure atlas tables (BIDS has no suffix for them)
+BIDSIGNORE = ("*.html", "sub-*/log", "*_desc-losshistory_*", "*_chistats.*")
 
 
 #: EstimationAlgorithm of the Chimap sidecar, by inversion method
@@ -135,6 +135,8 @@ class _DSInputSpec(BaseInterfaceInputSpec):
         exists=True, desc="the r2star stage's provenance JSON (method, settings, references)"
     )
     loss_history = File(exists=True, desc="loss curve (TSV), if any")
+    atlas_table = File(exists=True, desc="per-structure chi/R2* table (TSV), if any")
+    atlas_sidecar = File(exists=True, desc="its JSON sidecar (atlas, registration check)")
     phase_scaling = traits.Str(desc="how the phase was converted to radians")
     inversion_sidecar = File(
         exists=True,
@@ -254,6 +256,17 @@ class DerivativesWriter(SimpleInterface):
             dst = derivative_path(inp.output_dir, inp.prefix, "loss", session=session, ext=ext)
             copy_file_atomic(inp.loss_history, dst)
             written.append(str(dst))
+        if isdefined(inp.atlas_sidecar) and inp.atlas_sidecar:  # issue 23, qsmflow.atlas
+            from qsmflow.outputs import atlas_table_path
+
+            atlas = json.loads(Path(inp.atlas_sidecar).read_text())["Atlas"]["Name"]
+            for src, ext in ((inp.atlas_table, ".tsv"), (inp.atlas_sidecar, ".json")):
+                dst = atlas_table_path(inp.output_dir, inp.prefix, atlas, session=session, ext=ext)
+                if isdefined(src) and src:
+                    copy_file_atomic(src, dst)
+                    written.append(str(dst))
+                else:  # a failed registration: no table, and none left from an earlier run
+                    dst.unlink(missing_ok=True)
         self._results["out_files"] = written
         return runtime
 

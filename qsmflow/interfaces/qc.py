@@ -96,6 +96,8 @@ class _RunReportInputSpec(BaseInterfaceInputSpec):
         desc="name of the run's QSM workflow (sibling of this node "
         "in the work directory), for the time per step"
     )
+    atlas_fragment = File(exists=True, desc="HTML block of the atlas statistics (AtlasStats)")
+    atlas_status = traits.Str(desc="'ok' or why the atlas registration failed")
 
 
 class _RunReportOutputSpec(TraitedSpec):
@@ -133,6 +135,15 @@ class RunReport(SimpleInterface):
             timing=timing,
             fit_details=fits,
         )
+        if _opt(inp, "atlas_fragment"):  # the atlas block goes at the end of the run's section
+            block = Path(inp.atlas_fragment).read_text(encoding="utf-8")
+            cut = frag.rfind("</section>")
+            frag = frag[:cut] + block + frag[cut:] if cut >= 0 else frag + block
+        status = _opt(inp, "atlas_status")
+        if status:
+            summary["atlas"] = status
+            if status != "ok":
+                summary.setdefault("warnings", []).append(f"atlas statistics: {status}")
         frag_path = os.path.join(runtime.cwd, "report_section.html")
         sum_path = os.path.join(runtime.cwd, "report_summary.json")
         write_text_atomic(frag, frag_path)

@@ -15,6 +15,7 @@ from nipype.pipeline import engine as pe
 from qsmflow import __version__
 from qsmflow.config import QSMConfig, default_config
 from qsmflow.plan import RunPlan, plan_run
+from qsmflow.workflows.atlas import add_run_atlas
 from qsmflow.workflows.qsm import init_qsm_wf
 
 
@@ -207,6 +208,18 @@ def init_single_subject_wf(
                     (run_report, merge_sum, [("summary", f"in{i + 1}")]),
                 ]
             )
+        # issue 23: chi and R2* per atlas structure, when [atlas] and the installed extra allow
+        add_run_atlas(
+            wf,
+            qsm_wf,
+            run=run,
+            config=config,
+            meta=meta,
+            writer=ds,
+            report=run_report if report else None,
+            omp_nthreads=omp_nthreads,
+            mem_gb=mem_gb,
+        )
     return wf
 
 
