@@ -32,6 +32,11 @@ SLOW_TESTS = {
         "test_pdf_uses_oblique_b0",
         "test_pdf_noise_weights_discount_corrupted_voxels",
     ),
+    "test_atlas.py": (
+        "test_known_truth_recovered_per_structure",
+        "test_wrong_fit_is_detected_and_not_tabled",
+        "test_pipeline_reports_a_failed_registration_and_writes_no_table",
+    ),
     "test_bad_inputs.py": (
         "test_subject_failing_the_input_checks_is_skipped_the_others_run",
         "test_eight_subjects_one_broken_seven_complete",
