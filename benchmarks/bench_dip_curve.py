@@ -61,7 +61,7 @@ def main(argv=None) -> None:
 
     from qsm_ci import qsm_eval
 
-    from qsmflow.algorithms.dip import runner
+    from qsmflow.algorithms.dip import fitting as runner
     from qsmflow.algorithms.dip.modip import fit_modip
 
     if a.case:

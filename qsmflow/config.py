@@ -48,7 +48,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 from qsmflow import registry
 
 #: pipeline stages, in order, as named in config files and on the command line
-STAGE_ORDER = ("combine", "mask", "bfr", "invert", "reference")
+STAGE_ORDER = ("combine", "mask", "r2star", "bfr", "invert", "reference")
 DEFAULT_PRESET = "fast"
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -109,7 +109,7 @@ class QSMConfig:
     def as_dict(self) -> dict:
         """The exact configuration, as nested plain types (the TOML written to the log folder)."""
         out = {"description": self.description, "source": self.source}
-        for s in STAGE_ORDER:
+        for s in (s for s in STAGE_ORDER if s in self.stages):  # a run plan may skip r2star
             st = self.stages[s]
             table = {"method": st.method}
             for meth, sets in st.settings.items():

@@ -4,8 +4,8 @@
 run's data (magnitude or not, number of echoes) and resolves, once:
 
 * the method of every pipeline stage, with the substitutions the data force (no magnitude:
-  the ``phase-quality`` mask and ``wls`` field mapping; fewer than 3 echoes: ``wls`` instead
-  of ``complexfit``), each with a note;
+  the ``phase-quality`` mask and ``wls`` field mapping, and no R2* maps; fewer than 3 echoes:
+  ``wls`` instead of ``complexfit``; one echo: no R2* maps), each with a note;
 * every setting of every method, the defaults merged in
   (:func:`qsmflow.registry.resolved_settings`); the spatial unwrapper is the field
   mapping's ``unwrap`` setting like any other;
@@ -45,12 +45,14 @@ class StagePlan:
 class RunPlan:
     """What one run computes (see the module docstring); build it with :func:`plan_run`."""
 
-    stages: dict  # stage -> StagePlan, in config.STAGE_ORDER
+    stages: dict  # stage -> StagePlan, in config.STAGE_ORDER (stages that do not run left out)
     seed: int = 0
     device: str = "cpu"
+    has_magnitude: bool = True
     source: str = ""
     description: str = ""
     notes: tuple = ()
+    atlas: dict = field(default_factory=dict)  # the [atlas] table (qsmflow.atlas)
     code_version: str = field(default_factory=lambda: registry.code_version())
 
     def method(self, stage: str) -> str:
@@ -81,6 +83,7 @@ class RunPlan:
             device=self.device,
             description=self.description,
             source=self.source,
+            atlas=dict(self.atlas),
         )
 
     def config_toml(self) -> str:
@@ -115,15 +118,21 @@ def plan_run(
             f"{n_echoes} echo(es): field mapping 'complexfit' (needs >= 3) replaced by 'wls'"
         )
         chosen["combine"] = "wls"
+    if not has_magnitude or (n_echoes is not None and n_echoes < 2):
+        why = "no magnitude" if not has_magnitude else f"{n_echoes} echo"
+        notes.append(f"{why}: no R2*/T2* maps (they need the magnitude of 2 echoes or more)")
+        del chosen["r2star"]
     stages = {}
-    for s in STAGE_ORDER:
+    for s in chosen:
         sets = cfg.stages[s].settings.get(chosen[s], {})
         stages[s] = StagePlan(s, chosen[s], registry.resolved_settings(s, chosen[s], sets))
     return RunPlan(
         stages=stages,
         seed=int(cfg.seed if seed is None else seed),
         device=device or cfg.device,
+        has_magnitude=bool(has_magnitude),
         source=cfg.source,
         description=cfg.description,
         notes=tuple(notes),
+        atlas=dict(cfg.atlas),
     )

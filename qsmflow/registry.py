@@ -149,7 +149,8 @@ class Method:
     gpu : the method can run on a GPU (takes ``device``)
     provides : extra outputs (of ``Stage.extras``) the method returns, e.g. ``("noise",)``
     label : what the method is called in derivatives (BIDS ``EstimationAlgorithm`` of the
-        Chimap); the name if empty
+        Chimap and the R2* map; the Chimap's ``ReferenceRegion`` for a reference method); the
+        name if empty
     """
 
     stage: str
@@ -458,6 +459,7 @@ METHODS = (
         _A + "reference:reference_mean",
         [],
         "Susceptibility was referenced to its mean over the brain mask.",
+        label="whole-brain mean over the mask after background removal",
     ),
     _m(
         "reference",
@@ -465,6 +467,7 @@ METHODS = (
         _A + "reference:reference_csf",
         ["csf"],
         "Susceptibility was referenced to cerebrospinal fluid [csf].",
+        label="cerebrospinal fluid (CSF mask)",
     ),
     _m(
         "r2star",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,8 +283,10 @@ def execute(
     if missing:
         need = ", ".join(_WHAT.get(n, n.replace("_", " ")) for n in missing)
         raise StageInputError(f"{st.name} method {method!r} needs {need}")
+    started = time.perf_counter()
     with limit_threads(n_threads):
         out = meth.function(**call, **settings)
+    seconds = time.perf_counter() - started
     result = _decode(st, method, out)
     full = {**meth.defaults, **settings}
     acq = {k: inputs[k] for k in ("te_s", "b0_tesla", "b0_dir", "voxel_size") if k in inputs}
@@ -293,6 +296,7 @@ def execute(
         "settings": full,
         "acquisition": acq,
         "citations": list(meth.citations),
+        "seconds": round(seconds, 3),  # the method's wall time (the QC report's time per step)
         **(
             {"phase_scaling": inputs["phase_scaling"]}
             if "phase_scaling" in inputs and "phase" in call
@@ -400,7 +404,7 @@ def write_result(result: StageResult, ref_img, out) -> dict:
         )
         written[name] = str(paths[name])
     if result.loss is not None:
-        from qsmflow.algorithms.dip.runner import history_tsv
+        from qsmflow.algorithms.dip.fitting import history_tsv
 
         write_text_atomic(history_tsv(result.loss), paths["loss"])
         written["loss"] = str(paths["loss"])

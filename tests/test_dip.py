@@ -408,7 +408,7 @@ def test_plateau_rule_does_not_stop_a_fit_that_still_improves_the_data_fit():
     the relative test alone calls that a plateau; with ``plateau_z`` the fall is significant
     against the iteration-to-iteration jitter and the fit goes on.  A flat, jittery residual is
     a plateau either way."""
-    from qsmflow.algorithms.dip.runner import StopRule
+    from qsmflow.algorithms.dip.fitting import StopRule
 
     rng = np.random.default_rng(0)
     n = 200

@@ -352,3 +352,17 @@ def test_every_inversion_has_its_derivative_label_in_its_record():
         assert keys["EstimationAlgorithm"] == meth.label
     gone = chimap_qmri_keys({"QSMflowMethods": {"invert": {"Method": "retired"}}})
     assert gone["EstimationAlgorithm"] == "retired" and "EstimationReference" not in gone
+
+
+def test_layers_import_only_downwards():
+    """The layer table of CONTRIBUTING.md, as import-linter contracts (pyproject.toml): a
+    report importing an interface, or an algorithm importing the registry, breaks it."""
+
+    import shutil
+
+    exe = shutil.which("lint-imports")
+    assert exe, "import-linter is a test dependency (pip install '.[test]')"
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([exe], cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "2 kept, 0 broken" in res.stdout

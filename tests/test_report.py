@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from qsmflow.algorithms.metrics import data_consistency_residual, data_consistency_residual_map
+from qsmflow.algorithms.reference import reference_offset
 from qsmflow.cli.run import main
-from qsmflow.reports.regions import reference_offset, regional_table
+from qsmflow.reports.regions import regional_table
 from qsmflow.sims.bids import DERIV_NAME, truth_paths, write_bids_dataset
 
 SUBJECTS = ("01", "02")
@@ -49,8 +50,10 @@ def run_outputs(tmp_path_factory):
         seed=3,
     )
     out = root / "out"
-    rc = main([str(bids), str(out), "participant", "-w", str(root / "work"), "--nprocs", "2"])
-    assert rc == 0
+    # the atlas step (issue 23, tests/test_atlas.py) is left out: the page's parts counted here
+    # are the same whether or not its optional packages are installed
+    args = [str(bids), str(out), "participant", "-w", str(root / "work"), "--nprocs", "2"]
+    assert main([*args, "--no-atlas"]) == 0
     return bids, out
 
 
@@ -402,7 +405,8 @@ def test_failed_subject_gets_a_page_with_the_reason(tmp_path, capsys):
         d[0, 0, 0] = 1.0
         nib.save(nib.Nifti1Image(d, img.affine), p)
     out = tmp_path / "out"
-    rc = main([str(bids), str(out), "participant", "-w", str(tmp_path / "w"), "--nprocs", "2"])
+    args = [str(bids), str(out), "participant", "-w", str(tmp_path / "w"), "--nprocs", "2"]
+    rc = main([*args, "--no-atlas"])  # the page's parts without the optional atlas block
     assert rc == 1
     bad = (out / "sub-02.html").read_text()
     assert ">Errors<" in bad and "FAILED at mask" in bad and "<img" not in bad

@@ -140,6 +140,15 @@ def test_phase_only_and_few_echoes_substitutions():
     assert nodes["fieldmap"].inputs.method == "wls"
     nodes = _nodes(init_qsm_wf(config=cfg, n_echoes=2))
     assert nodes["fieldmap"].inputs.method == "wls"
+    assert nodes["r2star"].inputs.method == "nlls"  # the accurate preset's R2* fit
+    # R2*/T2* need the magnitude of 2 echoes or more: no node, and the plan says why
+    from qsmflow.plan import plan_run
+
+    for kw in ({"has_magnitude": False}, {"n_echoes": 1}):
+        assert "r2star" not in _nodes(init_qsm_wf(config=cfg, **kw))
+        plan = plan_run(cfg, **kw)
+        assert "r2star" not in plan.sidecar_methods()
+        assert any("no R2*/T2* maps" in n for n in plan.notes)
 
 
 def test_config_roundtrip_and_errors(tmp_path):

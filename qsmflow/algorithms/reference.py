@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["reference_mean", "reference_csf"]
+__all__ = ["reference_mean", "reference_csf", "reference_offset"]
 
 
 def _check(chi, mask):
@@ -99,3 +99,13 @@ def reference_csf(
     if int(csf.sum()) < int(min_voxels):
         raise ValueError(f"CSF mask has {int(csf.sum())} voxels inside the brain (< {min_voxels})")
     return _shift(chi, mask, float(np.mean(chi[csf], dtype=np.float64)))
+
+
+def reference_offset(chi_unreferenced, chi, mask) -> float:
+    """Offset (ppm) a referencing step subtracted: median over ``mask`` of unreferenced minus
+    referenced chi (0 for an empty mask)."""
+    m = np.asarray(mask, dtype=bool)
+    if not m.any():
+        return 0.0
+    d = np.asarray(chi_unreferenced, np.float64)[m] - np.asarray(chi, np.float64)[m]
+    return float(np.median(d))

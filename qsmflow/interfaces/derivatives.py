@@ -38,6 +38,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from qsmflow.algorithms.reference import reference_offset
 from qsmflow.io import (
     copy_file_atomic,
     load_nifti,
@@ -46,7 +47,6 @@ from qsmflow.io import (
     write_text_atomic,
 )
 from qsmflow.outputs import REQUIRED, derivative_path
-from qsmflow.reports.regions import REFERENCE_REGIONS, reference_offset
 
 #: not BIDS, kept out of validation: the QC reports, the per-subject logs, the loss curves
 #: of network fits and the per-structure atlas tables (BIDS has no suffix for them)
@@ -108,7 +108,10 @@ def chimap_qmri_keys(meta: dict) -> dict:
         if keys:
             out["EstimationReference"] = " ".join(REFERENCES[k] for k in keys if k in REFERENCES)
     if ref:
-        out["ReferenceRegion"] = REFERENCE_REGIONS.get(ref, ref)
+        try:
+            out["ReferenceRegion"] = registry.method("reference", ref).label or ref
+        except ValueError:  # a method no longer registered: its name
+            out["ReferenceRegion"] = ref
     return out
 
 
@@ -326,7 +329,7 @@ def relaxometry_sidecars(stage_sidecar, meta: dict) -> dict:
 
 
 def _reference_offset(chi_unreferenced, chi, mask) -> float:
-    """Offset (ppm) the reference step subtracted (:func:`~qsmflow.reports.regions.
+    """Offset (ppm) the reference step subtracted (:func:`~qsmflow.algorithms.reference.
     reference_offset`)."""
     return reference_offset(
         load_nifti(chi_unreferenced)[1], load_nifti(chi)[1], np.asarray(load_nifti(mask)[1]) != 0

@@ -28,7 +28,6 @@ def _opt(inputs, name):
     return v if isdefined(v) and v else None
 
 
-_STAGE_ORDER = ("prepare", "mask", "fieldmap", "bfr", "invert", "reference")
 #: provenance keys every stage sidecar has; the rest are what the fit found (chosen
 #: regularisation, residual, stopping reason, ...)
 _COMMON_KEYS = (
@@ -40,43 +39,35 @@ _COMMON_KEYS = (
     "phase_scaling",
     "inputs",
     "outputs",
+    "seconds",
 )
 
 
-def node_records(workflow_dir) -> tuple[dict, dict]:
-    """``({node: seconds}, {node: fit details})`` from the Nipype result files under
-    ``workflow_dir`` (the run's QSM workflow in the work directory).  Fit details are the
-    entries of a stage's provenance sidecar beyond method, settings and acquisition.  Nodes
-    without a result are left out."""
-    from nipype.utils.filemanip import loadpkl
+def stage_records(sidecars) -> tuple[dict, dict]:
+    """``({stage: seconds}, {stage: fit details})`` from the stages' provenance sidecars (the
+    files the runner wrote beside each output; connected to the report node, never read from
+    the work directory).  Fit details are the entries beyond method, settings, acquisition and
+    time; stages in the registry's order."""
+    from qsmflow import registry
 
     times, fits = {}, {}
-    wdir = Path(workflow_dir)
-    if not wdir.is_dir():
-        return times, fits
-    for res in sorted(wdir.glob("*/result_*.pklz")):
-        node = res.parent.name
+    for side in sidecars or ():
         try:
-            result = loadpkl(res)
-        except Exception:  # noqa: BLE001 - a missing or foreign result only loses its record
+            prov = json.loads(Path(side).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # a missing or unreadable sidecar only loses its record
             continue
-        dur = getattr(getattr(result, "runtime", None), "duration", None)
-        if dur is not None:
-            times[node] = float(dur)
-        side = getattr(getattr(result, "outputs", None), "sidecar", None)
-        if isinstance(side, str) and os.path.isfile(side):
-            try:
-                prov = json.loads(Path(side).read_text(encoding="utf-8"))
-            except ValueError:
-                continue
-            extra = {k: v for k, v in prov.items() if k not in _COMMON_KEYS}
-            if extra:
-                fits[node] = extra
+        stage = prov.get("stage", Path(side).stem)
+        if "seconds" in prov:
+            times[stage] = float(prov["seconds"])
+        extra = {k: v for k, v in prov.items() if k not in _COMMON_KEYS}
+        if extra:
+            fits[stage] = extra
+    order = list(registry.STAGES)
 
-    def order(kv):
-        return (_STAGE_ORDER.index(kv[0]) if kv[0] in _STAGE_ORDER else len(_STAGE_ORDER), kv[0])
+    def key(kv):
+        return (order.index(kv[0]) if kv[0] in order else len(order), kv[0])
 
-    return dict(sorted(times.items(), key=order)), dict(sorted(fits.items(), key=order))
+    return dict(sorted(times.items(), key=key)), dict(sorted(fits.items(), key=key))
 
 
 class _RunReportInputSpec(BaseInterfaceInputSpec):
@@ -92,9 +83,9 @@ class _RunReportInputSpec(BaseInterfaceInputSpec):
     chi_std = File(exists=True, desc="ensemble standard deviation (ppm), DIP methods")
     loss_history = File(exists=True, desc="loss history JSON, DIP methods")
     metadata = traits.Dict(desc="the run's provenance (as in the Chimap sidecar)")
-    qsm_workflow_name = traits.Str(
-        desc="name of the run's QSM workflow (sibling of this node "
-        "in the work directory), for the time per step"
+    sidecars = InputMultiObject(
+        File(exists=True),
+        desc="the stages' provenance sidecars (time per step, what each fit chose)",
     )
     atlas_fragment = File(exists=True, desc="HTML block of the atlas statistics (AtlasStats)")
     atlas_status = traits.Str(desc="'ok' or why the atlas registration failed")
@@ -116,9 +107,7 @@ class RunReport(SimpleInterface):
         from qsmflow.reports.run import run_section
 
         inp = self.inputs
-        timing, fits = {}, {}
-        if _opt(inp, "qsm_workflow_name"):
-            timing, fits = node_records(Path(runtime.cwd).parent / inp.qsm_workflow_name)
+        timing, fits = stage_records(_opt(inp, "sidecars"))
         frag, summary = run_section(
             prefix=inp.prefix,
             chi=inp.chi,

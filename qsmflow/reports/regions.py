@@ -21,22 +21,6 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-#: the region each reference method makes chi zero in
-REFERENCE_REGIONS = {
-    "mean": "whole-brain mean over the mask after background removal",
-    "csf": "cerebrospinal fluid (CSF mask)",
-}
-
-
-def reference_offset(chi_unreferenced, chi, mask) -> float:
-    """Offset (ppm) the reference step subtracted: median over ``mask`` of unreferenced
-    minus referenced chi (0 for an empty mask)."""
-    m = np.asarray(mask, dtype=bool)
-    if not m.any():
-        return 0.0
-    d = np.asarray(chi_unreferenced, np.float64)[m] - np.asarray(chi, np.float64)[m]
-    return float(np.median(d))
-
 
 def _stats(values) -> dict:
     v = np.asarray(values, dtype=np.float64)

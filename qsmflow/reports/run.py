@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from qsmflow.algorithms.reference import reference_offset
 from qsmflow.reports import figures as F
 from qsmflow.reports import html as H
-from qsmflow.reports.regions import REFERENCE_REGIONS, reference_offset, regional_table
+from qsmflow.reports.regions import regional_table
 
 #: polynomial share of the local field above which the report warns (issue 20): a correct
 #: brain local field has 0-20 % (realistic simulated heads 10-11 %, the real 3 T scan of
@@ -327,7 +328,7 @@ def run_section(
         mask_r,
         magnitude=mag_r,
         voxel_size=vs,
-        reference_name=REFERENCE_REGIONS.get(ref_method, ref_method),
+        reference_name=_reference_region(ref_method),
         reference_mask=mask_r if ref_method == "mean" else None,
         reference_offset=offset,
     )
@@ -337,7 +338,7 @@ def run_section(
         "relative_residual": rel_resid,
         "local_poly_share": poly_share,
         "warnings": warnings,
-        "reference_region": REFERENCE_REGIONS.get(ref_method, ref_method),
+        "reference_region": _reference_region(ref_method),
         "reference_offset_ppm": offset,
         "chi_median_ppm": table[0]["median"],
         "chi_p5_p95_ppm": [table[0]["p5"], table[0]["p95"]],
@@ -352,3 +353,13 @@ def run_section(
     body.append(H.regions_table(table))
     body.append(H.provenance_block(meta, timing=timing, report_s=build_s, fit_details=fit_details))
     return H.section(f"Run {prefix}", "".join(body), anchor=prefix), summary
+
+
+def _reference_region(method: str) -> str:
+    """What the reference method took as zero (its registry label), or its name."""
+    from qsmflow import registry
+
+    try:
+        return registry.method("reference", method).label or method
+    except ValueError:
+        return method

@@ -10,6 +10,7 @@ Layout (BIDS 1.9, MEGRE suffix with ``echo`` and ``part`` entities)::
         sub-<label>_Chimap.nii.gz                  chi inside the brain mask (ppm)
         sub-<label>_desc-brain_mask.nii.gz         uint8 0/1
         sub-<label>_dseg.nii.gz                    int16 labels (see qsmflow.sims.phantom)
+        sub-<label>_R2starmap.nii.gz               R2* of the magnitude decay (1/s)
     root/derivatives/qsmflow-sim/sub-<label>/fmap/
         sub-<label>_desc-total_fieldmap.nii.gz     total field (ppm of B0)
         sub-<label>_desc-local_fieldmap.nii.gz     local field (ppm of B0)
@@ -236,17 +237,20 @@ def write_bids_dataset(
             )
         _save_nifti(truth["desc-brain_mask"], ph.brain_mask.astype(np.uint8), affine)
         _save_nifti(truth["dseg"], ph.labels.astype(np.int16), affine)
+        # the R2* the magnitude decays with (1/s; the phantom's, whatever b0_tesla is)
+        _save_nifti(truth["R2starmap"], ph.r2star, affine)
+        _save_json(_sidecar(truth["R2starmap"]), {"Units": "1/s", "SkullStripped": False})
     return root
 
 
 def truth_paths(root, subject: str) -> dict:
     """Paths of one subject's ground truth written by :func:`write_bids_dataset`:
-    ``{"Chimap", "desc-brain_mask", "dseg", "desc-total_fieldmap", "desc-local_fieldmap",
-    "desc-total_magnitude", "desc-local_magnitude": Path}`` (NIfTI)."""
+    ``{"Chimap", "desc-brain_mask", "dseg", "R2starmap", "desc-total_fieldmap",
+    "desc-local_fieldmap", "desc-total_magnitude", "desc-local_magnitude": Path}`` (NIfTI)."""
     base = Path(root) / "derivatives" / DERIV_NAME / f"sub-{subject}"
     out = {
         k: base / "anat" / f"sub-{subject}_{k}.nii.gz"
-        for k in ("Chimap", "desc-brain_mask", "dseg")
+        for k in ("Chimap", "desc-brain_mask", "dseg", "R2starmap")
     }
     for kind in ("total", "local"):
         for suffix in ("fieldmap", "magnitude"):

@@ -175,9 +175,13 @@ def init_single_subject_wf(
                 )
             ]
         )
+        if "r2star" in plan.stages:
+            wf.connect(qsm_wf, "outputnode.r2star", ds, "r2star")
+            wf.connect(qsm_wf, "outputnode.t2star", ds, "t2star")
+            wf.connect(qsm_wf, "outputnode.r2star_sidecar", ds, "r2star_sidecar")
         if report:
             run_report = pe.Node(
-                RunReport(prefix=run.bids_prefix, metadata=meta, qsm_workflow_name=qsm_wf.name),
+                RunReport(prefix=run.bids_prefix, metadata=meta),
                 # measured peak: 1.4 GB at 160^3 x 4 echoes (the residual's padded FFTs)
                 name=f"report_{run.node_name}",
                 mem_gb=0.3 + 20 * mem_gb,
@@ -201,6 +205,7 @@ def init_single_subject_wf(
                                 "magnitude",
                                 "chi_std",
                                 "loss_history",
+                                "sidecars",
                             )
                         ],
                     ),

@@ -5,6 +5,7 @@
     inputnode(phase_files, magnitude_files, te_s, b0_tesla)
       -> prepare (stack echoes, phase -> rad) -> mask -> fieldmap (unwrap + echo combination)
       -> bfr (background removal, eroded mask) -> invert -> reference -> outputnode
+    prepare (magnitude) + mask -> r2star (R2* and T2* maps) -> outputnode
 
 The factory only builds a graph: it takes keyword-only arguments and never reads argv or the
 environment, so it can be connected into any Nipype workflow (see
@@ -34,6 +35,10 @@ OUTPUT_FIELDS = (
     "magnitude",
     "chi_unreferenced",
     "inversion_sidecar",
+    "r2star",
+    "t2star",
+    "r2star_sidecar",
+    "sidecars",
 )
 
 
@@ -110,6 +115,10 @@ def init_qsm_wf(
     phase_scaling : how the phase was converted to radians
     phase, magnitude : the stacked 4D inputs (rad, a.u.)
     chi_unreferenced : chi before referencing (ppm; gives the reference offset)
+    r2star, t2star, r2star_sidecar : R2* (1/s) and T2* (s) maps of the magnitude decay and
+        their provenance (undefined when the plan has no ``r2star`` stage: no magnitude, or
+        one echo)
+    sidecars : list of every stage's provenance JSON (method, settings, seconds, fit details)
     """
     from qsmflow.interfaces.qsm import (
         BackgroundRemoval,
@@ -117,6 +126,7 @@ def init_qsm_wf(
         Inversion,
         Mask,
         PreparePhase,
+        R2Star,
         Reference,
     )
 
@@ -166,6 +176,8 @@ def init_qsm_wf(
         Inversion, "invert", "invert", 16, seed=plan.seed, use_gpu=gpu, device=device
     )
     ref_node = stage_node(Reference, "reference", "reference", 2)
+    # R2*/T2* beside the chain, when the data have the magnitude of 2 echoes or more
+    r2s_node = stage_node(R2Star, "r2star", "r2star", 6) if "r2star" in plan.stages else None
 
     # what every node may get; each node gets what its method's signature takes (registry)
     common = {
@@ -174,7 +186,7 @@ def init_qsm_wf(
         "b0_tesla": (inputnode, "b0_tesla"),
         "b0_dir": (prepare, "b0_dir"),
     }
-    if has_magnitude:
+    if plan.has_magnitude:
         common["magnitude"] = (prepare, "magnitude")
     if "noise" in plan.stages["combine"].record.provides:
         common["noise"] = (fieldmap, "noise")
@@ -185,6 +197,25 @@ def init_qsm_wf(
         "invert": (invert, {"field": (bfr_node, "local_field"), "mask": (bfr_node, "mask")}),
         "reference": (ref_node, {"chi": (invert, "chi"), "mask": (bfr_node, "mask")}),
     }
+    # every stage's provenance sidecar, for the QC report (time per step, what each fit chose)
+    stage_nodes = [n for n in (mask_node, fieldmap, r2s_node, bfr_node, invert, ref_node) if n]
+    sidecars = pe.Node(
+        niu.Merge(len(stage_nodes)), name="stage_sidecars", run_without_submitting=True
+    )
+    for i, node in enumerate(stage_nodes):
+        wf.connect(node, "sidecar", sidecars, f"in{i + 1}")
+    wf.connect(sidecars, "out", outputnode, "sidecars")
+    if r2s_node is not None:
+        chain["r2star"] = (r2s_node, {"mask": (mask_node, "mask")})
+        wf.connect(
+            [
+                (
+                    r2s_node,
+                    outputnode,
+                    [("r2star", "r2star"), ("t2star", "t2star"), ("sidecar", "r2star_sidecar")],
+                )
+            ]
+        )
     for stage, (node, upstream) in chain.items():
         meth = plan.stages[stage].record
         sources = {**{k: v for k, v in common.items() if v[0] is not node}, **upstream}

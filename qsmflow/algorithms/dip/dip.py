@@ -9,7 +9,7 @@ the QSM-DIP design) generates the susceptibility map; its weights are fitted to 
 (masked L1 data fidelity on the zero-padded dipole model plus a small anisotropic total
 variation term, Adam lr 1e-3, betas (0.5, 0.999), 1500 iterations at most).  Unlike MoDIP there
 is no data-consistency refinement: the network must produce the measurable frequencies too, so DIP
-relies on early stopping (see :mod:`qsmflow.algorithms.dip.runner`) against over-fitting noise:
+relies on early stopping (see :mod:`qsmflow.algorithms.dip.fitting`) against over-fitting noise:
 the discrepancy principle when a noise map is given.  The residual-plateau test is off by
 default (``plateau_tol=0``): plain DIP stalls before it starts to fit (64^3 simulated head: 92 %
 NRMSE from iteration 100 to 200, 82 % at 300, 41 % at 500, 36 % at 600; see
@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from qsmflow.algorithms.dip._torch_ops import import_torch, resolve_amp, tv_l1
-from qsmflow.algorithms.dip.runner import (
+from qsmflow.algorithms.dip.fitting import (
     DIPResult,
     Problem,
     ensemble_seeds,
@@ -119,7 +119,7 @@ def fit_dip(
 
     Returns
     -------
-    :class:`~qsmflow.algorithms.dip.runner.DIPResult`
+    :class:`~qsmflow.algorithms.dip.fitting.DIPResult`
 
     References
     ----------

@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from qsmflow.algorithms.dip._torch_ops import TorchDipole, forward_diff, import_torch
-from qsmflow.algorithms.dip.runner import (
+from qsmflow.algorithms.dip.fitting import (
     DIPResult,
     Problem,
     ensemble_seeds,
@@ -273,7 +273,7 @@ def fit_inr(
 
     Returns
     -------
-    :class:`~qsmflow.algorithms.dip.runner.DIPResult`
+    :class:`~qsmflow.algorithms.dip.fitting.DIPResult`
 
     References
     ----------

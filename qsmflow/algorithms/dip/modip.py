@@ -24,7 +24,7 @@ Differences from the reference implementation (sunhongfu/deepMRI, MoDIP), on pur
   weighted ~1/N and practically absent; here both terms are means (``lap_weight``, default 0,
   which is what the reference effectively does);
 * a stopping rule that needs no ground truth (discrepancy principle with a noise map, or the
-  residual plateau; see :mod:`qsmflow.algorithms.dip.runner`) and late-iterate averaging,
+  residual plateau; see :mod:`qsmflow.algorithms.dip.fitting`) and late-iterate averaging,
   instead of saving every 50 epochs; seeding that does not touch the global RNG state;
 * the field is scaled to unit RMS in the mask (the map is scaled back), so the learning rate
   does not depend on units or field strength; B0 direction and voxel size go into ``D``.
@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from qsmflow.algorithms.dip._torch_ops import import_torch, resolve_amp, resolve_device
-from qsmflow.algorithms.dip.runner import (
+from qsmflow.algorithms.dip.fitting import (
     DIPResult,
     Problem,
     ensemble_seeds,
@@ -378,7 +378,7 @@ def fit_modip(
     lap_weight : float - weight of the Laplacian-of-residual L1 term (0 = off)
     average : float in [0, 1) - EMA weight for late-iterate averaging (0 = last iterate)
     tau, window, plateau_tol, plateau_z, map_tol : stopping rule (see
-        :mod:`qsmflow.algorithms.dip.runner`; a window whose residual still falls by more than
+        :mod:`qsmflow.algorithms.dip.fitting`; a window whose residual still falls by more than
         ``plateau_z`` standard errors is no plateau, 0 = the relative test alone; ``map_tol``
         0 = the map-convergence rule off)
     schedule : str - coarse-to-fine: ``"4:150,2:100"`` runs the first 150 iterations on a 4x
@@ -411,7 +411,7 @@ def fit_modip(
 
     Returns
     -------
-    :class:`~qsmflow.algorithms.dip.runner.DIPResult` (chi in ppm, 0 outside the mask).
+    :class:`~qsmflow.algorithms.dip.fitting.DIPResult` (chi in ppm, 0 outside the mask).
 
     Notes
     -----
