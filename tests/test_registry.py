@@ -366,3 +366,42 @@ def test_layers_import_only_downwards():
     res = subprocess.run([exe], cwd=root, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:]
     assert "2 kept, 0 broken" in res.stdout
+
+
+def test_a_new_inversion_is_its_function_and_one_registry_record(monkeypatch, capsys):
+    """CONTRIBUTING.md "Add a method": the algorithm's function, one registry record, its
+    test. A record added here (its function an existing one) reaches every front end with no
+    other file touched: the stage command, configuration files, the run plan and the sidecar,
+    the methods text with its citation, the workflow's inversion node and the Chimap's
+    EstimationAlgorithm."""
+    from qsmflow.config import config_from_dict
+    from qsmflow.interfaces.derivatives import chimap_qmri_keys
+    from qsmflow.plan import plan_run
+    from qsmflow.provenance import methods_text
+    from qsmflow.workflows.qsm import init_qsm_wf
+
+    foo = registry.Method(
+        "invert",
+        "foo",
+        "qsmflow.algorithms.inversion_direct:invert_tkd",
+        ("tkd",),
+        "Susceptibility was computed with foo inversion [tkd].",
+        label="foo (a test inversion)",
+    )
+    monkeypatch.setattr(registry, "METHODS", (*registry.METHODS, foo))
+
+    assert stage_main(["invert", "--list-methods"]) == 0
+    assert "foo" in capsys.readouterr().out
+    cfg = config_from_dict({"invert": {"method": "foo", "foo": {"threshold": 0.3}}})
+    plan = plan_run(cfg)
+    params = plan.sidecar_methods()["invert"]["Parameters"]
+    assert plan.method("invert") == "foo" and params["threshold"] == 0.3
+    assert params["kernel"] == "continuous"  # the defaults come from the function
+    text = methods_text(plan, version="x")
+    assert "computed with foo inversion [" in text and "Shmueli" in text
+    node = init_qsm_wf(plan=plan).get_node("invert")
+    assert node.inputs.method == "foo" and node.inputs.settings["threshold"] == 0.3
+    keys = chimap_qmri_keys({"QSMflowMethods": plan.sidecar_methods()})
+    assert keys["EstimationAlgorithm"] == "foo (a test inversion)"
+    with pytest.raises(ValueError, match="unknown parameter"):
+        config_from_dict({"invert": {"method": "foo", "foo": {"lam": 1}}})
