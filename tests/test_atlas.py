@@ -350,7 +350,7 @@ def test_group_level_writes_one_table_or_a_one_line_error(tmp_path, capsys):
 
 
 @needs_atlas
-def test_pipeline_reports_a_failed_registration_and_writes_no_table(tmp_path):
+def test_pipeline_reports_a_failed_registration_and_writes_no_table(tmp_path, capsys):
     """The analytic head of the simulator is no MNI brain: the registration check fails, and
     the run says so (sidecar, report, summary) instead of writing a table; --no-atlas skips."""
     from qsmflow.cli.run import main
@@ -365,6 +365,7 @@ def test_pipeline_reports_a_failed_registration_and_writes_no_table(tmp_path):
     assert meta["Status"].startswith("registration failed") and not meta["RegistrationQC"]["Passed"]
     page = (out / "sub-1.html").read_text()
     assert "Atlas registration failed" in page and "Atlas labels (neuromorphometrics)" in page
+    assert "sub-1: atlas registration failed, no table:" in capsys.readouterr().err
     out2 = tmp_path / "out2"
     assert main([str(bids), str(out2), "participant", "-w", str(tmp_path / "w"), "--no-atlas"]) == 0
     assert not list(out2.rglob("*_chistats.*"))

@@ -91,6 +91,26 @@ def subject_lines(subjects, failed: dict, crashes: dict, *, verbose: bool = Fals
     return lines
 
 
+def atlas_failures(out, subject: str, *, since: float) -> list[str]:
+    """Summary lines for the atlas registrations of ``subject`` that failed their check in
+    this run (the sidecar written without a table; issue 23): the subject's maps are fine,
+    its per-structure table is missing, and the summary says so."""
+    import json
+
+    lines = []
+    for side in sorted(Path(out).glob(f"sub-{subject}/**/anat/*_chistats.json")):
+        try:
+            if side.stat().st_mtime < since:
+                continue
+            qc = json.loads(side.read_text(encoding="utf-8")).get("RegistrationQC") or {}
+        except (OSError, ValueError):
+            continue
+        if qc and not qc.get("Passed", True):
+            why = qc.get("Reason", "check failed")
+            lines.append(f"  sub-{subject}: atlas registration failed, no table: {why}")
+    return lines
+
+
 class _DropNodeErrors:
     """Logging filter: no node tracebacks on the terminal (they are in the crash files)."""
 
@@ -165,6 +185,8 @@ def summarise(
             print(f"  sub-{sub}: FAILED at the input check: {probs[0]}{more}", file=sys.stderr)
             continue
         for line in subject_lines([sub], failed, crashes, verbose=bool(args.verbose)):
+            print(line, file=sys.stderr)
+        for line in atlas_failures(out, sub, since=t0):
             print(line, file=sys.stderr)
     for sub in failed:  # the subject's report page says why, so the index shows the failure
         lines = [ln.strip() for ln in subject_lines([sub], failed, crashes)]
