@@ -13,6 +13,7 @@ Cases:
   local field by the organisers), scored against COSMOS exactly as the QSM-CI leaderboard does
   (``qsm_ci.qsm_eval.score_arrays``: NRMSE %, HFEN %, XSIM);
 * ``qsm2016crop``: its centred 96 x 112 x 80 block (the crop the tests run slow methods on);
+* ``qsm2016block64``: its centred 64^3 block (MoDIP's real-brain test; the network methods);
 * ``invivo96``: :func:`qsmflow.sims.invivo_case.make_invivo_case` at 96^3 (1.67 mm; the true
   local field with the multi-echo fit's noise, and its noise map);
 * ``realistic96``: :func:`qsmflow.sims.realistic.make_realistic_head` ("3t-axial", 96^3) with its
@@ -57,6 +58,11 @@ class Case:
 
 
 def load_case(name: str) -> Case:
+    if name == "qsm2016block64":  # the centred 64^3 block of tests/test_real_brain_2016.py
+        c = load_case("qsm2016")
+        sl = tuple(slice(s // 2 - 32, s // 2 + 32) for s in c.mask.shape)
+        m = np.ascontiguousarray(c.mask[sl])
+        return Case(name, c.field[sl] * m, m, c.chi[sl].copy(), c.voxel_size, c.b0_dir, **c.inputs)
     if name == "qsm2016crop":  # the centred 96 x 112 x 80 block of tests/test_real_brain_2016.py
         c = load_case("qsm2016")
         sl = tuple(slice(s // 2 - h, s // 2 + h) for s, h in zip(c.mask.shape, (48, 56, 40)))

@@ -257,6 +257,8 @@ def test_bids_writer_layout_and_sidecars(tmp_path):
             f"{d}_Chimap.json",
             f"{d}_desc-brain_mask.nii.gz",
             f"{d}_dseg.nii.gz",
+            f"{d}_R2starmap.nii.gz",
+            f"{d}_R2starmap.json",
         }
         f = f"derivatives/qsmflow-sim/sub-{s}/fmap/sub-{s}"
         for k in ("total", "local"):
