@@ -77,12 +77,12 @@ def main(argv=None) -> None:
     average = float(settings.get("average", 0.9))
     tag = "-".join(f"{k}{v}" for k, v in settings.items()) or "published"
     out = OUT / f"curve_{a.size}_{tag}_s{a.seed}.tsv"
-    out.write_text("iteration\tseconds\tresidual_ppm\tnrmse\thfen\txsim\n")
+    out.write_text("iteration\tseconds\tresidual_ppm\tnrmse\thfen\txsim\tchange\n")
     t0 = time.perf_counter()
     original = runner.fit
 
     def traced_fit(problem, stepper, **kw):
-        step, state = stepper.step, {"ema": None, "it": 0}
+        step, state = stepper.step, {"ema": None, "it": 0, "prev": None}
 
         def step_and_score(it):
             loss, chi, dchi = step(it)
@@ -91,6 +91,12 @@ def main(argv=None) -> None:
                 chi.clone() if e is None else e.mul_(average).add_(chi, alpha=1 - average)
             )
             if (it + 1) % a.every == 0:
+                # how far the iterate itself moved over the last `every` iterations (relative):
+                # the windowed change that a ground-truth-free stopping rule can watch
+                prev, state["prev"] = state["prev"], chi.clone()
+                change = float("nan")
+                if prev is not None:
+                    change = float((chi - prev).norm() / chi.norm().clamp_min(1e-12))
                 est = problem.paste(state["ema"])
                 nrmse, _ = qsm_eval.nrmse_challenge(est * mask, truth * mask, mask)
                 res, _ = problem.residual_stats(dchi)
@@ -99,11 +105,12 @@ def main(argv=None) -> None:
                 xsim = qsm_eval.xsim(est * mask, truth * mask, mask)
                 with open(out, "a") as fh:
                     fh.write(
-                        f"{it + 1}\t{sec:.1f}\t{res:.5f}\t{nrmse:.2f}\t{hfen:.2f}\t{xsim:.4f}\n"
+                        f"{it + 1}\t{sec:.1f}\t{res:.5f}\t{nrmse:.2f}\t{hfen:.2f}\t{xsim:.4f}"
+                        f"\t{change:.5f}\n"
                     )
                 print(
                     f"it {it + 1}  {sec:.0f} s  residual {res:.4f} ppm  NRMSE {nrmse:.2f}  "
-                    f"HFEN {hfen:.2f}  XSIM {xsim:.4f}",
+                    f"HFEN {hfen:.2f}  XSIM {xsim:.4f}  change {change:.4f}",
                     flush=True,
                 )
             return loss, chi, dchi

@@ -288,6 +288,10 @@ SNR_RULES = {
     ("tkd", "threshold"): (0.7, -0.5, (0.1, 0.5), ""),
     ("rts", "lsmr_iter"): (2.2, 0.5, (2, 15), ""),
     ("tv", "alpha"): (1.0, -2.0, (1e-7, 1e-2), "field"),
+    # MoDIP's CPU recipe (early stopping as regularisation: iterations ~ SNR^2, the upper end
+    # of iterative regularisation's SNR^1..SNR^2; the 4 chosen on the real brain, checked on
+    # the simulated heads: benchmarks/RESULTS.md "MoDIP on the real brain")
+    ("modip", "max_iter"): (4.0, 2.0, (40, 300), ""),
 }
 
 

@@ -54,7 +54,13 @@ from qsmflow.algorithms.inversion_rts import invert_rts
 from qsmflow.algorithms.inversion_tv import invert_tv
 
 #: ``"auto"`` settings on a GPU: the published MoDIP configuration
-GPU_DEFAULTS = {"init": "none", "net_factor": 1, "dc_steps": 10, "max_time_s": None}
+GPU_DEFAULTS = {
+    "init": "none",
+    "net_factor": 1,
+    "dc_steps": 10,
+    "max_time_s": None,
+    "max_iter": 300,
+}
 #: ``"auto"`` settings on a CPU: network on a 2x coarser grid added to a warm start (output layer
 #: zeroed, so the fit starts at the classical map) without unrolled data-consistency steps (they
 #: cost 20 full-grid FFTs per iteration), and a wall-clock budget (13 min, so a 1 mm brain
@@ -64,7 +70,17 @@ GPU_DEFAULTS = {"init": "none", "net_factor": 1, "dc_steps": 10, "max_time_s": N
 #: from the TV map it did not improve within 40 iterations (64^3 block, 53.0 -> 53.4 %).  Until
 #: 2026-12-07 the start was TV with a fixed weight (the map it returned: 162 % on that brain).
 #: Simulated realistic case, 160^3, TV start: 40.6 -> 25.3 % in 134 s (benchmarks/RESULTS.md).
-CPU_DEFAULTS = {"init": "tkd", "net_factor": 2, "dc_steps": 0, "max_time_s": 780.0}
+CPU_DEFAULTS = {
+    "init": "tkd",
+    "net_factor": 2,
+    "dc_steps": 0,
+    "max_time_s": 780.0,
+    # iterations from the field's SNR (regularization.SNR_RULES): on the real 2016 brain
+    # (SNR 3.4-4) the network corrects its TKD start for 50-75 iterations, then fits what the
+    # dipole model cannot explain (55.7 % at 60 iterations, 80.0 % at 300 on a 64^3 block);
+    # on the simulated heads (SNR 8-17) it still improves at 300
+    "max_iter": "snr",
+}
 
 #: classical warm starts of ``init``: ``none`` or the method's one entry point, the same function
 #: the ``invert`` stage runs (so the warm start gets the weight the stage would choose)
@@ -321,7 +337,7 @@ def fit_modip(
     device: str = "auto",
     seed: int = 0,
     seeds: Sequence[int] | None = None,
-    max_iter: int = 300,
+    max_iter: int | str = "auto",
     ensemble: int = 1,
     lr: float = 5e-4,
     depth: int = 1,
@@ -367,7 +383,10 @@ def fit_modip(
     device : {"auto", "cpu", "cuda"}
     seed : int - seed of the first member (network initialisation)
     seeds : sequence of int or None - explicit member seeds (overrides ``seed``/``ensemble``)
-    max_iter : int - maximum Adam iterations per member
+    max_iter : int or {"auto", "snr"} - maximum Adam iterations per member; ``"snr"``: from
+        the field's own SNR (:func:`~qsmflow.algorithms.regularization.field_snr`, the rule
+        ``("modip", "max_iter")`` of ``SNR_RULES``: early stopping is MoDIP's regularisation
+        on real data); ``"auto"``: 300 on a GPU (published), ``"snr"`` on a CPU
     ensemble : int - members (seeds ``seed .. seed + ensemble - 1``); >= 2 gives ``chi_std``
     lr, weight_decay, lr_step, lr_gamma : Adam learning rate (for the unit-RMS scaled field),
         L2 weight decay, and step decay of the learning rate (x ``lr_gamma`` every ``lr_step``)
@@ -418,8 +437,8 @@ def fit_modip(
     ``"auto"`` settings depend on the device the fit runs on (``device="auto"``: CUDA if
     available): on a GPU the published configuration (:data:`GPU_DEFAULTS`: full-resolution
     network from scratch, 10 unrolled steps, no time budget); on a CPU the ``dip-cpu`` recipe
-    (:data:`CPU_DEFAULTS`: network on a 2x coarser grid, warm start from TV-ADMM, a 13-minute
-    budget) so a 1 mm brain finishes on a laptop.
+    (:data:`CPU_DEFAULTS`: network on a 2x coarser grid, warm start from the ``tkd`` stage's
+    map, a 13-minute budget) so a 1 mm brain finishes on a laptop.
 
     References
     ----------
@@ -438,6 +457,18 @@ def fit_modip(
         dc_steps = auto["dc_steps"]
     if isinstance(max_time_s, str) and max_time_s == "auto":
         max_time_s = auto["max_time_s"]
+    if isinstance(max_iter, str) and max_iter == "auto":
+        max_iter = auto["max_iter"]
+    iter_rule = None
+    if isinstance(max_iter, str) and max_iter == "snr":
+        from qsmflow.algorithms.regularization import field_snr, snr_weight
+
+        snr, _ = field_snr(np.asarray(field, np.float32) * np.asarray(mask, bool), mask)
+        max_iter = int(round(snr_weight("modip", "max_iter", snr)))
+        iter_rule = {"Parameter": "max_iter", "Value": max_iter, "Rule": "snr", "SNR": snr}
+    if isinstance(max_iter, str) or int(max_iter) < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, 'auto' or 'snr', got {max_iter!r}")
+    max_iter = int(max_iter)
     if max_time_s is not None and not float(max_time_s) > 0:
         raise ValueError(f"max_time_s must be positive or None, got {max_time_s}")
     t_start = time.perf_counter()
@@ -510,6 +541,7 @@ def fit_modip(
         schedule=str(schedule),
         init=init,
         init_fit=init_fit,
+        max_iter_fit=iter_rule,
         margin=margin,
         pad_factor=pad_factor,
         kernel=kernel,
