@@ -21,8 +21,9 @@ from qsmflow.sims.phantom import make_head_phantom  # noqa: E402
 N, VS = 32, 4.0  # 128 mm field of view, ~3200 brain voxels
 OBLIQUE = tuple(np.array([0.35, -0.25, 0.9]) / np.linalg.norm([0.35, -0.25, 0.9]))
 FAST = dict(device="cpu", threads=1)
-# MoDIP as published (the CPU defaults would warm-start from TV on a coarse network with a
-# wall-clock budget): full-resolution network from scratch, 10 unrolled data-consistency steps
+# MoDIP as published (the CPU defaults would warm-start from TKD on a coarse network, with
+# iterations from the field's SNR and a wall-clock budget): full-resolution network from
+# scratch, 10 unrolled data-consistency steps
 PUBLISHED = dict(FAST, init="none", net_factor=1, dc_steps=10, max_time_s=None)
 
 
@@ -363,7 +364,13 @@ def test_modip_cpu_defaults_and_time_budget(head):
         "net_factor": 1,
         "dc_steps": 10,
         "max_time_s": None,
+        "max_iter": 300,  # published
     }
+    # on a CPU the iterations come from the field's SNR (early stopping on real data)
+    a = modip_mod.fit_modip(head["field"], m, voxel_size=(VS,) * 3, base=8, **FAST)
+    rule = a.sidecar()["settings"]["max_iter_fit"]
+    assert rule["Rule"] == "snr" and len(a.history) <= rule["Value"]
+    assert rule["Value"] == int(np.clip(round(4 * rule["SNR"] ** 2), 40, 300))
     t = modip_mod.fit_modip(
         head["field"],
         m,
