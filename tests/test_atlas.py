@@ -356,19 +356,25 @@ def test_pipeline_reports_a_failed_registration_and_writes_no_table(tmp_path, ca
     required): on the simulator's analytic head, which is brain-shaped but no MNI brain, SyN
     passed the check in one CI run of two (Dice 0.54 locally), so that head does not make the
     failure certain; detecting clearly wrong fits is test_wrong_fit_is_detected_and_not_tabled."""
-    from qsmflow.algorithms.atlas import registration_qc
+    from qsmflow.atlas import atlas_statistics
     from qsmflow.cli.run import main
     from qsmflow.sims.bids import write_bids_dataset
 
-    monkeypatch.setitem(registration_qc.__kwdefaults__, "min_dice", 1.01)
+    monkeypatch.setitem(atlas_statistics.__kwdefaults__, "min_dice", 1.01)
+    # the Linear plugin runs the nodes in this process, where the patched threshold holds
+    # (MultiProc's workers do not inherit it)
+    linear = tmp_path / "linear.yml"
+    linear.write_text("plugin: Linear\nplugin_args: {}\n")
 
     bids = write_bids_dataset(tmp_path / "bids", shape=(40, 40, 40), voxel_size=(4, 4, 4))
     out = tmp_path / "out"
-    assert main([str(bids), str(out), "participant", "-w", str(tmp_path / "w")]) == 0
+    args = [str(bids), str(out), "participant", "-w", str(tmp_path / "w")]
+    assert main([*args, "--use-plugin", str(linear)]) == 0
     side = sorted(out.rglob("*_desc-neuromorphometrics_chistats.json"))
     assert len(side) == 1 and not side[0].with_suffix(".tsv").exists()
     meta = json.loads(side[0].read_text())
     assert meta["Status"].startswith("registration failed") and not meta["RegistrationQC"]["Passed"]
+    assert meta["RegistrationQC"]["MinDice"] == 1.01  # the node ran with the patched check
     page = (out / "sub-1.html").read_text()
     assert "Atlas registration failed" in page and "Atlas labels (neuromorphometrics)" in page
     assert "sub-1: atlas registration failed, no table:" in capsys.readouterr().err
